@@ -1,0 +1,27 @@
+"""hf_adc: communication-efficient split learning of Vision Transformers on Hugging Face Transformers."""
+
+from .bridges import ADCConfig, Bridge, BridgeConfig, Message, kmeans
+from .link import ChannelConfig, CommunicationRecord, Ledger, Link
+from .modeling import ViTClientConfig, ViTClientModel, ViTServerConfig, ViTServerModel
+from .split import SplitViTForImageClassification, SplitViTOutput, split_vit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADCConfig",
+    "Bridge",
+    "BridgeConfig",
+    "ChannelConfig",
+    "CommunicationRecord",
+    "Ledger",
+    "Link",
+    "Message",
+    "SplitViTForImageClassification",
+    "SplitViTOutput",
+    "ViTClientConfig",
+    "ViTClientModel",
+    "ViTServerConfig",
+    "ViTServerModel",
+    "kmeans",
+    "split_vit",
+]

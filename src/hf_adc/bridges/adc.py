@@ -1,0 +1,199 @@
+"""Attention-based Double Compression (ADC): merge similar samples, keep the tokens they attend to.
+
+In training, the client clusters the batch on the CLS attention row of its last layer, sends one averaged
+activation (and one averaged soft label) per cluster, and keeps only CLS plus the `k - 1` tokens the
+cluster's mean CLS row ranks highest. Autograd then hands every member of a cluster `1 / |C|` of the
+cluster's gradient on the kept tokens and zero elsewhere, so the gradient comes back compressed too.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .base import Bridge, BridgeConfig, Message
+
+
+@dataclass
+class ADCConfig(BridgeConfig):
+    """Settings of ADC. Give either `xi`, or both `batch_ratio` and `token_ratio`; nothing means `xi=0.1`."""
+
+    method = "adc"
+
+    xi: float | None = field(
+        default=None,
+        metadata={"help": "Total compression ratio T*k/(B*n) in (0, 1], split evenly: T/B = k/n = sqrt(xi)."},
+    )
+    batch_ratio: float | None = field(
+        default=None, metadata={"help": "Clusters per sample T/B in (0, 1]; needs token_ratio, excludes xi."}
+    )
+    token_ratio: float | None = field(
+        default=None, metadata={"help": "Kept tokens per token k/n in (0, 1], CLS included; needs batch_ratio."}
+    )
+    kmeans_iters: int = field(default=20, metadata={"help": "Most k-means iterations per batch (>= 1)."})
+    kmeans_tol: float = field(
+        default=1e-4, metadata={"help": "k-means stops once no centroid moves farther than this (>= 0)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the k-means++ initialisation."})
+
+    def __post_init__(self):
+        ratios = (self.batch_ratio, self.token_ratio)
+        if self.xi is not None and any(r is not None for r in ratios):
+            raise ValueError(
+                f"Give either xi (got {self.xi}) or batch_ratio and token_ratio (got {ratios}), not both."
+            )
+        if (self.batch_ratio is None) != (self.token_ratio is None):
+            raise ValueError(
+                f"batch_ratio and token_ratio go together; got batch_ratio={self.batch_ratio}, "
+                f"token_ratio={self.token_ratio}."
+            )
+        if self.xi is None and self.batch_ratio is None:
+            self.xi = 0.1
+        for name in ("xi", "batch_ratio", "token_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"{name}={value} is out of range: it must lie in (0, 1].")
+        if self.kmeans_iters < 1:
+            raise ValueError(f"kmeans_iters={self.kmeans_iters} is out of range: it must be >= 1.")
+        if self.kmeans_tol < 0:
+            raise ValueError(f"kmeans_tol={self.kmeans_tol} is out of range: it must be >= 0.")
+
+    def sizes(self, batch_size: int, num_tokens: int) -> tuple[int, int]:
+        """The integer cluster count T (1..B) and kept-token count k (1..n, CLS included) for a batch.
+
+        With `xi`, T is the nearest integer to sqrt(xi)*B, then k the nearest to xi*B*n/T, so that the
+        achieved ratio T*k/(B*n) comes as close to xi as the integers allow.
+        """
+        if self.xi is not None:
+            clusters = min(max(round(math.sqrt(self.xi) * batch_size), 1), batch_size)
+            tokens = round(self.xi * batch_size * num_tokens / clusters)
+        else:
+            clusters = min(max(round(self.batch_ratio * batch_size), 1), batch_size)
+            tokens = round(self.token_ratio * num_tokens)
+        return clusters, min(max(tokens, 1), num_tokens)
+
+
+def _cluster_means(points: torch.Tensor, assignment: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """Row t is the mean of the points assigned to cluster t (every cluster must have a member)."""
+    weights = F.one_hot(assignment, num_clusters).T.to(points.dtype)
+    return (weights @ points) / weights.sum(dim=1, keepdim=True)
+
+
+def _kmeans_plus_plus(points: torch.Tensor, num_clusters: int, generator: torch.Generator) -> torch.Tensor:
+    """Seeds `num_clusters` centroids by k-means++; duplicates fall back to unchosen points uniformly."""
+    num_points = points.shape[0]
+    chosen = torch.zeros(num_points, dtype=torch.bool, device=points.device)
+    first = torch.randint(num_points, (1,), generator=generator, device=points.device)
+    chosen[first] = True
+    nearest = (points - points[first]).pow(2).sum(dim=1)
+    for _ in range(num_clusters - 1):
+        weights = torch.where(nearest.sum() > 0, nearest, (~chosen).to(nearest.dtype))
+        pick = torch.multinomial(weights, 1, generator=generator)
+        chosen[pick] = True
+        nearest = torch.minimum(nearest, (points - points[pick]).pow(2).sum(dim=1))
+    return points[chosen]
+
+
+def _fill_empty_clusters(
+    points: torch.Tensor, assignment: torch.Tensor, centroids: torch.Tensor
+) -> torch.Tensor:
+    """Moves points into empty clusters so that none stays empty.
+
+    Each non-empty cluster keeps its member nearest its centroid (its anchor); the empty clusters take the
+    non-anchor points farthest from their centroids. There are always enough: B - (T - m) >= m.
+    """
+    num_points, num_clusters = points.shape[0], centroids.shape[0]
+    empty = torch.nonzero(torch.bincount(assignment, minlength=num_clusters) == 0).squeeze(1)
+    if empty.numel() == 0:
+        return assignment
+    distance = (points - centroids[assignment]).pow(2).sum(dim=1)
+    rank = torch.empty_like(assignment)
+    rank[torch.argsort(distance, stable=True)] = torch.arange(num_points, device=points.device)
+    anchor_rank = torch.full((num_clusters,), num_points, device=points.device, dtype=rank.dtype)
+    anchor_rank = anchor_rank.scatter_reduce(0, assignment, rank, reduce="amin")
+    donor_rank = torch.where(rank == anchor_rank[assignment], -1, rank)
+    donors = torch.argsort(donor_rank, descending=True, stable=True)[: empty.numel()]
+    assignment = assignment.clone()
+    assignment[donors] = empty
+    return assignment
+
+
+def kmeans(
+    points: torch.Tensor,
+    num_clusters: int,
+    *,
+    generator: torch.Generator,
+    max_iter: int = 20,
+    tol: float = 1e-4,
+) -> torch.Tensor:
+    """Assigns each row of `points` to one of `num_clusters` clusters, none of them empty.
+
+    Euclidean k-means with k-means++ seeding from `generator` (so a seed fixes the result), at most
+    `max_iter` Lloyd iterations, stopping once no centroid moves farther than `tol`. With as many clusters
+    as points the answer is each point alone, in order.
+    """
+    num_points = points.shape[0]
+    if num_clusters == num_points:
+        return torch.arange(num_points, device=points.device)
+    centroids = _kmeans_plus_plus(points, num_clusters, generator)
+    for _ in range(max_iter):
+        assignment = torch.cdist(points, centroids).argmin(dim=1)
+        assignment = _fill_empty_clusters(points, assignment, centroids)
+        moved, centroids = centroids, _cluster_means(points, assignment, num_clusters)
+        if (centroids - moved).norm(dim=1).max() <= tol:
+            break
+    return assignment
+
+
+class ADCBridge(Bridge):
+    """The ADC encoder on the client; the server needs no decoder (its layers ignore token positions)."""
+
+    needs_cls_attention = True
+
+    def __init__(self, config: ADCConfig, num_labels: int):
+        super().__init__(config)
+        self.num_labels = num_labels
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """A fresh generator per batch, from the seed and the number of batches seen (saved with the model)."""
+        generator = torch.Generator(device=device)
+        return generator.manual_seed(self.config.seed * 1_000_003 + int(self.calls))
+
+    def encode(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.Tensor | None,
+        cls_attention: torch.Tensor | None = None,
+    ) -> Message:
+        if not self.training:
+            return Message(hidden_states=hidden_states, labels=labels)
+        if cls_attention is None or labels is None:
+            raise ValueError("ADC compresses in training only, and needs the CLS attention row and the labels.")
+        batch_size, num_tokens, hidden_size = hidden_states.shape
+        num_clusters, num_kept = self.config.sizes(batch_size, num_tokens)
+
+        cluster_ids = kmeans(
+            cls_attention,
+            num_clusters,
+            generator=self._generator(cls_attention.device),
+            max_iter=self.config.kmeans_iters,
+            tol=self.config.kmeans_tol,
+        )
+        self.calls += 1
+        membership = F.one_hot(cluster_ids, num_clusters).T.float()
+        membership = membership / membership.sum(dim=1, keepdim=True)
+
+        centroid_rows = membership @ cls_attention.float()
+        top_tokens = centroid_rows[:, 1:].topk(num_kept - 1, dim=1).indices.sort(dim=1).values + 1
+        cls_column = torch.zeros(num_clusters, 1, dtype=top_tokens.dtype, device=top_tokens.device)
+        token_indices = torch.cat([cls_column, top_tokens], dim=1)
+
+        member_tokens = token_indices[cluster_ids].unsqueeze(-1).expand(-1, -1, hidden_size)
+        kept = hidden_states.gather(1, member_tokens)
+        merged = torch.einsum("tb,bkd->tkd", membership.to(hidden_states.dtype), kept)
+        soft_labels = membership @ F.one_hot(labels, self.num_labels).float()
+        return Message(
+            hidden_states=merged, labels=soft_labels, cluster_ids=cluster_ids, token_indices=token_indices
+        )

@@ -1,0 +1,59 @@
+"""What every bridge shares: the message it hands to the link, and the encode/decode interface."""
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Message:
+    """What the client puts on the link in one training step.
+
+    `hidden_states`, `labels` and every tensor in `side_info` cross the cut and are charged; `cluster_ids`
+    and `token_indices` are the client's own bookkeeping and never leave it.
+    """
+
+    hidden_states: torch.Tensor
+    labels: torch.Tensor | None
+    side_info: dict[str, torch.Tensor] = field(default_factory=dict)
+    cluster_ids: torch.Tensor | None = None
+    token_indices: torch.Tensor | None = None
+
+
+class BridgeConfig:
+    """Base of the per-method config dataclasses; `method` names the method on the command line."""
+
+    method: str = "none"
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **asdict(self)}
+
+
+class Bridge(nn.Module):
+    """Compression at the cut: `encode` runs on the client, `decode` on the server.
+
+    A bridge knows what to send, never how it travels: the link counts and carries what `encode` returns.
+    In training mode `encode` compresses; in eval mode it hands over every sample and every token.
+    """
+
+    needs_cls_attention: bool = False
+
+    def __init__(self, config: BridgeConfig | None = None):
+        super().__init__()
+        self.config = config
+
+    def encode(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.Tensor | None,
+        cls_attention: torch.Tensor | None = None,
+    ) -> Message:
+        return Message(hidden_states=hidden_states, labels=labels)
+
+    def decode(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+class IdentityBridge(Bridge):
+    """The uncompressed split: every activation and every class id crosses the cut as it is."""

@@ -1,0 +1,179 @@
+"""`split_vit`: cut a `ViTForImageClassification` into client and server halves with a bridge between."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import ViTConfig, ViTForImageClassification
+from transformers.utils import ModelOutput
+
+from .bridges import Bridge, BridgeConfig, build_bridge
+from .link import ChannelConfig, CommunicationRecord, Ledger, Link, nbytes
+from .modeling import ViTClientConfig, ViTClientModel, ViTServerConfig, ViTServerModel
+
+
+@dataclass
+class SplitViTOutput(ModelOutput):
+    """
+    loss: soft-target cross-entropy averaged over what the server trained on (T merged samples under ADC)
+        in training; ordinary cross-entropy in eval.
+    logits: `(T, num_labels)` in training (one row per sent sample), `(B, num_labels)` in eval.
+    targets: the label distributions the server trained on, `(T, num_labels)`; training only.
+    cluster_ids: the cluster of each sample in the batch, `(B,)`; training with ADC only.
+    token_indices: the tokens each cluster kept, CLS first, `(T, k)`; training with ADC only.
+    communication: the bytes of this step (downlink filled in by backward); training only.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    targets: torch.FloatTensor | None = None
+    cluster_ids: torch.LongTensor | None = None
+    token_indices: torch.LongTensor | None = None
+    communication: CommunicationRecord | None = None
+
+
+def _half_config(config_class: type, config: ViTConfig, split_layer: int, compression: dict | None):
+    fields = config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+        fields.pop(key, None)
+    half = config_class(
+        **fields,
+        split_layer=split_layer,
+        base_model_name_or_path=config._name_or_path or None,
+        compression=compression,
+    )
+    half._attn_implementation = config._attn_implementation
+    return half
+
+
+class SplitViTForImageClassification(nn.Module):
+    """A ViT image classifier cut in two: `client` -> `bridge.encode` -> `link` -> `bridge.decode` -> `server`.
+
+    In training mode the bridge compresses, the link charges every byte in `ledger`, and the loss is the
+    soft-target cross-entropy over what the server received. In eval mode nothing is compressed or charged:
+    the two halves compute exactly the unsplit model's logits.
+
+    A plain `nn.Module` on purpose: the `Trainer` saves and restores its state dict as is (see hf-notes on
+    the resume trap of `ViTModel`), while each half stays a normal `PreTrainedModel`.
+    """
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, client: ViTClientModel, server: ViTServerModel, bridge: Bridge, link: Link):
+        super().__init__()
+        self.client = client
+        self.bridge = bridge
+        self.link = link
+        self.server = server
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.link.ledger
+
+    @property
+    def num_labels(self) -> int:
+        return self.server.config.num_labels
+
+    def _check_inputs(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None, interpolate_pos_encoding: bool
+    ) -> None:
+        config = self.client.config
+        size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+        expected = (config.num_channels, *size)
+        if pixel_values.dim() != 4 or (
+            tuple(pixel_values.shape[1:]) != expected
+            and not (interpolate_pos_encoding and pixel_values.shape[1] == config.num_channels)
+        ):
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; expected (batch, {', '.join(map(str, expected))})."
+            )
+        if labels is None:
+            return
+        if labels.shape != pixel_values.shape[:1] or labels.is_floating_point():
+            raise ValueError(
+                f"labels must be integer class ids of shape ({pixel_values.shape[0]},); got dtype {labels.dtype} "
+                f"and shape {tuple(labels.shape)}."
+            )
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= self.num_labels:
+            bad = low if low < 0 else high
+            raise ValueError(f"label {bad} is out of range: labels must lie in [0, {self.num_labels}).")
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> SplitViTOutput:
+        self._check_inputs(pixel_values, labels, interpolate_pos_encoding)
+        client_output = self.client(
+            pixel_values,
+            output_cls_attention=self.training and self.bridge.needs_cls_attention,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        hidden_states = client_output.last_hidden_state
+        message = self.bridge.encode(hidden_states, labels, client_output.cls_attention)
+        if not self.training:
+            logits = self.server(self.bridge.decode(message.hidden_states)).logits
+            loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+            return SplitViTOutput(loss=loss, logits=logits)
+        if labels is None:
+            raise ValueError("A training step needs labels: the server computes the loss. Call .eval() to infer.")
+
+        received, record = self.link.transmit(
+            message,
+            uncompressed_uplink_bytes=nbytes(hidden_states) + nbytes(labels),
+            uncompressed_downlink_bytes=nbytes(hidden_states),
+        )
+        targets = message.labels
+        if not targets.is_floating_point():
+            targets = F.one_hot(targets, self.num_labels).float()
+        server_output = self.server(self.bridge.decode(received), labels=targets)
+        return SplitViTOutput(
+            loss=server_output.loss,
+            logits=server_output.logits,
+            targets=targets,
+            cluster_ids=message.cluster_ids,
+            token_indices=message.token_indices,
+            communication=record,
+        )
+
+
+def split_vit(
+    model: ViTForImageClassification | str,
+    split_layer: int,
+    compression: BridgeConfig | None = None,
+    channel: ChannelConfig | None = None,
+) -> SplitViTForImageClassification:
+    """Cuts `model` after `split_layer` encoder layers, sharing its modules (no weight is copied).
+
+    `model` is a `ViTForImageClassification` or a Hub id / local path to load one from. `compression` picks
+    the bridge (`None`: uncompressed; `ADCConfig(xi=...)`: ADC); `channel` adds noise to what crosses.
+    """
+    if isinstance(model, str):
+        model = ViTForImageClassification.from_pretrained(model)
+    if not isinstance(model, ViTForImageClassification):
+        raise TypeError(
+            f"split_vit needs a transformers ViTForImageClassification (or its Hub id / path); "
+            f"got {type(model).__name__}."
+        )
+    num_layers = model.config.num_hidden_layers
+    if isinstance(split_layer, bool) or not isinstance(split_layer, int) or not 1 <= split_layer < num_layers:
+        raise ValueError(
+            f"split_layer={split_layer!r} is out of range: a ViT with {num_layers} layers can be cut after "
+            f"layer 1 .. {num_layers - 1}."
+        )
+    settings = compression.to_dict() if compression is not None else {"method": "none"}
+    client_config = _half_config(ViTClientConfig, model.config, split_layer, settings)
+    server_config = _half_config(ViTServerConfig, model.config, split_layer, settings)
+    with torch.device("meta"):
+        client = ViTClientModel(client_config)
+        server = ViTServerModel(server_config)
+    client.embeddings = model.vit.embeddings
+    client.layers = nn.ModuleList(model.vit.layers[:split_layer])
+    server.layers = nn.ModuleList(model.vit.layers[split_layer:])
+    server.layernorm = model.vit.layernorm
+    server.classifier = model.classifier
+    bridge = build_bridge(compression, num_labels=model.config.num_labels).to(model.device)
+    return SplitViTForImageClassification(client, server, bridge, Link(channel))
