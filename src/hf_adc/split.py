@@ -85,9 +85,8 @@ class SplitViTForImageClassification(nn.Module):
             tuple(pixel_values.shape[1:]) != expected
             and not (interpolate_pos_encoding and pixel_values.shape[1] == config.num_channels)
         ):
-            raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)}; expected (batch, {', '.join(map(str, expected))})."
-            )
+            expected_text = ", ".join(map(str, expected))
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected (batch, {expected_text}).")
         if labels is None:
             return
         if labels.shape != pixel_values.shape[:1] or labels.is_floating_point():
@@ -164,6 +163,7 @@ def split_vit(
             f"split_layer={split_layer!r} is out of range: a ViT with {num_layers} layers can be cut after "
             f"layer 1 .. {num_layers - 1}."
         )
+    bridge = build_bridge(compression, num_labels=model.config.num_labels).to(model.device)
     settings = compression.to_dict() if compression is not None else {"method": "none"}
     client_config = _half_config(ViTClientConfig, model.config, split_layer, settings)
     server_config = _half_config(ViTServerConfig, model.config, split_layer, settings)
@@ -175,5 +175,4 @@ def split_vit(
     server.layers = nn.ModuleList(model.vit.layers[split_layer:])
     server.layernorm = model.vit.layernorm
     server.classifier = model.classifier
-    bridge = build_bridge(compression, num_labels=model.config.num_labels).to(model.device)
     return SplitViTForImageClassification(client, server, bridge, Link(channel))

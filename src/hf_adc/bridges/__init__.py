@@ -10,9 +10,7 @@ def build_bridge(config: BridgeConfig | None, num_labels: int) -> Bridge:
         return IdentityBridge()
     if isinstance(config, ADCConfig):
         return ADCBridge(config, num_labels=num_labels)
-    raise TypeError(
-        f"compression={config!r} is not a known bridge config; use None or one of: ADCConfig."
-    )
+    raise TypeError(f"compression={config!r} is not a known bridge config; use None or one of: ADCConfig.")
 
 
 __all__ = [

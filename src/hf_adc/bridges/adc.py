@@ -29,7 +29,8 @@ class ADCConfig(BridgeConfig):
         default=None, metadata={"help": "Clusters per sample T/B in (0, 1]; needs token_ratio, excludes xi."}
     )
     token_ratio: float | None = field(
-        default=None, metadata={"help": "Kept tokens per token k/n in (0, 1], CLS included; needs batch_ratio."}
+        default=None,
+        metadata={"help": "Kept tokens per token k/n in (0, 1], CLS included; needs batch_ratio."},
     )
     kmeans_iters: int = field(default=20, metadata={"help": "Most k-means iterations per batch (>= 1)."})
     kmeans_tol: float = field(
@@ -40,9 +41,7 @@ class ADCConfig(BridgeConfig):
     def __post_init__(self):
         ratios = (self.batch_ratio, self.token_ratio)
         if self.xi is not None and any(r is not None for r in ratios):
-            raise ValueError(
-                f"Give either xi (got {self.xi}) or batch_ratio and token_ratio (got {ratios}), not both."
-            )
+            raise ValueError(f"Give either xi (got {self.xi}) or batch_ratio and token_ratio (got {ratios}), not both.")
         if (self.batch_ratio is None) != (self.token_ratio is None):
             raise ValueError(
                 f"batch_ratio and token_ratio go together; got batch_ratio={self.batch_ratio}, "
@@ -95,9 +94,7 @@ def _kmeans_plus_plus(points: torch.Tensor, num_clusters: int, generator: torch.
     return points[chosen]
 
 
-def _fill_empty_clusters(
-    points: torch.Tensor, assignment: torch.Tensor, centroids: torch.Tensor
-) -> torch.Tensor:
+def _fill_empty_clusters(points: torch.Tensor, assignment: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Moves points into empty clusters so that none stays empty.
 
     Each non-empty cluster keeps its member nearest its centroid (its anchor); the empty clusters take the
@@ -194,6 +191,4 @@ class ADCBridge(Bridge):
         kept = hidden_states.gather(1, member_tokens)
         merged = torch.einsum("tb,bkd->tkd", membership.to(hidden_states.dtype), kept)
         soft_labels = membership @ F.one_hot(labels, self.num_labels).float()
-        return Message(
-            hidden_states=merged, labels=soft_labels, cluster_ids=cluster_ids, token_indices=token_indices
-        )
+        return Message(hidden_states=merged, labels=soft_labels, cluster_ids=cluster_ids, token_indices=token_indices)

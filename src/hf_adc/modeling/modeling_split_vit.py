@@ -125,9 +125,7 @@ class ViTServerModel(ViTPreTrainedModel):
     def __init__(self, config: ViTServerConfig):
         _check_split_layer(config)
         super().__init__(config)
-        self.layers = nn.ModuleList(
-            [ViTLayer(config) for _ in range(config.num_hidden_layers - config.split_layer)]
-        )
+        self.layers = nn.ModuleList([ViTLayer(config) for _ in range(config.num_hidden_layers - config.split_layer)])
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
