@@ -103,3 +103,18 @@ def test_awgn_snr_range_is_drawn_within_bounds():
 def test_empty_snr_range_raises():
     with pytest.raises(ValueError, match=r"snr_db range \(20, 10\) is empty"):
         hf_adc.ChannelConfig(snr_db=(20, 10))
+
+
+@pytest.mark.parametrize(
+    "compression", [None, hf_adc.ADCConfig(xi=0.1), hf_adc.ADCConfig(batch_ratio=0.5, token_ratio=1.0)]
+)
+def test_planned_wire_bytes_equal_what_the_ledger_charges(tiny_vit, batch, compression):
+    pixel_values, labels = batch
+    split = hf_adc.split_vit(tiny_vit, split_layer=2, compression=compression).train()
+    split(pixel_values, labels=labels).loss.backward()
+    batch_size = pixel_values.shape[0]
+    assert split.wire_bytes(batch_size) == (split.ledger.uplink_bytes, split.ledger.downlink_bytes)
+    assert split.wire_bytes(batch_size, compressed=False) == (
+        split.ledger.uncompressed_uplink_bytes,
+        split.ledger.uncompressed_downlink_bytes,
+    )

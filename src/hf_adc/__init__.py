@@ -1,14 +1,21 @@
 """hf_adc: communication-efficient split learning of Vision Transformers on Hugging Face Transformers."""
 
 from .bridges import ADCConfig, Bridge, BridgeConfig, Message, kmeans
+from .data import ImageTransform, image_processor_for, load_image_dataset
 from .link import ChannelConfig, CommunicationRecord, Ledger, Link
 from .modeling import ViTClientConfig, ViTClientModel, ViTServerConfig, ViTServerModel
 from .split import SplitViTForImageClassification, SplitViTOutput, split_vit
+from .training import ADCTrainer, ADCTrainingArguments
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ADCConfig",
+    "ADCTrainer",
+    "ADCTrainingArguments",
+    "ImageTransform",
+    "image_processor_for",
+    "load_image_dataset",
     "Bridge",
     "BridgeConfig",
     "ChannelConfig",

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.utils import ModelOutput
 
-from .bridges import Bridge, BridgeConfig, build_bridge
+from .bridges import Bridge, BridgeConfig, IdentityBridge, build_bridge
 from .link import ChannelConfig, CommunicationRecord, Ledger, Link, nbytes
 from .modeling import ViTClientConfig, ViTClientModel, ViTServerConfig, ViTServerModel
 
@@ -74,6 +74,20 @@ class SplitViTForImageClassification(nn.Module):
     @property
     def num_labels(self) -> int:
         return self.server.config.num_labels
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per sample at the cut (patches plus CLS) at the configured image size."""
+        return self.client.embeddings.patch_embeddings.num_patches + 1
+
+    def wire_bytes(self, batch_size: int, compressed: bool = True) -> tuple[int, int]:
+        """(uplink, downlink) bytes one training batch sends, through this bridge or (`compressed=False`)
+        through the uncompressed split."""
+        bridge = self.bridge if compressed else IdentityBridge()
+        element_size = self.client.embeddings.position_embeddings.element_size()
+        return bridge.wire_bytes(
+            batch_size, self.num_tokens, self.client.config.hidden_size, self.num_labels, element_size
+        )
 
     def _check_inputs(
         self, pixel_values: torch.Tensor, labels: torch.Tensor | None, interpolate_pos_encoding: bool

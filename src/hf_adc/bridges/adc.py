@@ -153,6 +153,11 @@ class ADCBridge(Bridge):
         self.num_labels = num_labels
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
 
+    def wire_bytes(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
+        clusters, kept = self.config.sizes(batch_size, num_tokens)
+        activations = clusters * kept * hidden_size * element_size
+        return activations + clusters * num_labels * 4, activations
+
     def _generator(self, device: torch.device) -> torch.Generator:
         """A fresh generator per batch, from the seed and the number of batches seen (saved with the model)."""
         generator = torch.Generator(device=device)

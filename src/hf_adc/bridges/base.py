@@ -54,6 +54,19 @@ class Bridge(nn.Module):
     def decode(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states
 
+    def wire_bytes(
+        self, batch_size: int, num_tokens: int, hidden_size: int, num_labels: int, element_size: int
+    ) -> tuple[int, int]:
+        """(uplink, downlink) bytes that one training batch of this shape sends, before it is sent.
+
+        Used to plan a communication budget; the ledger then charges what is really sent.
+        """
+        raise NotImplementedError
+
 
 class IdentityBridge(Bridge):
-    """The uncompressed split: every activation and every class id crosses the cut as it is."""
+    """The uncompressed split: every activation and every class id (int64) crosses the cut as it is."""
+
+    def wire_bytes(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
+        activations = batch_size * num_tokens * hidden_size * element_size
+        return activations + batch_size * 8, activations

@@ -1,0 +1,98 @@
+"""Fine-tune a split ViT with ADC (or a baseline bridge) under a communication budget.
+
+The main job, with no arguments: fine-tune a small ViT pretrained on Fashion-MNIST classes 0-4 (made once
+and cached; the offline stand-in for a Hub checkpoint) on classes 5-9 with ADC at xi = 0.1, under a budget of
+one epoch of uncompressed traffic:
+
+    accelerate launch recipes/train.py
+
+Your own checkpoint and data, e.g. DeiT-Tiny on CIFAR-100 as in the paper:
+
+    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/train.py \
+        --model_name_or_path facebook/deit-tiny-patch16-224 --dataset_name uoft-cs/cifar100 \
+        --split_layer 3 --compression adc --xi 0.1 --budget_epochs 10 \
+        --per_device_train_batch_size 128 --learning_rate 1e-4 --output_dir outputs/deit-c100-adc
+
+Two CPU processes (DDP over gloo): `--config_file recipes/accelerate_configs/cpu_2proc.yaml`. Every
+`TrainingArguments` flag works; `--communication_budget 750MB` or `--budget_epochs E` set the budget.
+Outputs in `--output_dir`: `client/`, `server/` (load with `from_pretrained`), the image processor,
+`results.json` and `accuracy_vs_bytes.png`.
+"""
+
+import logging
+import sys
+import warnings
+
+import torch
+from transformers import HfArgumentParser
+
+from hf_adc.data import DEFAULT_DATASET
+from hf_adc.experiment import (
+    DataArguments,
+    ModelArguments,
+    SplitArguments,
+    default_checkpoint,
+    run_split_training,
+    summary_text,
+    with_defaults,
+)
+from hf_adc.training import ADCTrainingArguments
+
+TRAINING_DEFAULTS = {
+    "output_dir": "outputs/train",
+    "per_device_train_batch_size": "64",
+    "per_device_eval_batch_size": "128",
+    "learning_rate": "3e-4",
+    "weight_decay": "0.05",
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": "0.05",
+    "logging_steps": "25",
+    "eval_strategy": "steps",
+    "eval_steps": "0.2",
+    "save_strategy": "no",
+    "report_to": "none",
+}
+MAIN_JOB_DATA = {"classes": "5-9", "max_train_samples": "10000"}
+if not torch.cuda.is_available():
+    # Without it, accelerate's multi-process launch on CPUs runs each process alone (no DDP).
+    TRAINING_DEFAULTS["use_cpu"] = "true"
+BUDGET_FLAGS = ("communication_budget", "budget_epochs", "max_steps", "num_train_epochs")
+
+
+def main(argv: list[str]) -> dict:
+    defaults = dict(TRAINING_DEFAULTS)
+    given = {arg.split("=")[0].removeprefix("--") for arg in argv if arg.startswith("--")}
+    if not given & set(BUDGET_FLAGS):
+        defaults["budget_epochs"] = "1"
+    if not given & {"model_name_or_path", "dataset_name", "classes"}:
+        defaults.update(MAIN_JOB_DATA)
+    parser = HfArgumentParser((ModelArguments, SplitArguments, DataArguments, ADCTrainingArguments))
+    model_args, split_args, data_args, training_args = parser.parse_args_into_dataclasses(with_defaults(argv, defaults))
+    split_args.compression_config(seed=training_args.seed)
+    split_args.channel_config()
+    if model_args.model_name_or_path is None:
+        if data_args.dataset_name == DEFAULT_DATASET:
+            if not 1 <= split_args.split_layer < model_args.num_hidden_layers:
+                raise ValueError(
+                    f"split_layer={split_args.split_layer} is out of range: the default ViT has "
+                    f"{model_args.num_hidden_layers} layers, so 1 .. {model_args.num_hidden_layers - 1}."
+                )
+            model_args.model_name_or_path = default_checkpoint(use_cpu=training_args.use_cpu)
+        else:
+            warnings.warn(
+                "No --model_name_or_path: training a small ViT from a config, from scratch. ADC's batch merging "
+                "needs a pretrained backbone (from scratch it stays near chance); pass a checkpoint, or make one "
+                "with recipes/pretrain.py.",
+                stacklevel=1,
+            )
+    results = run_split_training(
+        model_args, split_args, data_args, training_args, resume_from_checkpoint=training_args.resume_from_checkpoint
+    )
+    if training_args.process_index == 0:
+        print(summary_text(results))
+    return results
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(sys.argv[1:])

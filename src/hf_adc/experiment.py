@@ -1,0 +1,382 @@
+"""What the recipes and benchmarks share: their arguments, the default checkpoint, and one training run.
+
+`run_pretraining` trains an ordinary `ViTForImageClassification` centrally (no split, no compression);
+`run_split_training` fine-tunes a split ViT through a bridge under a communication budget and writes the
+halves, `results.json` and a plot. `default_checkpoint` makes (once) and caches the offline stand-in for a
+Hub checkpoint: a small ViT pretrained on Fashion-MNIST classes 0-4.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoImageProcessor,
+    BaseImageProcessor,
+    Trainer,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+from .bridges import ADCConfig, BridgeConfig
+from .data import DEFAULT_DATASET, ImageTransform, image_processor_for, load_image_dataset
+from .link import ChannelConfig
+from .split import SplitViTForImageClassification, split_vit
+from .training import ADCTrainer, ADCTrainingArguments, classification_metrics
+
+logger = logging.getLogger(__name__)
+
+COMPRESSION_METHODS = ("none", "adc")
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        default=DEFAULT_DATASET,
+        metadata={"help": "Hub id, local imagefolder / parquet / save_to_disk folder, or 'fashion_mnist' (default)."},
+    )
+    classes: str | None = field(
+        default=None,
+        metadata={"help": "Keep only these classes, relabelled 0..k-1: ids or names, e.g. '5-9' or '0,3,Bag'."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep this many test rows."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (found by type if absent)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (found by type if absent)."})
+    augment: bool = field(default=True, metadata={"help": "Random resized crop and flip on training images."})
+
+    def class_list(self) -> list[int | str] | None:
+        if self.classes is None:
+            return None
+        entries = []
+        for part in self.classes.split(","):
+            low, _, high = part.strip().partition("-")
+            if high and low.isdigit() and high.isdigit():
+                if int(low) > int(high):
+                    raise ValueError(f"classes range {part!r} is empty: write low-high with low <= high.")
+                entries.extend(range(int(low), int(high) + 1))
+            else:
+                entries.append(int(part) if part.strip().isdigit() else part.strip())
+        return entries
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or path of a ViTForImageClassification. Absent: with the default data, a cached ViT "
+            "pretrained on Fashion-MNIST classes 0-4 (made on first use); otherwise a small ViT from a config."
+        },
+    )
+    image_size: int = field(default=32, metadata={"help": "From-config model: image size in pixels."})
+    patch_size: int = field(default=4, metadata={"help": "From-config model: patch size in pixels."})
+    hidden_size: int = field(default=96, metadata={"help": "From-config model: width."})
+    num_hidden_layers: int = field(default=6, metadata={"help": "From-config model: encoder layers."})
+    num_attention_heads: int = field(default=3, metadata={"help": "From-config model: attention heads."})
+
+    def vit_config(self, num_labels: int) -> ViTConfig:
+        return ViTConfig(
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=4 * self.hidden_size,
+            num_labels=num_labels,
+        )
+
+
+@dataclass
+class SplitArguments:
+    split_layer: int = field(default=2, metadata={"help": "Encoder layers on the client (1 .. layers - 1)."})
+    compression: str = field(
+        default="adc", metadata={"help": f"Bridge at the cut, one of: {', '.join(COMPRESSION_METHODS)}."}
+    )
+    xi: float | None = field(default=None, metadata={"help": "ADC: total ratio in (0, 1] (default 0.1)."})
+    batch_ratio: float | None = field(default=None, metadata={"help": "ADC: clusters per sample, instead of xi."})
+    token_ratio: float | None = field(default=None, metadata={"help": "ADC: kept tokens per token, instead of xi."})
+    kmeans_iters: int = field(default=20, metadata={"help": "ADC: most k-means iterations per batch."})
+    channel: str = field(default="clean", metadata={"help": "Channel at the cut: 'clean' or 'awgn'."})
+    snr_db: str | None = field(default=None, metadata={"help": "AWGN SNR in dB: '20', or a range '10,30'."})
+
+    def compression_config(self, seed: int = 0) -> BridgeConfig | None:
+        """The bridge config these arguments ask for; knobs of another method are an error, not ignored."""
+        if self.compression not in COMPRESSION_METHODS:
+            raise ValueError(
+                f"compression={self.compression!r} is unknown: choose one of {', '.join(COMPRESSION_METHODS)}."
+            )
+        adc_knobs = {"xi": self.xi, "batch_ratio": self.batch_ratio, "token_ratio": self.token_ratio}
+        if self.compression == "adc":
+            return ADCConfig(**adc_knobs, kmeans_iters=self.kmeans_iters, seed=seed)
+        given = [name for name, value in adc_knobs.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to --compression adc, not {self.compression!r}.")
+        return None
+
+    def channel_config(self) -> ChannelConfig | None:
+        if self.channel not in ("clean", "awgn"):
+            raise ValueError(f"channel={self.channel!r} is unknown: choose 'clean' or 'awgn'.")
+        if self.channel == "clean":
+            if self.snr_db is not None:
+                raise ValueError(f"snr_db={self.snr_db!r} needs --channel awgn.")
+            return None
+        if self.snr_db is None:
+            raise ValueError("--channel awgn needs --snr_db (e.g. 20, or a range 10,30).")
+        values = [float(value) for value in self.snr_db.split(",")]
+        if len(values) not in (1, 2):
+            raise ValueError(f"snr_db={self.snr_db!r} must be one value or a range 'low,high'.")
+        return ChannelConfig(snr_db=values[0] if len(values) == 1 else tuple(values))
+
+
+def with_defaults(argv: list[str], defaults: dict[str, str]) -> list[str]:
+    """`argv` with `--name value` prepended for each default the user did not set."""
+    given = {arg.split("=")[0].removeprefix("--") for arg in argv if arg.startswith("--")}
+    extra = [item for name, value in defaults.items() if name not in given for item in (f"--{name}", value)]
+    return extra + argv
+
+
+# The offline stand-in for a Hub checkpoint: a small ViT trained centrally on Fashion-MNIST classes 0-4.
+DEFAULT_PRETRAINING = {
+    "dataset_name": DEFAULT_DATASET,
+    "classes": "0-4",
+    "max_train_samples": 15000,
+    "max_eval_samples": 2000,
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 64,
+    "learning_rate": 1e-3,
+    "weight_decay": 0.05,
+    "warmup_steps": 0.05,
+    "lr_scheduler_type": "cosine",
+    "seed": 0,
+}
+
+
+def cache_dir() -> Path:
+    """Where hf_adc caches made checkpoints: `$HF_ADC_CACHE`, else `$HF_HOME/hf_adc`."""
+    if "HF_ADC_CACHE" in os.environ:
+        return Path(os.environ["HF_ADC_CACHE"])
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "hf_adc"
+
+
+def load_data(data_args: DataArguments, seed: int):
+    dataset = load_image_dataset(
+        data_args.dataset_name,
+        classes=data_args.class_list(),
+        max_train_samples=data_args.max_train_samples,
+        max_test_samples=data_args.max_eval_samples,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        seed=seed,
+    )
+    return dataset
+
+
+def _with_transforms(dataset, image_processor: BaseImageProcessor, augment: bool):
+    dataset["train"].set_transform(ImageTransform(image_processor, train=augment))
+    dataset["test"].set_transform(ImageTransform(image_processor, train=False))
+    return dataset
+
+
+def _label_maps(dataset) -> dict:
+    names = dataset["train"].features["label"].names
+    return {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
+
+
+def load_vit(model_args: ModelArguments, dataset) -> tuple[ViTForImageClassification, BaseImageProcessor]:
+    """The checkpoint (its head re-initialised when its classes differ) or a ViT from a config, and its
+    image processor (the checkpoint's own, or one built to match)."""
+    labels = _label_maps(dataset)
+    if model_args.model_name_or_path is None:
+        config = model_args.vit_config(len(labels["id2label"]))
+        config.id2label, config.label2id = labels["id2label"], labels["label2id"]
+        model = ViTForImageClassification(config)
+        return model, image_processor_for(config)
+    path = model_args.model_name_or_path
+    try:
+        model = ViTForImageClassification.from_pretrained(path, ignore_mismatched_sizes=True, **labels)
+    except OSError as error:
+        raise ValueError(
+            f"Could not load model '{path}' ({error}). Pass a Hub id reachable from here or a local folder written "
+            "by save_pretrained."
+        ) from error
+    old_labels = ViTConfig.from_pretrained(path).id2label
+    if {int(k): v for k, v in old_labels.items()} != labels["id2label"]:
+        logger.info("The checkpoint's classes differ from the dataset's: the classifier starts afresh.")
+        model._init_weights(model.classifier)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(path)
+    except OSError:
+        logger.warning("No image processor next to '%s': building one that matches its config.", path)
+        image_processor = image_processor_for(model.config)
+    return model, image_processor
+
+
+def run_pretraining(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+    """Central training of a ViT (no split); saves model and image processor in `output_dir`."""
+    if training_args.remove_unused_columns:
+        raise ValueError(
+            "remove_unused_columns=True drops the image column that the transform turns into pixel_values: "
+            "pass --remove_unused_columns false."
+        )
+    dataset = load_data(data_args, training_args.seed)
+    model, image_processor = load_vit(model_args, dataset)
+    dataset = _with_transforms(dataset, image_processor, data_args.augment)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset["train"],
+        eval_dataset=dataset["test"],
+        compute_metrics=classification_metrics,
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        image_processor.save_pretrained(training_args.output_dir)
+    return metrics
+
+
+def default_checkpoint(use_cpu: bool = False) -> str:
+    """The cached small ViT pretrained on Fashion-MNIST classes 0-4, made on first use (a few minutes).
+
+    Under a multi-process launch every process takes part in the pretraining (`use_cpu=True` for DDP on CPUs).
+    """
+    key = hashlib.sha256(json.dumps(DEFAULT_PRETRAINING, sort_keys=True).encode()).hexdigest()[:10]
+    path = cache_dir() / f"vit-small-fashion-mnist-0-4-{key}"
+    if (path / "config.json").exists():
+        return str(path)
+    logger.warning("Pretraining the default checkpoint once (Fashion-MNIST classes 0-4); cached in %s.", path)
+    protocol = dict(DEFAULT_PRETRAINING)
+    data_args = DataArguments(
+        dataset_name=protocol.pop("dataset_name"),
+        classes=protocol.pop("classes"),
+        max_train_samples=protocol.pop("max_train_samples"),
+        max_eval_samples=protocol.pop("max_eval_samples"),
+    )
+    staging = path.parent / f".staging-{key}"
+    training_args = TrainingArguments(
+        output_dir=str(staging),
+        save_strategy="no",
+        report_to="none",
+        logging_steps=50,
+        remove_unused_columns=False,
+        use_cpu=use_cpu,
+        **protocol,
+    )
+    metrics = run_pretraining(ModelArguments(), data_args, training_args)
+    if training_args.process_index == 0:
+        logger.warning("Default checkpoint: accuracy %.3f on held-out classes 0-4.", metrics["eval_accuracy"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, path)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return str(path)
+
+
+def _plot_accuracy_against_bytes(log_history: list[dict], results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(entry["total_bytes"] / 1e6, entry["eval_accuracy"]) for entry in log_history if "eval_accuracy" in entry]
+    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    axis.plot(*zip(*points, strict=True), marker="o", label=results["compression"]["method"])
+    if results["budget_bytes"]:
+        axis.axvline(results["budget_bytes"] / 1e6, color="grey", linestyle="--", label="budget")
+    axis.set_xlabel("cumulative MB sent across the cut (both ways)")
+    axis.set_ylabel("test accuracy")
+    axis.set_title(f"{results['compression']['method']}, achieved ratio {results['ratio']:.3f}")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_split_training(
+    model_args: ModelArguments,
+    split_args: SplitArguments,
+    data_args: DataArguments,
+    training_args: ADCTrainingArguments,
+    resume_from_checkpoint: str | bool | None = None,
+) -> dict:
+    """Fine-tunes a split ViT through the chosen bridge; writes `client/`, `server/`, the image processor,
+    `results.json` and `accuracy_vs_bytes.png` into `output_dir`, and returns the results."""
+    compression = split_args.compression_config(seed=training_args.seed)
+    channel = split_args.channel_config()
+    dataset = load_data(data_args, training_args.seed)
+    model, image_processor = load_vit(model_args, dataset)
+    split = split_vit(model, split_args.split_layer, compression=compression, channel=channel)
+    dataset = _with_transforms(dataset, image_processor, data_args.augment)
+    trainer = ADCTrainer(model=split, args=training_args, train_dataset=dataset["train"], eval_dataset=dataset["test"])
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    train_seconds = time.perf_counter() - start
+    metrics = trainer.evaluate()
+    spent = trainer.sync_communication()
+    results = {
+        "test_accuracy": metrics["eval_accuracy"],
+        "test_top5_accuracy": metrics.get("eval_top5_accuracy"),
+        "uplink_bytes": spent["uplink_bytes"],
+        "downlink_bytes": spent["downlink_bytes"],
+        "total_bytes": spent["total_bytes"],
+        "uncompressed_bytes": spent["uncompressed_bytes"],
+        "ratio": spent["total_bytes"] / spent["uncompressed_bytes"] if spent["uncompressed_bytes"] else 1.0,
+        "budget_bytes": trainer.budget_bytes,
+        "budget_exhausted": trainer.budget_exhausted,
+        "steps": trainer.state.global_step,
+        "world_size": training_args.world_size,
+        "train_seconds": train_seconds,
+        "compression": split.client.config.compression,
+        "args": {
+            "model": asdict(model_args),
+            "split": asdict(split_args),
+            "data": asdict(data_args),
+            "training": training_args.to_dict(),
+        },
+    }
+    if trainer.is_world_process_zero():
+        save_split(split, image_processor, training_args.output_dir, results)
+        output_dir = Path(training_args.output_dir)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        _plot_accuracy_against_bytes(trainer.state.log_history, results, output_dir / "accuracy_vs_bytes.png")
+    return results
+
+
+def save_split(
+    split: SplitViTForImageClassification, image_processor: BaseImageProcessor, output_dir: str, results: dict
+) -> None:
+    """Saves both halves as normal checkpoints (`client/`, `server/`) with the training's communication summary."""
+    summary = {key: results[key] for key in ("uplink_bytes", "downlink_bytes", "uncompressed_bytes", "ratio", "steps")}
+    summary["test_accuracy"] = results["test_accuracy"]
+    for name, half in (("client", split.client), ("server", split.server)):
+        half.config.communication = summary
+        half.save_pretrained(Path(output_dir) / name)
+    image_processor.save_pretrained(Path(output_dir) / "client")
+    image_processor.save_pretrained(output_dir)
+
+
+def summary_text(results: dict) -> str:
+    """A few lines for a human at the end of a run."""
+    mb = {key: results[key] / 1e6 for key in ("total_bytes", "uplink_bytes", "downlink_bytes", "uncompressed_bytes")}
+    lines = [
+        f"test accuracy {results['test_accuracy']:.4f} after {results['steps']} steps in "
+        f"{results['train_seconds']:.0f} s",
+        f"sent {mb['total_bytes']:.1f} MB across the cut (up {mb['uplink_bytes']:.1f} MB, down "
+        f"{mb['downlink_bytes']:.1f} MB); an uncompressed split would have sent {mb['uncompressed_bytes']:.1f} MB "
+        f"for the same steps (ratio {results['ratio']:.4f})",
+    ]
+    if results["budget_bytes"]:
+        spent = results["total_bytes"] / results["budget_bytes"]
+        lines.append(f"budget {results['budget_bytes'] / 1e6:.1f} MB, {100 * spent:.1f}% spent")
+    return "\n".join(lines)

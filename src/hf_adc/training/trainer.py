@@ -1,0 +1,161 @@
+"""`ADCTrainer`: a `Trainer` for split ViTs that logs what crosses the cut and stops on a byte budget."""
+
+import json
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+from transformers import EvalPrediction, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..link import Ledger
+from ..split import SplitViTForImageClassification
+from .arguments import ADCTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+LEDGER_FILE = "ledger.json"
+
+
+def classification_metrics(prediction: EvalPrediction) -> dict[str, float]:
+    """Top-1 accuracy, and top-5 accuracy when there are more than 5 classes; computed locally."""
+    logits, labels = prediction.predictions, prediction.label_ids
+    metrics = {"accuracy": float((logits.argmax(axis=-1) == labels).mean())}
+    if logits.shape[-1] > 5:
+        top5 = np.argpartition(-logits, 5, axis=-1)[:, :5]
+        metrics["top5_accuracy"] = float((top5 == labels[:, None]).any(axis=-1).mean())
+    return metrics
+
+
+class _CommunicationCallback(TrainerCallback):
+    """After each optimizer step: sums the ledgers of all ranks, and stops before the budget would be exceeded."""
+
+    def __init__(self, trainer: "ADCTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        trainer.sync_communication()
+        budget = trainer.budget_bytes
+        if budget is not None and trainer.communication["total_bytes"] + trainer.step_bytes > budget:
+            logger.info(
+                "Communication budget: %d of %d bytes spent; the next step (%d bytes) would exceed it. Stopping.",
+                trainer.communication["total_bytes"],
+                budget,
+                trainer.step_bytes,
+            )
+            trainer.budget_exhausted = True
+            control.should_training_stop = True
+            control.should_save = args.save_strategy != "no"
+        return control
+
+
+class ADCTrainer(Trainer):
+    """Trains a `SplitViTForImageClassification` and accounts for every byte that crosses its cut.
+
+    - the loss is the split model's own (soft-target cross-entropy over what the server received);
+    - training logs carry cumulative uplink / downlink bytes (summed over ranks), the uncompressed
+      equivalent, the achieved ratio and the share of the budget spent;
+    - with a budget (`ADCTrainingArguments.communication_budget` or `budget_epochs`), training stops at the
+      last step that fits and saves there; a budget smaller than one step is an error before training;
+    - evaluation runs uncompressed on the whole model and reports accuracy (top-5 too beyond 5 classes);
+    - checkpoints carry the ledger, so `resume_from_checkpoint` continues the budget where it was.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model: SplitViTForImageClassification, args: ADCTrainingArguments, **kwargs):
+        if not isinstance(model, SplitViTForImageClassification):
+            raise TypeError(
+                "ADCTrainer trains a SplitViTForImageClassification (see hf_adc.split_vit); "
+                f"got {type(model).__name__}."
+            )
+        if not isinstance(args, ADCTrainingArguments):
+            raise TypeError(f"ADCTrainer needs ADCTrainingArguments; got {type(args).__name__}.")
+        kwargs.setdefault("compute_metrics", classification_metrics)
+        super().__init__(model=model, args=args, **kwargs)
+        self.model_accepts_loss_kwargs = False
+        self.budget_exhausted = False
+        self.communication = self._summary(Ledger())
+        self._plan_budget()
+        self.add_callback(_CommunicationCallback(self))
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.model.ledger
+
+    def _plan_budget(self) -> None:
+        """Bytes of one optimizer step over all ranks, the budget in bytes, and enough steps to spend it."""
+        args = self.args
+        micro_batches = args.gradient_accumulation_steps * args.world_size
+        self.step_bytes = sum(self.model.wire_bytes(args.per_device_train_batch_size)) * micro_batches
+        self.budget_bytes = None
+        if not args.has_budget:
+            return
+        if self.train_dataset is None:
+            raise ValueError("A communication budget needs a train_dataset to plan against.")
+        epoch_bytes = sum(self.model.wire_bytes(1, compressed=False)) * len(self.train_dataset)
+        self.budget_bytes = args.budget_bytes(epoch_bytes)
+        if self.budget_bytes < self.step_bytes:
+            raise ValueError(
+                f"The communication budget of {self.budget_bytes} bytes is smaller than one training step "
+                f"({self.step_bytes} bytes at batch {args.per_device_train_batch_size} x "
+                f"{args.gradient_accumulation_steps} accumulation x {args.world_size} processes): raise it above that."
+            )
+        if args.max_steps <= 0:
+            full_steps = self.budget_bytes // self.step_bytes
+            steps_per_epoch = max(len(self.train_dataset) // (args.per_device_train_batch_size * micro_batches), 1)
+            args.max_steps = full_steps + math.ceil(full_steps / steps_per_epoch) + 1
+            logger.info("Budget of %d bytes: training for up to %d steps.", self.budget_bytes, args.max_steps)
+
+    @staticmethod
+    def _summary(ledger: Ledger) -> dict[str, int]:
+        return {
+            **ledger.state_dict(),
+            "total_bytes": ledger.total_bytes,
+            "uncompressed_bytes": ledger.uncompressed_bytes,
+        }
+
+    def sync_communication(self) -> dict[str, int]:
+        """Sums the ledgers of all processes into `self.communication` (a collective: call on every rank)."""
+        totals = torch.tensor(list(self.ledger.state_dict().values()), dtype=torch.int64, device=self.args.device)
+        if self.args.world_size > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        summed = Ledger()
+        summed.load_state_dict(dict(zip(Ledger.FIELDS, totals.tolist(), strict=True)))
+        self.communication = self._summary(summed)
+        return self.communication
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs or "train_loss" in logs or any(key.startswith("eval_") for key in logs):
+            spent = self.communication
+            logs.update({key: float(value) for key, value in spent.items()})
+            logs["compression_ratio"] = (
+                spent["total_bytes"] / spent["uncompressed_bytes"] if spent["uncompressed_bytes"] else 1.0
+            )
+            if self.budget_bytes is not None:
+                logs["budget_spent"] = spent["total_bytes"] / self.budget_bytes
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            with open(os.path.join(folder, LEDGER_FILE), "w") as file:
+                json.dump({"ledger": self.communication, "budget_bytes": self.budget_bytes}, file, indent=2)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, LEDGER_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{resume_from_checkpoint} has no {LEDGER_FILE}: it was not written by ADCTrainer.")
+        with open(path) as file:
+            saved = json.load(file)["ledger"]
+        self.ledger.reset()
+        if self.args.process_index == 0:
+            self.ledger.load_state_dict(saved)
+        self.communication = {key: int(value) for key, value in saved.items()}
