@@ -86,9 +86,7 @@ def test_train_recipe_runs_end_to_end_and_its_outputs_load_back(tiny_vit_path, d
 
 def test_two_processes_split_the_data_and_sum_their_bytes(tiny_vit_path, digits_dir, tmp_path):
     output_dir = tmp_path / "ddp"
-    args = tiny_run_args(
-        tiny_vit_path, digits_dir, output_dir, "--compression", "none", "--num_train_epochs", "1", "--no_augment"
-    )
+    args = tiny_run_args(tiny_vit_path, digits_dir, output_dir, "--compression", "none", "--num_train_epochs", "1")
     done = launch("train.py", args, config="cpu_2proc.yaml")
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((output_dir / "results.json").read_text())
@@ -118,7 +116,8 @@ def test_pretrain_recipe_saves_a_checkpoint_the_train_recipe_can_start_from(digi
         (["--split_layer", "9"], "split_layer=9 is out of range"),
         (["--budget_epochs", "0"], "budget_epochs=0.0 is out of range"),
         (["--communication_budget", "0"], "communication_budget='0' is out of range"),
-        (["--compression", "none", "--xi", "0.1"], "xi only apply to --compression adc"),
+        (["--compression", "none", "--xi", "0.1"], "xi do not apply to --compression none"),
+        (["--compression", "topk", "--bits", "4"], "bits do not apply to --compression topk"),
         (["--channel", "awgn"], "--channel awgn needs --snr_db"),
     ],
 )

@@ -1,6 +1,17 @@
 """hf_adc: communication-efficient split learning of Vision Transformers on Hugging Face Transformers."""
 
-from .bridges import ADCConfig, Bridge, BridgeConfig, Message, kmeans
+from .bridges import (
+    ADCConfig,
+    BottleNetConfig,
+    Bridge,
+    BridgeConfig,
+    C3SLConfig,
+    Message,
+    QuantizationConfig,
+    RandomTopKConfig,
+    TopKConfig,
+    kmeans,
+)
 from .data import ImageTransform, image_processor_for, load_image_dataset
 from .link import ChannelConfig, CommunicationRecord, Ledger, Link
 from .modeling import ViTClientConfig, ViTClientModel, ViTServerConfig, ViTServerModel
@@ -16,13 +27,18 @@ __all__ = [
     "ImageTransform",
     "image_processor_for",
     "load_image_dataset",
+    "BottleNetConfig",
     "Bridge",
+    "C3SLConfig",
     "BridgeConfig",
     "ChannelConfig",
     "CommunicationRecord",
     "Ledger",
     "Link",
     "Message",
+    "QuantizationConfig",
+    "RandomTopKConfig",
+    "TopKConfig",
     "SplitViTForImageClassification",
     "SplitViTOutput",
     "ViTClientConfig",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .bridges import Message
+from .bridges import Bridge, Message
 
 
 def nbytes(tensor: torch.Tensor) -> int:
@@ -66,9 +66,10 @@ class CommunicationRecord:
 
     @property
     def achieved_ratio(self) -> float:
-        """Activations sent over activations the uncompressed split sends (the uncompressed downlink is
-        exactly those activations' gradient): T*k/(B*n) for ADC."""
-        return self.uplink["activations"] / self.uncompressed_downlink_bytes
+        """Bytes that carried the activations up (labels aside) over the uncompressed activations (whose
+        gradient is exactly the uncompressed downlink): T*k/(B*n) for ADC."""
+        activations = self.uplink_bytes - self.uplink.get("labels", 0)
+        return activations / self.uncompressed_downlink_bytes
 
 
 class Ledger:
@@ -111,19 +112,23 @@ class Ledger:
 
 
 class _Cut(torch.autograd.Function):
-    """Identity in value (up to channel noise); charges the gradient's bytes when it comes back down."""
+    """Carries activations up in the bridge's wire form and their gradient down, charging both."""
 
     @staticmethod
-    def forward(ctx, activations, link, record):
-        ctx.link, ctx.record = link, record
-        return link.carry(activations.detach()) if link.channel else activations.view_as(activations)
+    def forward(ctx, activations, link, bridge, record):
+        wire, context = bridge.pack(activations.detach())
+        record.uplink.update({name: nbytes(tensor) for name, tensor in wire.items()})
+        link.ledger.uplink_bytes += sum(nbytes(tensor) for tensor in wire.values())
+        ctx.link, ctx.bridge, ctx.record, ctx.context = link, bridge, record, context
+        return link.carry(bridge.unpack(wire, context)).clone()
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.record.downlink["gradients"] = nbytes(grad)
-        ctx.link.ledger.downlink_bytes += nbytes(grad)
+        wire = ctx.bridge.pack_gradient(grad, ctx.context)
+        ctx.record.downlink.update({name: nbytes(tensor) for name, tensor in wire.items()})
+        ctx.link.ledger.downlink_bytes += ctx.record.downlink_bytes
         ctx.link.ledger.uncompressed_downlink_bytes += ctx.record.uncompressed_downlink_bytes
-        return ctx.link.carry(grad), None, None
+        return ctx.link.carry(ctx.bridge.unpack_gradient(wire, ctx.context)), None, None, None
 
 
 class Link(nn.Module):
@@ -138,20 +143,20 @@ class Link(nn.Module):
         return self.channel.apply(tensor) if self.channel else tensor
 
     def transmit(
-        self, message: Message, uncompressed_uplink_bytes: int, uncompressed_downlink_bytes: int
+        self,
+        message: Message,
+        bridge: Bridge,
+        uncompressed_uplink_bytes: int,
+        uncompressed_downlink_bytes: int,
     ) -> tuple[torch.Tensor, CommunicationRecord]:
-        """Sends `message` up; returns the activations the server receives and the step's record.
-
-        The gradient of the returned activations is charged when backward passes through the link.
-        """
+        """Sends `message` up in `bridge`'s wire form; returns the activations the server receives and the
+        step's record. The gradient of the returned activations is charged when backward passes the link."""
         record = CommunicationRecord(
-            uplink={"activations": nbytes(message.hidden_states)},
             uncompressed_uplink_bytes=uncompressed_uplink_bytes,
             uncompressed_downlink_bytes=uncompressed_downlink_bytes,
         )
         if message.labels is not None:
             record.uplink["labels"] = nbytes(message.labels)
-        record.uplink.update({name: nbytes(tensor) for name, tensor in message.side_info.items()})
-        self.ledger.uplink_bytes += record.uplink_bytes
+            self.ledger.uplink_bytes += nbytes(message.labels)
         self.ledger.uncompressed_uplink_bytes += uncompressed_uplink_bytes
-        return _Cut.apply(message.hidden_states, self, record), record
+        return _Cut.apply(message.hidden_states, self, bridge, record), record

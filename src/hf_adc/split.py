@@ -1,16 +1,33 @@
 """`split_vit`: cut a `ViTForImageClassification` into client and server halves with a bridge between."""
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.utils import ModelOutput
 
-from .bridges import Bridge, BridgeConfig, IdentityBridge, build_bridge
+from .bridges import CONFIGS, Bridge, BridgeConfig, IdentityBridge, build_bridge
 from .link import ChannelConfig, CommunicationRecord, Ledger, Link, nbytes
 from .modeling import ViTClientConfig, ViTClientModel, ViTServerConfig, ViTServerModel
+
+SPLIT_CONFIG_NAME = "split_config.json"
+BRIDGE_WEIGHTS_NAME = "bridge.safetensors"
+
+
+def bridge_config_from_dict(settings: dict) -> BridgeConfig | None:
+    """The bridge config recorded by `BridgeConfig.to_dict` (as kept in the halves' configs)."""
+    settings = dict(settings)
+    method = settings.pop("method", None)
+    if method == "none":
+        return None
+    if method not in CONFIGS:
+        raise ValueError(f"compression method {method!r} is unknown: choose one of none, {', '.join(CONFIGS)}.")
+    return CONFIGS[method](**settings)
 
 
 @dataclass
@@ -66,6 +83,45 @@ class SplitViTForImageClassification(nn.Module):
         self.bridge = bridge
         self.link = link
         self.server = server
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """Saves `client/` and `server/` as normal checkpoints, the bridge's weights (if it has any) and
+        `split_config.json` (compression and channel settings). `kwargs` go to each half's `save_pretrained`."""
+        directory = Path(save_directory)
+        self.client.save_pretrained(directory / "client", **kwargs)
+        self.server.save_pretrained(directory / "server", **kwargs)
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.bridge.state_dict().items()}
+        if state:
+            save_file(state, directory / BRIDGE_WEIGHTS_NAME)
+        settings = {
+            "split_layer": self.client.config.split_layer,
+            "compression": self.client.config.compression,
+            "channel": asdict(self.link.channel) if self.link.channel else None,
+        }
+        (directory / SPLIT_CONFIG_NAME).write_text(json.dumps(settings, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **kwargs) -> "SplitViTForImageClassification":
+        """Loads what `save_pretrained` wrote; `kwargs` go to each half's `from_pretrained`."""
+        directory = Path(directory)
+        if not (directory / SPLIT_CONFIG_NAME).exists():
+            raise FileNotFoundError(
+                f"{directory} has no {SPLIT_CONFIG_NAME}: it is not a folder written by "
+                "SplitViTForImageClassification.save_pretrained."
+            )
+        settings = json.loads((directory / SPLIT_CONFIG_NAME).read_text())
+        client = ViTClientModel.from_pretrained(directory / "client", **kwargs)
+        server = ViTServerModel.from_pretrained(directory / "server", **kwargs)
+        bridge = build_bridge(
+            bridge_config_from_dict(settings["compression"]),
+            num_tokens=client.embeddings.patch_embeddings.num_patches + 1,
+            hidden_size=client.config.hidden_size,
+            num_labels=server.config.num_labels,
+        ).to(client.device)
+        if (directory / BRIDGE_WEIGHTS_NAME).exists():
+            bridge.load_state_dict(load_file(directory / BRIDGE_WEIGHTS_NAME, device=str(client.device)))
+        channel = ChannelConfig(**settings["channel"]) if settings["channel"] else None
+        return cls(client, server, bridge, Link(channel))
 
     @property
     def ledger(self) -> Ledger:
@@ -136,6 +192,7 @@ class SplitViTForImageClassification(nn.Module):
 
         received, record = self.link.transmit(
             message,
+            self.bridge,
             uncompressed_uplink_bytes=nbytes(hidden_states) + nbytes(labels),
             uncompressed_downlink_bytes=nbytes(hidden_states),
         )
@@ -162,7 +219,8 @@ def split_vit(
     """Cuts `model` after `split_layer` encoder layers, sharing its modules (no weight is copied).
 
     `model` is a `ViTForImageClassification` or a Hub id / local path to load one from. `compression` picks
-    the bridge (`None`: uncompressed; `ADCConfig(xi=...)`: ADC); `channel` adds noise to what crosses.
+    the bridge (`None`: uncompressed; `ADCConfig(xi=...)`: ADC; or a baseline: `TopKConfig`, `RandomTopKConfig`,
+    `BottleNetConfig`, `C3SLConfig`, `QuantizationConfig`); `channel` adds noise to what crosses.
     """
     if isinstance(model, str):
         model = ViTForImageClassification.from_pretrained(model)
@@ -177,7 +235,12 @@ def split_vit(
             f"split_layer={split_layer!r} is out of range: a ViT with {num_layers} layers can be cut after "
             f"layer 1 .. {num_layers - 1}."
         )
-    bridge = build_bridge(compression, num_labels=model.config.num_labels).to(model.device)
+    bridge = build_bridge(
+        compression,
+        num_tokens=model.vit.embeddings.patch_embeddings.num_patches + 1,
+        hidden_size=model.config.hidden_size,
+        num_labels=model.config.num_labels,
+    ).to(model.device)
     settings = compression.to_dict() if compression is not None else {"method": "none"}
     client_config = _half_config(ViTClientConfig, model.config, split_layer, settings)
     server_config = _half_config(ViTServerConfig, model.config, split_layer, settings)

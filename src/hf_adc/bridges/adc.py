@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .base import Bridge, BridgeConfig, Message
+from .base import BridgeConfig, Message, SeededBridge
 
 
 @dataclass
@@ -143,7 +143,7 @@ def kmeans(
     return assignment
 
 
-class ADCBridge(Bridge):
+class ADCBridge(SeededBridge):
     """The ADC encoder on the client; the server needs no decoder (its layers ignore token positions)."""
 
     needs_cls_attention = True
@@ -151,17 +151,11 @@ class ADCBridge(Bridge):
     def __init__(self, config: ADCConfig, num_labels: int):
         super().__init__(config)
         self.num_labels = num_labels
-        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
 
     def wire_bytes(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
         clusters, kept = self.config.sizes(batch_size, num_tokens)
         activations = clusters * kept * hidden_size * element_size
         return activations + clusters * num_labels * 4, activations
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        """A fresh generator per batch, from the seed and the number of batches seen (saved with the model)."""
-        generator = torch.Generator(device=device)
-        return generator.manual_seed(self.config.seed * 1_000_003 + int(self.calls))
 
     def encode(
         self,
@@ -179,11 +173,10 @@ class ADCBridge(Bridge):
         cluster_ids = kmeans(
             cls_attention,
             num_clusters,
-            generator=self._generator(cls_attention.device),
+            generator=self.next_generator(cls_attention.device),
             max_iter=self.config.kmeans_iters,
             tol=self.config.kmeans_tol,
         )
-        self.calls += 1
         membership = F.one_hot(cluster_ids, num_clusters).T.float()
         membership = membership / membership.sum(dim=1, keepdim=True)
 

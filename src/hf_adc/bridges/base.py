@@ -1,6 +1,7 @@
-"""What every bridge shares: the message it hands to the link, and the encode/decode interface."""
+"""What every bridge shares: the message it hands to the link, and the encode / wire / decode interface."""
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,13 +11,12 @@ from torch import nn
 class Message:
     """What the client puts on the link in one training step.
 
-    `hidden_states`, `labels` and every tensor in `side_info` cross the cut and are charged; `cluster_ids`
-    and `token_indices` are the client's own bookkeeping and never leave it.
+    `hidden_states` (in the wire form its bridge's `pack` gives it) and `labels` cross the cut and are
+    charged; `cluster_ids` and `token_indices` are the client's own bookkeeping and never leave it.
     """
 
     hidden_states: torch.Tensor
     labels: torch.Tensor | None
-    side_info: dict[str, torch.Tensor] = field(default_factory=dict)
     cluster_ids: torch.Tensor | None = None
     token_indices: torch.Tensor | None = None
 
@@ -31,9 +31,10 @@ class BridgeConfig:
 
 
 class Bridge(nn.Module):
-    """Compression at the cut: `encode` runs on the client, `decode` on the server.
+    """Compression at the cut: `encode` runs on the client, `decode` on the server, `pack` / `unpack` say
+    what the activations and gradients look like on the wire.
 
-    A bridge knows what to send, never how it travels: the link counts and carries what `encode` returns.
+    A bridge knows what to send, never how it travels: the link counts and carries what `pack` returns.
     In training mode `encode` compresses; in eval mode it hands over every sample and every token.
     """
 
@@ -54,6 +55,21 @@ class Bridge(nn.Module):
     def decode(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states
 
+    def pack(self, activations: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
+        """The tensors that carry `activations` up, and what the sender keeps to code the gradient later."""
+        return {"activations": activations}, None
+
+    def unpack(self, wire: dict[str, torch.Tensor], context: Any) -> torch.Tensor:
+        """The activations the server reads from the wire."""
+        return wire["activations"]
+
+    def pack_gradient(self, gradient: torch.Tensor, context: Any) -> dict[str, torch.Tensor]:
+        """The tensors that carry the gradient of the received activations down."""
+        return {"gradients": gradient}
+
+    def unpack_gradient(self, wire: dict[str, torch.Tensor], context: Any) -> torch.Tensor:
+        return wire["gradients"]
+
     def wire_bytes(
         self, batch_size: int, num_tokens: int, hidden_size: int, num_labels: int, element_size: int
     ) -> tuple[int, int]:
@@ -62,6 +78,20 @@ class Bridge(nn.Module):
         Used to plan a communication budget; the ledger then charges what is really sent.
         """
         raise NotImplementedError
+
+
+class SeededBridge(Bridge):
+    """A bridge that draws random numbers: a fresh generator per batch from `config.seed` and the number
+    of batches seen, which is a buffer saved with the model (so a resumed run draws what it would have)."""
+
+    def __init__(self, config: BridgeConfig):
+        super().__init__(config)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def next_generator(self, device: torch.device) -> torch.Generator:
+        generator = torch.Generator(device=device).manual_seed(self.config.seed * 1_000_003 + int(self.calls))
+        self.calls += 1
+        return generator
 
 
 class IdentityBridge(Bridge):

@@ -1,0 +1,59 @@
+"""Uniform min-max quantization of activations (up) and gradients (down) at `bits` bits per value.
+
+Per sample, values are mapped to integer codes 0 .. 2**bits - 1 between that sample's minimum and maximum;
+the codes travel packed at their bit width, with the minimum and the step size (float32) of each sample.
+The client's backward uses the dequantized gradient (straight-through on the way up).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import Bridge, BridgeConfig
+from .packing import pack_bits, packed_size, unpack_bits
+
+
+@dataclass
+class QuantizationConfig(BridgeConfig):
+    method = "quantize"
+
+    bits: int = field(default=8, metadata={"help": "Bits per value, 1 .. 16."})
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 16:
+            raise ValueError(f"bits={self.bits!r} is out of range: it must be an integer in 1 .. 16.")
+
+
+class QuantizeBridge(Bridge):
+    def _quantize(self, tensor: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+        flat = tensor.reshape(tensor.shape[0], -1).float()
+        minimum = flat.min(dim=1).values
+        step = (flat.max(dim=1).values - minimum) / (2**self.config.bits - 1)
+        codes = torch.round((flat - minimum[:, None]) / step.clamp_min(torch.finfo(torch.float32).tiny)[:, None])
+        return {
+            f"{prefix}codes": pack_bits(codes, self.config.bits),
+            f"{prefix}minimum": minimum,
+            f"{prefix}step": step,
+        }
+
+    def _dequantize(self, wire: dict[str, torch.Tensor], prefix: str, shape: torch.Size, dtype) -> torch.Tensor:
+        minimum, step = wire[f"{prefix}minimum"], wire[f"{prefix}step"]
+        codes = unpack_bits(wire[f"{prefix}codes"], self.config.bits, shape.numel())
+        flat = codes.view(shape[0], -1).float() * step[:, None] + minimum[:, None]
+        return flat.view(shape).to(dtype)
+
+    def pack(self, activations):
+        return self._quantize(activations, ""), (activations.shape, activations.dtype)
+
+    def unpack(self, wire, context):
+        return self._dequantize(wire, "", *context)
+
+    def pack_gradient(self, gradient, context):
+        return self._quantize(gradient, "gradient_")
+
+    def unpack_gradient(self, wire, context):
+        return self._dequantize(wire, "gradient_", *context)
+
+    def wire_bytes(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
+        one_way = packed_size(batch_size * num_tokens * hidden_size, self.config.bits) + 2 * batch_size * 4
+        return one_way + batch_size * 8, one_way
