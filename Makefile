@@ -18,7 +18,7 @@ data:
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi; }
 
 train: setup data
-	$(VENV)/bin/accelerate launch --config_file recipes/accelerate_configs/cpu.yaml recipes/train.py
+	$(VENV)/bin/accelerate launch recipes/train.py
 
 test: setup data
 	$(VENV)/bin/ruff check src tests recipes benchmarks

@@ -151,3 +151,37 @@ def test_bottlenet_runs_in_eval_too(tiny_vit, batch):
     with torch.no_grad():
         assert split(batch[0]).logits.shape == (BATCH, 5)
     assert sum(p.numel() for p in split.bridge.parameters()) > 0
+
+
+@pytest.mark.parametrize("xi", [0.02, 0.1, 0.5])
+@pytest.mark.parametrize("method", hf_adc.bridges.LEVEL_METHODS)
+def test_config_for_ratio_lands_near_xi(tiny_vit, method, xi):
+    config = hf_adc.bridges.config_for_ratio(method, xi, num_tokens=TOKENS, hidden_size=HIDDEN, batch_size=64)
+    split = hf_adc.split_vit(tiny_vit, 2, compression=config).train()
+    split(torch.randn(64, 3, 16, 16), labels=torch.randint(0, 5, (64,))).loss.backward()
+    # Coarsest steps each method can take: CLS alone (1/n), one bottleneck unit (1/d), one bit (1/32).
+    floor = {"adc_tokens": 1 / TOKENS, "bottlenet": 1 / HIDDEN, "quantize": 1 / 32}.get(method, 0)
+    target = max(xi, floor)
+    assert target / 1.6 < split.ledger.ratio < target * 1.6
+
+
+@pytest.mark.parametrize("method", ["adc", "bottlenet", "quantize", "c3sl"])
+def test_split_model_round_trips_through_save_pretrained(tiny_vit, batch, tmp_path, method):
+    config = hf_adc.bridges.config_for_ratio(method, 0.25, num_tokens=TOKENS, hidden_size=HIDDEN, batch_size=12)
+    split = hf_adc.split_vit(tiny_vit, 2, compression=config, channel=hf_adc.ChannelConfig(snr_db=(10, 20)))
+    split.train()
+    split(*batch).loss.backward()  # moves ADC's batch counter: it must be saved too
+    split.save_pretrained(tmp_path)
+    loaded = hf_adc.SplitViTForImageClassification.from_pretrained(tmp_path)
+    assert loaded.client.config.compression == split.client.config.compression
+    assert loaded.link.channel == split.link.channel
+    for name, tensor in split.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    split.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch[0]).logits, split(batch[0]).logits)
+
+
+def test_loading_a_folder_that_is_not_a_split_model_raises(tiny_vit_path):
+    with pytest.raises(FileNotFoundError, match="split_config.json: it is not a folder written by"):
+        hf_adc.SplitViTForImageClassification.from_pretrained(tiny_vit_path)

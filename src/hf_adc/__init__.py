@@ -14,6 +14,7 @@ from .bridges import (
 )
 from .data import ImageTransform, image_processor_for, load_image_dataset
 from .link import ChannelConfig, CommunicationRecord, Ledger, Link
+from .merge import merge_halves
 from .modeling import ViTClientConfig, ViTClientModel, ViTServerConfig, ViTServerModel
 from .split import SplitViTForImageClassification, SplitViTOutput, split_vit
 from .training import ADCTrainer, ADCTrainingArguments
@@ -27,6 +28,7 @@ __all__ = [
     "ImageTransform",
     "image_processor_for",
     "load_image_dataset",
+    "merge_halves",
     "BottleNetConfig",
     "Bridge",
     "C3SLConfig",

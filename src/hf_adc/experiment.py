@@ -22,6 +22,7 @@ from transformers import (
     TrainingArguments,
     ViTConfig,
     ViTForImageClassification,
+    set_seed,
 )
 
 from .bridges import CONFIGS, BridgeConfig
@@ -252,6 +253,7 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, traini
             "pass --remove_unused_columns false."
         )
     dataset = load_data(data_args, training_args.seed)
+    set_seed(training_args.seed)
     model, image_processor = load_vit(model_args, dataset)
     dataset = _with_transforms(dataset, image_processor, data_args.augment)
     trainer = Trainer(
@@ -327,22 +329,16 @@ def _plot_accuracy_against_bytes(log_history: list[dict], results: dict, path: P
     plt.close(figure)
 
 
-def run_split_training(
-    model_args: ModelArguments,
-    split_args: SplitArguments,
-    data_args: DataArguments,
+def train_split(
+    split: SplitViTForImageClassification,
     training_args: ADCTrainingArguments,
+    train_dataset,
+    eval_dataset,
     resume_from_checkpoint: str | bool | None = None,
-) -> dict:
-    """Fine-tunes a split ViT through the chosen bridge; writes `client/`, `server/`, the image processor,
-    `results.json` and `accuracy_vs_bytes.png` into `output_dir`, and returns the results."""
-    compression = split_args.compression_config(seed=training_args.seed)
-    channel = split_args.channel_config()
-    dataset = load_data(data_args, training_args.seed)
-    model, image_processor = load_vit(model_args, dataset)
-    split = split_vit(model, split_args.split_layer, compression=compression, channel=channel)
-    dataset = _with_transforms(dataset, image_processor, data_args.augment)
-    trainer = ADCTrainer(model=split, args=training_args, train_dataset=dataset["train"], eval_dataset=dataset["test"])
+) -> tuple[ADCTrainer, dict]:
+    """Trains `split` with `ADCTrainer` (budget and all), evaluates it, and returns the trainer and the results:
+    accuracy, bytes both ways (summed over ranks), the uncompressed equivalent, ratio, budget, steps, time."""
+    trainer = ADCTrainer(model=split, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     train_seconds = time.perf_counter() - start
@@ -362,12 +358,32 @@ def run_split_training(
         "world_size": training_args.world_size,
         "train_seconds": train_seconds,
         "compression": split.client.config.compression,
-        "args": {
-            "model": asdict(model_args),
-            "split": asdict(split_args),
-            "data": asdict(data_args),
-            "training": training_args.to_dict(),
-        },
+    }
+    return trainer, results
+
+
+def run_split_training(
+    model_args: ModelArguments,
+    split_args: SplitArguments,
+    data_args: DataArguments,
+    training_args: ADCTrainingArguments,
+    resume_from_checkpoint: str | bool | None = None,
+) -> dict:
+    """Fine-tunes a split ViT through the chosen bridge; writes `client/`, `server/`, the image processor,
+    `results.json` and `accuracy_vs_bytes.png` into `output_dir`, and returns the results."""
+    compression = split_args.compression_config(seed=training_args.seed)
+    channel = split_args.channel_config()
+    dataset = load_data(data_args, training_args.seed)
+    set_seed(training_args.seed)
+    model, image_processor = load_vit(model_args, dataset)
+    split = split_vit(model, split_args.split_layer, compression=compression, channel=channel)
+    dataset = _with_transforms(dataset, image_processor, data_args.augment)
+    trainer, results = train_split(split, training_args, dataset["train"], dataset["test"], resume_from_checkpoint)
+    results["args"] = {
+        "model": asdict(model_args),
+        "split": asdict(split_args),
+        "data": asdict(data_args),
+        "training": training_args.to_dict(),
     }
     if trainer.is_world_process_zero():
         save_split(split, image_processor, training_args.output_dir, results)

@@ -4,6 +4,7 @@ from .adc import ADCBridge, ADCConfig, kmeans
 from .base import Bridge, BridgeConfig, IdentityBridge, Message, SeededBridge
 from .bottlenet import BottleNetBridge, BottleNetConfig
 from .c3sl import C3SLBridge, C3SLConfig
+from .levels import LEVEL_METHODS, config_for_ratio
 from .quantize import QuantizationConfig, QuantizeBridge
 from .topk import RandomTopKBridge, RandomTopKConfig, TopKBridge, TopKConfig
 
@@ -37,6 +38,7 @@ def build_bridge(config: BridgeConfig | None, num_tokens: int, hidden_size: int,
 
 __all__ = [
     "CONFIGS",
+    "LEVEL_METHODS",
     "ADCBridge",
     "ADCConfig",
     "BottleNetBridge",
@@ -55,5 +57,6 @@ __all__ = [
     "TopKBridge",
     "TopKConfig",
     "build_bridge",
+    "config_for_ratio",
     "kmeans",
 ]

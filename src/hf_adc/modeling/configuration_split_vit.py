@@ -8,8 +8,23 @@ from huggingface_hub.dataclasses import strict
 from transformers import ViTConfig
 
 
+class _HalfConfigLoading:
+    """Refuses to load the other half's checkpoint (transformers would only warn and build a wrong model)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        found = config_dict.get("model_type")
+        if found != cls.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a '{found}' checkpoint, not a '{cls.model_type}' one: load "
+                "the client folder with ViTClientModel and the server folder with ViTServerModel (or AutoModel)."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
 @strict
-class ViTClientConfig(ViTConfig):
+class ViTClientConfig(_HalfConfigLoading, ViTConfig):
     r"""
     Configuration of the client half of a split ViT: the embeddings and layers `0 .. split_layer - 1`.
 
@@ -30,7 +45,7 @@ class ViTClientConfig(ViTConfig):
 
 
 @strict
-class ViTServerConfig(ViTConfig):
+class ViTServerConfig(_HalfConfigLoading, ViTConfig):
     r"""
     Configuration of the server half of a split ViT: layers `split_layer .. num_hidden_layers - 1`, the final
     layernorm and the classifier. Fields beyond [`ViTConfig`] as in [`ViTClientConfig`].
