@@ -42,7 +42,7 @@ TRAINING_DEFAULTS = {
     "output_dir": "outputs/train",
     "per_device_train_batch_size": "64",
     "per_device_eval_batch_size": "128",
-    "learning_rate": "3e-4",
+    "learning_rate": "6e-4",
     "weight_decay": "0.05",
     "lr_scheduler_type": "cosine",
     "warmup_steps": "0.05",

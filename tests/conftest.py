@@ -7,8 +7,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
 
 NUM_LABELS = 5
@@ -49,3 +52,17 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     pixel_values = torch.randn(12, 3, 16, 16, generator=generator)
     labels = torch.randint(0, NUM_LABELS, (12,), generator=generator)
     return pixel_values, labels
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> str:
+    """scikit-learn's 8x8 digits as a `save_to_disk` DatasetDict (train 1500, test 297), 10 classes."""
+    digits = load_digits()
+    images = (digits.images * 255 / 16).astype(np.uint8)
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(i) for i in range(10)])})
+    rows = {"image": list(images), "label": digits.target.tolist()}
+    dataset = Dataset.from_dict(rows, features=features)
+    splits = DatasetDict({"train": dataset.select(range(1500)), "test": dataset.select(range(1500, len(dataset)))})
+    path = tmp_path_factory.mktemp("digits")
+    splits.save_to_disk(str(path))
+    return str(path)

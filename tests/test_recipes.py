@@ -7,11 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
-from sklearn.datasets import load_digits
 from transformers import AutoImageProcessor, AutoModel
 
 import hf_adc
@@ -20,20 +17,6 @@ from hf_adc.data import ImageTransform
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "accelerate_configs"
 PER_SAMPLE_UNCOMPRESSED = 2 * 17 * 32 * 4 + 8
-
-
-@pytest.fixture(scope="session")
-def digits_dir(tmp_path_factory) -> str:
-    """scikit-learn's 8x8 digits as a `save_to_disk` DatasetDict (train 1500, test 297), 10 classes."""
-    digits = load_digits()
-    images = (digits.images * 255 / 16).astype(np.uint8)
-    features = Features({"image": Image(), "label": ClassLabel(names=[str(i) for i in range(10)])})
-    rows = {"image": list(images), "label": digits.target.tolist()}
-    dataset = Dataset.from_dict(rows, features=features)
-    splits = DatasetDict({"train": dataset.select(range(1500)), "test": dataset.select(range(1500, len(dataset)))})
-    path = tmp_path_factory.mktemp("digits")
-    splits.save_to_disk(str(path))
-    return str(path)
 
 
 def launch(script: str, args: list[str], config: str = "cpu.yaml", timeout: int = 300, **env):

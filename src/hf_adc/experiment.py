@@ -370,7 +370,17 @@ def run_split_training(
     resume_from_checkpoint: str | bool | None = None,
 ) -> dict:
     """Fine-tunes a split ViT through the chosen bridge; writes `client/`, `server/`, the image processor,
-    `results.json` and `accuracy_vs_bytes.png` into `output_dir`, and returns the results."""
+    `results.json` and `accuracy_vs_bytes.png` into `output_dir`, and returns the results.
+
+    With `push_to_hub`, the halves (not the Trainer's wrapper) go to `<hub_model_id>-client` and
+    `<hub_model_id>-server` at the end, from the main process only.
+    """
+    hub_model_id = None
+    if training_args.push_to_hub:
+        if not training_args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id: the halves go to <id>-client and <id>-server.")
+        hub_model_id = training_args.hub_model_id
+        training_args.push_to_hub = False  # the Trainer would push the wrapper; the halves are pushed below
     compression = split_args.compression_config(seed=training_args.seed)
     channel = split_args.channel_config()
     dataset = load_data(data_args, training_args.seed)
@@ -390,6 +400,15 @@ def run_split_training(
         output_dir = Path(training_args.output_dir)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
         _plot_accuracy_against_bytes(trainer.state.log_history, results, output_dir / "accuracy_vs_bytes.png")
+        if hub_model_id:
+            results["hub_urls"] = split.push_to_hub(
+                f"{hub_model_id}-client",
+                f"{hub_model_id}-server",
+                image_processor=image_processor,
+                dataset=data_args.dataset_name,
+                private=training_args.hub_private_repo,
+                token=training_args.hub_token,
+            )
     return results
 
 

@@ -12,6 +12,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from transformers.utils import ModelOutput
 
 from .bridges import CONFIGS, Bridge, BridgeConfig, IdentityBridge, build_bridge
+from .hub import push_halves
 from .link import ChannelConfig, CommunicationRecord, Ledger, Link, nbytes
 from .modeling import ViTClientConfig, ViTClientModel, ViTServerConfig, ViTServerModel
 
@@ -122,6 +123,11 @@ class SplitViTForImageClassification(nn.Module):
             bridge.load_state_dict(load_file(directory / BRIDGE_WEIGHTS_NAME, device=str(client.device)))
         channel = ChannelConfig(**settings["channel"]) if settings["channel"] else None
         return cls(client, server, bridge, Link(channel))
+
+    def push_to_hub(self, client_repo_id: str, server_repo_id: str, **kwargs) -> dict[str, str]:
+        """Pushes each half to its own repo with a model card (see `hf_adc.hub.push_halves` for `kwargs`:
+        `image_processor`, `dataset`, `private`, `token`, `commit_message`)."""
+        return push_halves(self, client_repo_id, server_repo_id, **kwargs)
 
     @property
     def ledger(self) -> Ledger:

@@ -1,0 +1,123 @@
+"""Pushing the two halves of a split ViT to the Hub, each a normal model repo with a model card."""
+
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from transformers import BaseImageProcessor
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+The **{{ role }} half** of a Vision Transformer trained with split learning by
+[hf_adc](https://github.com/hf-adc/hf_adc): the model is cut after encoder layer {{ split_layer }};
+{{ role_text }}
+
+- base model: {{ base_model or "a ViT built from a config" }}
+- compression at the cut: `{{ compression }}`
+{%- if communication %}
+- training traffic across the cut: {{ "%.1f" | format(sent_mb) }} MB sent (both ways), against
+  {{ "%.1f" | format(uncompressed_mb) }} MB for the uncompressed split over the same steps: ratio
+  {{ "%.4f" | format(communication.ratio) }}, {{ "%.1f" | format(saved_mb) }} MB saved
+{%- endif %}
+{%- if accuracy is not none %}
+- test accuracy (uncompressed evaluation): {{ "%.4f" | format(accuracy) }}
+{%- endif %}
+
+```python
+import hf_adc  # registers the halves with the Auto classes (or pass trust_remote_code=True without it)
+from transformers import AutoModel
+
+{{ role }} = AutoModel.from_pretrained("{{ model_name }}")
+```
+
+Merge both halves back into a plain `ViTForImageClassification` with `hf_adc.merge_halves(client, server)`.
+"""
+
+ROLE_TEXT = {
+    "client": "this half holds the patch embeddings and the layers before the cut, and runs where the data is.",
+    "server": "this half holds the layers after the cut, the final layernorm and the classifier.",
+}
+
+
+def model_card(half, role: str, repo_id: str, dataset: str | None = None) -> ModelCard:
+    """A model card for one half: base model, dataset, accuracy as an eval result, compression and bytes."""
+    config = half.config
+    communication = config.communication or {}
+    accuracy = communication.get("test_accuracy")
+    compression = {k: v for k, v in (config.compression or {}).items() if v is not None}
+    eval_results = None
+    if accuracy is not None and dataset:
+        eval_results = [
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=dataset,
+                dataset_name=dataset,
+                metric_type="accuracy",
+                metric_value=accuracy,
+            )
+        ]
+    card_data = ModelCardData(
+        base_model=config.base_model_name_or_path if config.base_model_name_or_path else None,
+        datasets=[dataset] if dataset else None,
+        eval_results=eval_results,
+        library_name="transformers",
+        pipeline_tag="image-classification" if role == "server" else "image-feature-extraction",
+        model_name=repo_id,
+        tags=["split-learning", "hf-adc", "vision-transformer", f"split-{role}", compression.get("method", "none")],
+    )
+    sent = communication.get("uplink_bytes", 0) + communication.get("downlink_bytes", 0)
+    uncompressed = communication.get("uncompressed_bytes", 0)
+    return ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
+        model_name=repo_id,
+        role=role,
+        role_text=ROLE_TEXT[role],
+        split_layer=config.split_layer,
+        base_model=config.base_model_name_or_path,
+        compression=compression,
+        communication=communication,
+        accuracy=accuracy,
+        sent_mb=sent / 1e6,
+        uncompressed_mb=uncompressed / 1e6,
+        saved_mb=(uncompressed - sent) / 1e6,
+    )
+
+
+def push_halves(
+    split,
+    client_repo_id: str,
+    server_repo_id: str,
+    *,
+    image_processor: BaseImageProcessor | None = None,
+    dataset: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload split ViT half with hf_adc",
+) -> dict[str, str]:
+    """Pushes `split.client` (with the image processor) and `split.server` to their repos, each with a model
+    card and the split's `split_config.json` (plus the bridge's weights, if it has any). Returns the URLs."""
+    for name, repo_id in (("client_repo_id", client_repo_id), ("server_repo_id", server_repo_id)):
+        if not isinstance(repo_id, str) or not repo_id.strip():
+            raise ValueError(f"push_to_hub needs {name} (a repo id such as 'me/vit-adc-client'); got {repo_id!r}.")
+    if client_repo_id == server_repo_id:
+        raise ValueError(f"The halves need two repos; both repo ids are {client_repo_id!r}.")
+    api = HfApi(token=token)
+    urls = {}
+    with tempfile.TemporaryDirectory() as staging:
+        split.save_pretrained(staging)
+        for role, repo_id in (("client", client_repo_id), ("server", server_repo_id)):
+            folder = Path(staging) / role
+            for shared in Path(staging).glob("*.*"):
+                (folder / shared.name).write_bytes(shared.read_bytes())
+            if role == "client" and image_processor is not None:
+                image_processor.save_pretrained(folder)
+            model_card(getattr(split, role), role, repo_id, dataset).save(folder / "README.md")
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+            urls[role] = commit.repo_url.url if hasattr(commit.repo_url, "url") else str(commit.repo_url)
+    return urls
