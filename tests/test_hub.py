@@ -88,7 +88,8 @@ def test_model_card_parses_and_carries_the_split(tiny_vit):
 
     split = hf_adc.split_vit(tiny_vit, 3, compression=hf_adc.ADCConfig(xi=0.1))
     split.server.config.communication = {
-        "uplink_bytes": 10**6, "downlink_bytes": 10**6, "uncompressed_bytes": 2 * 10**7, "ratio": 0.1, "test_accuracy": 0.9,
+        "uplink_bytes": 10**6, "downlink_bytes": 10**6, "uncompressed_bytes": 2 * 10**7, "ratio": 0.1,
+        "test_accuracy": 0.9,
     }  # fmt: skip
     card = ModelCard(str(model_card(split.server, "server", "me/server", dataset="fashion_mnist")))
     assert card.data.eval_results[0].metric_value == 0.9
