@@ -26,7 +26,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
@@ -117,15 +116,26 @@ PRESETS = {
 }
 
 
-def materialize(dataset: Dataset, transform: ImageTransform, image_size: int) -> Dataset:
+class TensorRows(torch.utils.data.Dataset):
+    """Rows of preprocessed tensors: what the Trainer's collator stacks, without Arrow in the step loop."""
+
+    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor):
+        self.pixel_values, self.labels = pixel_values, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
+
+
+def materialize(dataset: Dataset, transform: ImageTransform, image_size: int):
     """Pixel values computed once (no augmentation in the sweep), so that runs time the model, not PIL;
     on the fly instead where they would not fit in a few GB (224 px)."""
     if len(dataset) * 3 * image_size**2 * 4 > 2e9:
         return dataset.with_transform(transform)
     rows = dataset.with_transform(transform)[:]
-    return Dataset.from_dict(
-        {"pixel_values": rows["pixel_values"].numpy(), "labels": np.asarray(rows["labels"])}
-    ).with_format("torch")
+    return TensorRows(rows["pixel_values"], torch.as_tensor(rows["labels"]))
 
 
 def pretrained_checkpoint(preset: Preset, data_path: str | None, device: str) -> str:

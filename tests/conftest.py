@@ -10,11 +10,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
 
 NUM_LABELS = 5
+# Tests taking the `device` fixture run on every device this machine has: the CPU, and a GPU where present.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 def tiny_vit_config(**overrides) -> ViTConfig:
@@ -46,6 +46,11 @@ def tiny_vit(tiny_vit_path) -> ViTForImageClassification:
     return ViTForImageClassification.from_pretrained(tiny_vit_path)
 
 
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
 @pytest.fixture
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
@@ -57,6 +62,9 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> str:
     """scikit-learn's 8x8 digits as a `save_to_disk` DatasetDict (train 1500, test 297), 10 classes."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     images = (digits.images * 255 / 16).astype(np.uint8)
     features = Features({"image": Image(), "label": ClassLabel(names=[str(i) for i in range(10)])})

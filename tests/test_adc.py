@@ -18,10 +18,11 @@ def _client_outputs(tiny_vit, pixel_values, split_layer=2):
     return hidden, output.cls_attention
 
 
-def test_merge_select_soft_labels_and_gradient_follow_the_method(tiny_vit, batch):
-    pixel_values, labels = batch
-    hidden, cls_attention = _client_outputs(tiny_vit, pixel_values)
-    bridge = ADCBridge(hf_adc.ADCConfig(batch_ratio=0.34, token_ratio=0.3), num_labels=NUM_LABELS).train()
+def test_merge_select_soft_labels_and_gradient_follow_the_method(tiny_vit, batch, device):
+    pixel_values, labels = (tensor.to(device) for tensor in batch)
+    hidden, cls_attention = _client_outputs(tiny_vit.to(device), pixel_values)
+    config = hf_adc.ADCConfig(batch_ratio=0.34, token_ratio=0.3)
+    bridge = ADCBridge(config, num_labels=NUM_LABELS).to(device).train()
     message = bridge.encode(hidden, labels, cls_attention)
     num_clusters, num_kept = 4, 5  # round(0.34 * 12), round(0.3 * 17)
     assert message.hidden_states.shape == (num_clusters, num_kept, hidden.shape[-1])
@@ -40,7 +41,7 @@ def test_merge_select_soft_labels_and_gradient_follow_the_method(tiny_vit, batch
         assert set(kept[1:].tolist()) == set(top.tolist())
         torch.testing.assert_close(message.hidden_states[cluster], hidden[members][:, kept].mean(dim=0))
         torch.testing.assert_close(message.labels[cluster], F.one_hot(labels[members], NUM_LABELS).float().mean(dim=0))
-        dropped = torch.ones(hidden.shape[1], dtype=torch.bool)
+        dropped = torch.ones(hidden.shape[1], dtype=torch.bool, device=device)
         dropped[kept] = False
         for member in members:
             torch.testing.assert_close(hidden.grad[member][kept], upstream[cluster] / members.numel())

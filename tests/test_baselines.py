@@ -42,9 +42,9 @@ class _Wiretap:
 
 
 @pytest.mark.parametrize("method", BASELINES)
-def test_baseline_trains_through_the_cut_and_charges_its_ratio(tiny_vit, batch, method):
-    pixel_values, labels = batch
-    split = hf_adc.split_vit(tiny_vit, split_layer=2, compression=BASELINES[method]).train()
+def test_baseline_trains_through_the_cut_and_charges_its_ratio(tiny_vit, batch, method, device):
+    pixel_values, labels = (tensor.to(device) for tensor in batch)
+    split = hf_adc.split_vit(tiny_vit.to(device), split_layer=2, compression=BASELINES[method]).train()
     tap = _Wiretap(split)
     output = split(pixel_values, labels=labels)
     output.loss.backward()

@@ -25,9 +25,9 @@ class _Wiretap:
 @pytest.mark.parametrize(
     "compression", [None, hf_adc.ADCConfig(xi=0.3), hf_adc.ADCConfig(batch_ratio=1.0, token_ratio=0.2)]
 )
-def test_ledger_counts_the_bytes_of_the_tensors_that_crossed(tiny_vit, batch, compression):
-    pixel_values, labels = batch
-    split = hf_adc.split_vit(tiny_vit, split_layer=2, compression=compression).train()
+def test_ledger_counts_the_bytes_of_the_tensors_that_crossed(tiny_vit, batch, compression, device):
+    pixel_values, labels = (tensor.to(device) for tensor in batch)
+    split = hf_adc.split_vit(tiny_vit.to(device), split_layer=2, compression=compression).train()
     tap = _Wiretap(split)
     output = split(pixel_values, labels=labels)
     output.loss.backward()

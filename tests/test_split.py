@@ -14,8 +14,9 @@ def _gradients(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
 
 
-def test_uncompressed_split_equals_unsplit_model(tiny_vit, batch):
-    pixel_values, labels = batch
+def test_uncompressed_split_equals_unsplit_model(tiny_vit, batch, device):
+    pixel_values, labels = (tensor.to(device) for tensor in batch)
+    tiny_vit.to(device)
     reference = copy.deepcopy(tiny_vit).train()
     expected = reference(pixel_values=pixel_values, labels=labels)
     expected.loss.backward()
@@ -33,8 +34,9 @@ def test_uncompressed_split_equals_unsplit_model(tiny_vit, batch):
         torch.testing.assert_close(grads[name], expected_grads[name], msg=name)
 
 
-def test_adc_at_xi_one_equals_uncompressed_split(tiny_vit, batch):
-    pixel_values, labels = batch
+def test_adc_at_xi_one_equals_uncompressed_split(tiny_vit, batch, device):
+    pixel_values, labels = (tensor.to(device) for tensor in batch)
+    tiny_vit.to(device)
     reference_vit = copy.deepcopy(tiny_vit)
     plain = hf_adc.split_vit(reference_vit, split_layer=2).train()
     expected = plain(pixel_values, labels=labels)

@@ -12,7 +12,6 @@ from .bridges import (
     TopKConfig,
     kmeans,
 )
-from .data import ImageTransform, image_processor_for, load_image_dataset
 from .link import ChannelConfig, CommunicationRecord, Ledger, Link
 from .merge import merge_halves
 from .modeling import ViTClientConfig, ViTClientModel, ViTServerConfig, ViTServerModel
@@ -50,3 +49,12 @@ __all__ = [
     "kmeans",
     "split_vit",
 ]
+
+
+def __getattr__(name: str):
+    # The data helpers pull in `datasets`; import them on first use so the modelling core stays light.
+    if name in ("ImageTransform", "image_processor_for", "load_image_dataset"):
+        from . import data
+
+        return getattr(data, name)
+    raise AttributeError(f"module 'hf_adc' has no attribute {name!r}")
