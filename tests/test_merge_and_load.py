@@ -91,3 +91,32 @@ def test_loading_a_client_folder_as_a_server_raises(tiny_vit, tmp_path):
     hf_adc.split_vit(tiny_vit, 2).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="holds a 'vit_adc_client' checkpoint, not a 'vit_adc_server' one"):
         hf_adc.ViTServerModel.from_pretrained(tmp_path / "client")
+
+
+def test_split_inference_sends_payloads_and_charges_them(tiny_vit, batch):
+    pixel_values, _ = batch
+    split = hf_adc.split_vit(tiny_vit, 2, compression=hf_adc.ADCConfig(xi=0.1)).eval()
+    with torch.no_grad():
+        expected = split(pixel_values).logits
+    payload = split.client_payload(pixel_values)
+    assert payload.shape == (12, 17, 32)
+    torch.testing.assert_close(split.server_logits(payload), expected)
+    assert split.ledger.uplink_bytes == payload.numel() * 4 == split.ledger.uncompressed_uplink_bytes
+    assert split.ledger.downlink_bytes == 12 * 5 * 4
+
+    split.ledger.reset()
+    selected = split.client_payload(pixel_values, keep_tokens=0.3)
+    assert selected.shape == (12, 5, 32)
+    cls_row = split.client(pixel_values, output_cls_attention=True).cls_attention
+    full = split.client(pixel_values).last_hidden_state
+    top = cls_row[:, 1:].topk(4, dim=1).indices.sort(dim=1).values + 1
+    torch.testing.assert_close(selected[:, 1:], full.gather(1, top.unsqueeze(-1).expand(-1, -1, 32)))
+    torch.testing.assert_close(selected[:, 0], full[:, 0])
+    assert split.ledger.uplink_bytes * 17 == split.ledger.uncompressed_uplink_bytes * 5
+    assert split.server_logits(selected).shape == (12, 5)
+
+
+def test_keep_tokens_out_of_range_raises(tiny_vit, batch):
+    split = hf_adc.split_vit(tiny_vit, 2).eval()
+    with pytest.raises(ValueError, match=r"keep_tokens=0 is out of range: it must lie in \(0, 1\]"):
+        split.client_payload(batch[0], keep_tokens=0)

@@ -151,6 +151,35 @@ class SplitViTForImageClassification(nn.Module):
             batch_size, self.num_tokens, self.client.config.hidden_size, self.num_labels, element_size
         )
 
+    @torch.no_grad()
+    def client_payload(self, pixel_values: torch.Tensor, keep_tokens: float | None = None) -> torch.Tensor:
+        """Split inference, client side: what the client sends for `pixel_values`, charged in the ledger.
+
+        With `keep_tokens` in (0, 1], each sample keeps CLS plus its top round(keep_tokens * n) - 1 tokens by
+        its own CLS attention row at the cut (token selection at inference; batch merging cannot apply).
+        """
+        if keep_tokens is not None and not 0 < keep_tokens <= 1:
+            raise ValueError(f"keep_tokens={keep_tokens} is out of range: it must lie in (0, 1].")
+        self._check_inputs(pixel_values, None, interpolate_pos_encoding=False)
+        output = self.client(pixel_values, output_cls_attention=keep_tokens is not None)
+        payload = self.bridge.encode(output.last_hidden_state, None).hidden_states
+        self.ledger.uncompressed_uplink_bytes += nbytes(output.last_hidden_state)
+        if keep_tokens is not None:
+            kept = min(max(round(keep_tokens * payload.shape[1]), 1), payload.shape[1])
+            top = output.cls_attention[:, 1:].topk(kept - 1, dim=1).indices.sort(dim=1).values + 1
+            indices = torch.cat([torch.zeros_like(top[:, :1]), top], dim=1)
+            payload = payload.gather(1, indices.unsqueeze(-1).expand(-1, -1, payload.shape[-1]))
+        self.ledger.uplink_bytes += nbytes(payload)
+        return payload
+
+    @torch.no_grad()
+    def server_logits(self, payload: torch.Tensor) -> torch.Tensor:
+        """Split inference, server side: logits for a client payload; the logits going back are charged."""
+        logits = self.server(self.bridge.decode(payload)).logits
+        self.ledger.downlink_bytes += nbytes(logits)
+        self.ledger.uncompressed_downlink_bytes += nbytes(logits)
+        return logits
+
     def _check_inputs(
         self, pixel_values: torch.Tensor, labels: torch.Tensor | None, interpolate_pos_encoding: bool
     ) -> None:

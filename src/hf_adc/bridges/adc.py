@@ -95,25 +95,24 @@ def _kmeans_plus_plus(points: torch.Tensor, num_clusters: int, generator: torch.
 
 
 def _fill_empty_clusters(points: torch.Tensor, assignment: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Moves points into empty clusters so that none stays empty.
+    """Moves points into empty clusters so that none stays empty, without a host sync.
 
-    Each non-empty cluster keeps its member nearest its centroid (its anchor); the empty clusters take the
-    non-anchor points farthest from their centroids. There are always enough: B - (T - m) >= m.
+    Each non-empty cluster keeps its member nearest its centroid (its anchor); the m empty clusters, in index
+    order, take the m non-anchor points farthest from their centroids. There are always enough:
+    B - (T - m) >= m.
     """
     num_points, num_clusters = points.shape[0], centroids.shape[0]
-    empty = torch.nonzero(torch.bincount(assignment, minlength=num_clusters) == 0).squeeze(1)
-    if empty.numel() == 0:
-        return assignment
+    empty = torch.bincount(assignment, minlength=num_clusters) == 0
     distance = (points - centroids[assignment]).pow(2).sum(dim=1)
     rank = torch.empty_like(assignment)
     rank[torch.argsort(distance, stable=True)] = torch.arange(num_points, device=points.device)
     anchor_rank = torch.full((num_clusters,), num_points, device=points.device, dtype=rank.dtype)
     anchor_rank = anchor_rank.scatter_reduce(0, assignment, rank, reduce="amin")
     donor_rank = torch.where(rank == anchor_rank[assignment], -1, rank)
-    donors = torch.argsort(donor_rank, descending=True, stable=True)[: empty.numel()]
-    assignment = assignment.clone()
-    assignment[donors] = empty
-    return assignment
+    donors = torch.argsort(donor_rank, descending=True, stable=True)[:num_clusters]
+    empty_first = torch.argsort((~empty).to(torch.int8), stable=True)
+    takes = torch.arange(num_clusters, device=points.device) < empty.sum()
+    return assignment.scatter(0, donors, torch.where(takes, empty_first, assignment[donors]))
 
 
 def kmeans(

@@ -93,10 +93,13 @@ class RandomTopKBridge(TopKBridge, SeededBridge):
     """Top-K whose kept entries are sampled, mostly from the top-K, sometimes from the rest."""
 
     def select(self, flat: torch.Tensor, kept: int) -> torch.Tensor:
+        """Samples `kept` entries per row without replacement (Gumbel top-k, the same law as sequential draws)."""
         per_sample = flat.shape[1]
         if kept == per_sample:
             return torch.arange(per_sample, device=flat.device).expand(flat.shape[0], -1)
         portion = self.config.random_portion
         weights = torch.full_like(flat, portion / (per_sample - kept), dtype=torch.float32)
         weights.scatter_(1, flat.abs().topk(kept, dim=1).indices, (1 - portion) / kept)
-        return torch.multinomial(weights, kept, replacement=False, generator=self.next_generator(flat.device))
+        uniform = torch.rand(weights.shape, generator=self.next_generator(flat.device), device=flat.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
+        return (weights.log() + gumbel).topk(kept, dim=1).indices
