@@ -23,6 +23,7 @@ import csv
 import json
 import statistics
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,6 +183,7 @@ def sweep(preset: Preset, checkpoint: str, data_path: str | None, output_dir: Pa
 
     plan = [("none", 1.0)] + [(method, xi) for xi in LEVELS for method in METHODS]
     plan += [("adc_scratch", xi) for xi in preset.scratch_levels]
+    trainer_dir = tempfile.mkdtemp(prefix="hf_adc_sweep_")  # the Trainer's output_dir; nothing is saved there
     todo = [(method, xi, seed) for seed in seeds for method, xi in plan if (method, xi, seed) not in finished]
     for method, xi, seed in tqdm(todo, desc="sweep runs"):
         torch.manual_seed(seed)
@@ -198,7 +200,7 @@ def sweep(preset: Preset, checkpoint: str, data_path: str | None, output_dir: Pa
         )
         split = hf_adc.split_vit(model.to(device), preset.split_layer, compression=compression)
         args = hf_adc.ADCTrainingArguments(
-            output_dir=str(output_dir / "scratch"), per_device_train_batch_size=preset.batch_size,
+            output_dir=trainer_dir, per_device_train_batch_size=preset.batch_size,
             per_device_eval_batch_size=256, learning_rate=preset.learning_rate, weight_decay=0.05,
             lr_scheduler_type="cosine", warmup_steps=0.05, budget_epochs=preset.budget_epochs, save_strategy="no",
             report_to="none", disable_tqdm=True, logging_steps=10**9, seed=seed, use_cpu=device == "cpu",

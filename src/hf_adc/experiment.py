@@ -173,6 +173,7 @@ DEFAULT_PRETRAINING = {
     "classes": "0-4",
     "max_train_samples": 15000,
     "max_eval_samples": 2000,
+    "augment": False,
     "num_train_epochs": 3,
     "per_device_train_batch_size": 64,
     "learning_rate": 1e-3,
@@ -193,7 +194,7 @@ def cache_dir() -> Path:
 
 
 def load_data(data_args: DataArguments, seed: int):
-    dataset = load_image_dataset(
+    return load_image_dataset(
         data_args.dataset_name,
         classes=data_args.class_list(),
         max_train_samples=data_args.max_train_samples,
@@ -202,7 +203,6 @@ def load_data(data_args: DataArguments, seed: int):
         label_column=data_args.label_column,
         seed=seed,
     )
-    return dataset
 
 
 def _with_transforms(dataset, image_processor: BaseImageProcessor, augment: bool):
@@ -276,7 +276,8 @@ def default_checkpoint(use_cpu: bool = False) -> str:
 
     Under a multi-process launch every process takes part in the pretraining (`use_cpu=True` for DDP on CPUs).
     """
-    key = hashlib.sha256(json.dumps(DEFAULT_PRETRAINING, sort_keys=True).encode()).hexdigest()[:10]
+    recipe = {**DEFAULT_PRETRAINING, "model": asdict(ModelArguments())}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir() / f"vit-small-fashion-mnist-0-4-{key}"
     if (path / "config.json").exists():
         return str(path)
@@ -287,6 +288,7 @@ def default_checkpoint(use_cpu: bool = False) -> str:
         classes=protocol.pop("classes"),
         max_train_samples=protocol.pop("max_train_samples"),
         max_eval_samples=protocol.pop("max_eval_samples"),
+        augment=protocol.pop("augment"),
     )
     staging = path.parent / f".staging-{key}"
     training_args = TrainingArguments(

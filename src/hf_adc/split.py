@@ -70,7 +70,7 @@ class SplitViTForImageClassification(nn.Module):
 
     In training mode the bridge compresses, the link charges every byte in `ledger`, and the loss is the
     soft-target cross-entropy over what the server received. In eval mode nothing is compressed or charged:
-    the two halves compute exactly the unsplit model's logits.
+    the two halves compute exactly the unsplit model's logits (a learned bottleneck, BottleNet++, stays in).
 
     A plain `nn.Module` on purpose: the `Trainer` saves and restores its state dict as is (see hf-notes on
     the resume trap of `ViTModel`), while each half stays a normal `PreTrainedModel`.
