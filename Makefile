@@ -5,6 +5,8 @@ DATA_PKG := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: setup data train test lint
 
+# train: on a machine without a GPU, the CPU config (accelerate otherwise runs one CPU thread per process).
+
 $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -18,7 +20,7 @@ data:
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi; }
 
 train: setup data
-	$(VENV)/bin/accelerate launch recipes/train.py
+	$(VENV)/bin/accelerate launch $$(command -v nvidia-smi >/dev/null || echo --config_file recipes/accelerate_configs/cpu.yaml) recipes/train.py
 
 test: setup data
 	$(VENV)/bin/ruff check src tests recipes benchmarks

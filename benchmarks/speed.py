@@ -83,6 +83,17 @@ def staged_step(split, optimizer, pixel_values, labels, clock: Clock) -> None:
         optimizer.step()
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM on Linux (ru_maxrss survives exec, so a child would start at
+    its parent's peak), ru_maxrss elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_memory_mb(method: str, args) -> float:
     """Peak memory of a few training steps of one method, in MB above the model's own footprint."""
     device = torch.device(args.device)
@@ -94,12 +105,12 @@ def peak_memory_mb(method: str, args) -> float:
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        before = _peak_rss_bytes()
     for _ in range(3):
         staged_step(split, optimizer, pixel_values, labels, Clock(device))
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated() - before) / 1e6
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 1e6
+    return (_peak_rss_bytes() - before) / 1e6
 
 
 def memory_in_fresh_process(method: str, args) -> float:
