@@ -13,7 +13,6 @@ flags; with one, training continues from that checkpoint.
 import logging
 import sys
 
-import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_adc.experiment import DataArguments, ModelArguments, run_pretraining, with_defaults
@@ -32,9 +31,6 @@ TRAINING_DEFAULTS = {
     "report_to": "none",
     "remove_unused_columns": "false",
 }
-if not torch.cuda.is_available():
-    # Without it, accelerate's multi-process launch on CPUs runs each process alone (no DDP).
-    TRAINING_DEFAULTS["use_cpu"] = "true"
 
 
 def main(argv: list[str]) -> dict:

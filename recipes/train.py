@@ -23,7 +23,6 @@ import logging
 import sys
 import warnings
 
-import torch
 from transformers import HfArgumentParser
 
 from hf_adc.data import DEFAULT_DATASET
@@ -53,9 +52,6 @@ TRAINING_DEFAULTS = {
     "report_to": "none",
 }
 MAIN_JOB_DATA = {"classes": "5-9", "max_train_samples": "10000"}
-if not torch.cuda.is_available():
-    # Without it, accelerate's multi-process launch on CPUs runs each process alone (no DDP).
-    TRAINING_DEFAULTS["use_cpu"] = "true"
 BUDGET_FLAGS = ("communication_budget", "budget_epochs", "max_steps", "num_train_epochs")
 
 

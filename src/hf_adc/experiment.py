@@ -161,7 +161,10 @@ class SplitArguments:
 
 
 def with_defaults(argv: list[str], defaults: dict[str, str]) -> list[str]:
-    """`argv` with `--name value` prepended for each default the user did not set."""
+    """`argv` with `--name value` prepended for each default the user did not set. Without a GPU the default
+    is also `--use_cpu true`: without it, accelerate's multi-process launch on CPUs runs each process alone."""
+    if not torch.cuda.is_available():
+        defaults = {**defaults, "use_cpu": "true"}
     given = {arg.split("=")[0].removeprefix("--") for arg in argv if arg.startswith("--")}
     extra = [item for name, value in defaults.items() if name not in given for item in (f"--{name}", value)]
     return extra + argv
