@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -95,8 +94,8 @@ def test_model_card_parses_and_carries_the_split(tiny_vit):
     assert card.data.eval_results[0].metric_value == 0.9
     assert "cut after encoder layer 3" in card.text
     assert "18.0 MB saved" in card.text
-    assert torch.is_tensor(split.server.classifier.weight)
-    assert textwrap.dedent(card.text).strip()
+    assert {"split-learning", "split-server", "adc"} <= set(card.data.tags)
+    assert card.data.pipeline_tag == "image-classification"
 
 
 def test_train_recipe_pushes_the_halves_from_the_main_process(tiny_vit_path, digits_dir, tmp_path):
