@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from hub_server import LocalHub
 
 import hf_adc
