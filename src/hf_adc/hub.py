@@ -12,8 +12,8 @@ CARD_TEMPLATE = """---
 
 # {{ model_name }}
 
-The **{{ role }} half** of a Vision Transformer trained with split learning by
-[hf_adc](https://github.com/hf-adc/hf_adc): the model is cut after encoder layer {{ split_layer }};
+The **{{ role }} half** of a Vision Transformer trained with split learning by hf_adc (a Hugging Face
+Transformers extension): the model is cut after encoder layer {{ split_layer }};
 {{ role_text }}
 
 - base model: {{ base_model or "a ViT built from a config" }}
