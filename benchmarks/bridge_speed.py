@@ -14,20 +14,12 @@ import time
 from contextlib import contextmanager
 
 import torch
+from speed import DEIT_TINY  # benchmarks/ is on the path when run as a script
 from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification
 
 import hf_adc
 from hf_adc.modeling import modeling_split_vit
-
-DEIT_TINY = dict(
-    hidden_size=192,
-    num_hidden_layers=12,
-    num_attention_heads=3,
-    intermediate_size=768,
-    image_size=224,
-    patch_size=16,
-)
 
 
 class BridgeClock:
