@@ -93,18 +93,23 @@ def test_loading_a_client_folder_as_a_server_raises(tiny_vit, tmp_path):
         hf_adc.ViTServerModel.from_pretrained(tmp_path / "client")
 
 
-def test_split_inference_sends_payloads_and_charges_them(tiny_vit, batch):
-    pixel_values, _ = batch
-    split = hf_adc.split_vit(tiny_vit, 2, compression=hf_adc.ADCConfig(xi=0.1)).eval()
+def test_split_inference_sends_payloads_and_charges_them_apart_from_training(tiny_vit, batch):
+    pixel_values, labels = batch
+    split = hf_adc.split_vit(tiny_vit, 2, compression=hf_adc.ADCConfig(xi=0.1)).train()
+    split(pixel_values, labels=labels).loss.backward()
+    trained = split.ledger.state_dict()
+    split.eval()
     with torch.no_grad():
         expected = split(pixel_values).logits
     payload = split.client_payload(pixel_values)
     assert payload.shape == (12, 17, 32)
     torch.testing.assert_close(split.server_logits(payload), expected)
-    assert split.ledger.uplink_bytes == payload.numel() * 4 == split.ledger.uncompressed_uplink_bytes
-    assert split.ledger.downlink_bytes == 12 * 5 * 4
+    inference = split.link.inference_ledger
+    assert inference.uplink_bytes == payload.numel() * 4 == inference.uncompressed_uplink_bytes
+    assert inference.downlink_bytes == 12 * 5 * 4
+    assert split.ledger.state_dict() == trained
 
-    split.ledger.reset()
+    inference.reset()
     selected = split.client_payload(pixel_values, keep_tokens=0.3)
     assert selected.shape == (12, 5, 32)
     cls_row = split.client(pixel_values, output_cls_attention=True).cls_attention
@@ -112,8 +117,9 @@ def test_split_inference_sends_payloads_and_charges_them(tiny_vit, batch):
     top = cls_row[:, 1:].topk(4, dim=1).indices.sort(dim=1).values + 1
     torch.testing.assert_close(selected[:, 1:], full.gather(1, top.unsqueeze(-1).expand(-1, -1, 32)))
     torch.testing.assert_close(selected[:, 0], full[:, 0])
-    assert split.ledger.uplink_bytes * 17 == split.ledger.uncompressed_uplink_bytes * 5
+    assert inference.uplink_bytes * 17 == inference.uncompressed_uplink_bytes * 5
     assert split.server_logits(selected).shape == (12, 5)
+    assert split.ledger.state_dict() == trained
 
 
 def test_keep_tokens_out_of_range_raises(tiny_vit, batch):

@@ -10,6 +10,7 @@ import gzip
 import math
 import os
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,7 +82,13 @@ def _load_source(name_or_path: str) -> DatasetDict:
         ) from error
 
 
+def _natural_key(value) -> tuple:
+    """Sorts names with their numbers as numbers: 'class2' before 'class10', 2 before 10."""
+    return tuple(int(part) if index % 2 else part for index, part in enumerate(re.split(r"(\d+)", str(value))))
+
+
 def _standard_columns(split: Dataset, image_column: str | None, label_column: str | None) -> Dataset:
+    """`split` with just its image and label columns, named `image` and `label` (the label not yet encoded)."""
     features = split.features
     if image_column is None:
         image_column = next((name for name, feature in features.items() if isinstance(feature, Image)), None)
@@ -94,11 +101,35 @@ def _standard_columns(split: Dataset, image_column: str | None, label_column: st
                 f"No {role} column found (asked for {column!r}); the dataset has columns {list(features)}. "
                 f"Name it with --{role}_column."
             )
-    if not isinstance(features[label_column], ClassLabel):
-        split = split.class_encode_column(label_column)
     split = split.select_columns([image_column, label_column])
     renames = {image_column: "image", label_column: "label"}
     return split.rename_columns({old: new for old, new in renames.items() if old != new})
+
+
+def _encode_labels(dataset: DatasetDict) -> DatasetDict:
+    """Labels that are not a `ClassLabel` become one, encoded once over the union of all splits in natural order
+    (numbers as numbers), so that a class missing from one split shifts no label in another."""
+    if all(isinstance(split.features["label"], ClassLabel) for split in dataset.values()):
+        return dataset
+    namers = {
+        name: split.features["label"].int2str if isinstance(split.features["label"], ClassLabel) else str
+        for name, split in dataset.items()
+    }
+    values = {namers[name](value) for name, split in dataset.items() for value in split.unique("label")}
+    names = sorted(values, key=_natural_key)
+    ids = {name: index for index, name in enumerate(names)}
+    encoded = {}
+    for name, split in dataset.items():
+        features = split.features.copy()
+        features["label"] = ClassLabel(names=names)
+        to_name = namers[name]
+        encoded[name] = split.map(
+            lambda labels, to_name=to_name: {"label": [ids[to_name(label)] for label in labels]},
+            input_columns="label",
+            batched=True,
+            features=features,
+        )
+    return DatasetDict(encoded)
 
 
 def _narrow_classes(split: Dataset, classes: Sequence[int | str]) -> Dataset:
@@ -156,9 +187,8 @@ def load_image_dataset(
             dataset = dataset["train"].train_test_split(test_size=test_size, seed=seed)
         else:
             dataset = DatasetDict({"train": dataset["train"], "test": dataset[held_out]})
-    dataset = DatasetDict(
-        {split: _standard_columns(dataset[split], image_column, label_column) for split in ("train", "test")}
-    )
+    columns = {split: _standard_columns(dataset[split], image_column, label_column) for split in ("train", "test")}
+    dataset = _encode_labels(DatasetDict(columns))
     if classes is not None:
         dataset = DatasetDict({split: _narrow_classes(rows, classes) for split, rows in dataset.items()})
     for split, limit in (("train", max_train_samples), ("test", max_test_samples)):

@@ -27,7 +27,8 @@ from transformers import (
 
 from .bridges import CONFIGS, BridgeConfig
 from .data import DEFAULT_DATASET, ImageTransform, image_processor_for, load_image_dataset
-from .link import ChannelConfig
+from .hub import load_pretrained
+from .link import WIRE_DTYPES, ChannelConfig, resolve_wire_dtype
 from .split import SplitViTForImageClassification, split_vit
 from .training import ADCTrainer, ADCTrainingArguments, classification_metrics
 
@@ -127,6 +128,16 @@ class SplitArguments:
     bits: int | None = field(default=None, metadata={"help": "quantize: bits per value, 1 .. 16."})
     channel: str = field(default="clean", metadata={"help": "Channel at the cut: 'clean' or 'awgn'."})
     snr_db: str | None = field(default=None, metadata={"help": "AWGN SNR in dB: '20', or a range '10,30'."})
+    wire_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Dtype every floating-point tensor crosses the cut in, whatever --bf16 / --fp16 compute in: "
+            f"one of {', '.join(WIRE_DTYPES)}."
+        },
+    )
+
+    def __post_init__(self):
+        resolve_wire_dtype(self.wire_dtype)
 
     def compression_config(self, seed: int = 0) -> BridgeConfig | None:
         """The bridge config these arguments ask for; knobs of another method are an error, not ignored."""
@@ -229,23 +240,30 @@ def load_vit(model_args: ModelArguments, dataset) -> tuple[ViTForImageClassifica
         model = ViTForImageClassification(config)
         return model, image_processor_for(config)
     path = model_args.model_name_or_path
-    try:
-        model = ViTForImageClassification.from_pretrained(path, ignore_mismatched_sizes=True, **labels)
-    except OSError as error:
-        raise ValueError(
-            f"Could not load model '{path}' ({error}). Pass a Hub id reachable from here or a local folder written "
-            "by save_pretrained."
-        ) from error
-    old_labels = ViTConfig.from_pretrained(path).id2label
+    old_labels = load_pretrained(ViTConfig, path).id2label
+    model = load_pretrained(ViTForImageClassification, path, ignore_mismatched_sizes=True, **labels)
     if {int(k): v for k, v in old_labels.items()} != labels["id2label"]:
+        fresh_classifier(model)
         logger.info("The checkpoint's classes differ from the dataset's: the classifier starts afresh.")
-        model._init_weights(model.classifier)
     try:
         image_processor = AutoImageProcessor.from_pretrained(path)
     except OSError:
         logger.warning("No image processor next to '%s': building one that matches its config.", path)
         image_processor = image_processor_for(model.config)
     return model, image_processor
+
+
+def fresh_classifier(model: ViTForImageClassification) -> None:
+    """Draws the classifier head anew, as ViT initialises it (truncated normal weights, zero bias).
+
+    `model._init_weights` cannot do it on transformers 5: it skips weights flagged as loaded from a checkpoint.
+    """
+    weight = model.classifier.weight
+    drawn = torch.empty_like(weight, dtype=torch.float32)
+    torch.nn.init.trunc_normal_(drawn, std=model.config.initializer_range)
+    with torch.no_grad():
+        weight.copy_(drawn)
+        model.classifier.bias.zero_()
 
 
 def run_pretraining(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
@@ -391,7 +409,9 @@ def run_split_training(
     dataset = load_data(data_args, training_args.seed)
     set_seed(training_args.seed)
     model, image_processor = load_vit(model_args, dataset)
-    split = split_vit(model, split_args.split_layer, compression=compression, channel=channel)
+    split = split_vit(
+        model, split_args.split_layer, compression=compression, channel=channel, wire_dtype=split_args.wire_dtype
+    )
     dataset = _with_transforms(dataset, image_processor, data_args.augment)
     trainer, results = train_split(split, training_args, dataset["train"], dataset["test"], resume_from_checkpoint)
     results["args"] = {

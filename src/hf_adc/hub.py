@@ -1,10 +1,15 @@
-"""Pushing the two halves of a split ViT to the Hub, each a normal model repo with a model card."""
+"""Loading from the Hub without long retries, and pushing the two halves of a split ViT to it, each a normal
+model repo with a model card."""
 
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants
 from transformers import BaseImageProcessor
+
+HUB_PROBE_SECONDS = 5.0
 
 CARD_TEMPLATE = """---
 {{ card_data }}
@@ -121,3 +126,38 @@ def push_halves(
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
             urls[role] = commit.repo_url.url if hasattr(commit.repo_url, "url") else str(commit.repo_url)
     return urls
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the Hub endpoint (`HF_ENDPOINT`) answers an HTTP request within `timeout` seconds."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # it answered, if only with an error status
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def load_pretrained(cls, name_or_path: str, **kwargs):
+    """`cls.from_pretrained(name_or_path, **kwargs)` with one clear error instead of long retries.
+
+    A Hub id is first checked with a probe of a few seconds: when the Hub cannot be reached, the files come from
+    the local cache, or the load fails at once saying so (huggingface_hub alone retries for half a minute).
+    """
+    if Path(name_or_path).is_dir() or constants.HF_HUB_OFFLINE or hub_reachable():
+        try:
+            return cls.from_pretrained(name_or_path, **kwargs)
+        except OSError as error:
+            raise ValueError(
+                f"Could not load model '{name_or_path}' ({error}). Pass a Hub id reachable from here or a local folder "
+                "written by save_pretrained."
+            ) from error
+    try:
+        return cls.from_pretrained(name_or_path, local_files_only=True, **kwargs)
+    except OSError as error:
+        raise ValueError(
+            f"Could not load model '{name_or_path}': the Hub at {constants.ENDPOINT} did not answer within "
+            f"{HUB_PROBE_SECONDS:.0f} s and the local cache does not hold it. Pass a local folder written by "
+            "save_pretrained, or load it once while online (HF_HUB_OFFLINE=1 then reads the cache)."
+        ) from error

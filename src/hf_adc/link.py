@@ -1,8 +1,10 @@
 """The cut itself: what crosses it, how many bytes that is, and the channel it crosses.
 
 In one process the link is autograd-transparent: activations go up through it in the forward pass and
-their gradient comes down through it in the backward pass. Every tensor that crosses is charged at
-`numel * element_size` in the link's `Ledger`, next to what the uncompressed split would have sent.
+their gradient comes down through it in the backward pass. Every floating-point tensor crosses in the link's
+wire dtype (float32 by default, whatever the model computes in); integer tensors (class ids, indices, codes)
+cross as they are. Every tensor that crosses is charged at `numel * element_size` in the link's `Ledger`,
+next to what the uncompressed split, sending in the same wire dtype, would have sent.
 """
 
 from dataclasses import dataclass, field
@@ -12,10 +14,24 @@ from torch import nn
 
 from .bridges import Bridge, Message
 
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def nbytes(tensor: torch.Tensor) -> int:
     """Bytes a tensor takes on the wire: its elements times their size."""
     return tensor.numel() * tensor.element_size()
+
+
+def resolve_wire_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The floating-point dtype named `name` (`"float32"`, `"bfloat16"`, `"float16"`, or the torch dtype)."""
+    dtype = WIRE_DTYPES.get(name) if isinstance(name, str) else name
+    if dtype not in WIRE_DTYPES.values():
+        raise ValueError(f"wire_dtype={name!r} is not supported: choose one of {', '.join(WIRE_DTYPES)}.")
+    return dtype
+
+
+def wire_dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, known in WIRE_DTYPES.items() if known == dtype)
 
 
 @dataclass
@@ -37,7 +53,7 @@ class ChannelConfig:
         self.snr_db = (float(low), float(high)) if isinstance(self.snr_db, (tuple, list)) else float(low)
 
     def apply(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` plus Gaussian noise of power `mean(tensor**2) / 10**(snr/10)`."""
+        """`tensor` plus Gaussian noise of power `mean(tensor**2) / 10**(snr/10)`: the power of what is sent."""
         if isinstance(self.snr_db, tuple):
             low, high = self.snr_db
             snr_db = low + (high - low) * torch.rand((), device=tensor.device)
@@ -117,46 +133,65 @@ class _Cut(torch.autograd.Function):
     @staticmethod
     def forward(ctx, activations, link, bridge, record):
         wire, context = bridge.pack(activations.detach())
+        wire = link.send(wire)
         record.uplink.update({name: nbytes(tensor) for name, tensor in wire.items()})
         link.ledger.uplink_bytes += sum(nbytes(tensor) for tensor in wire.values())
         ctx.link, ctx.bridge, ctx.record, ctx.context = link, bridge, record, context
-        return link.carry(bridge.unpack(wire, context)).clone()
+        ctx.dtype = activations.dtype
+        return bridge.unpack(wire, context).to(activations.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad):
-        wire = ctx.bridge.pack_gradient(grad, ctx.context)
+        wire = ctx.link.send(ctx.bridge.pack_gradient(grad, ctx.context))
         ctx.record.downlink.update({name: nbytes(tensor) for name, tensor in wire.items()})
         ctx.link.ledger.downlink_bytes += ctx.record.downlink_bytes
         ctx.link.ledger.uncompressed_downlink_bytes += ctx.record.uncompressed_downlink_bytes
-        return ctx.link.carry(ctx.bridge.unpack_gradient(wire, ctx.context)), None, None, None
+        return ctx.bridge.unpack_gradient(wire, ctx.context).to(ctx.dtype), None, None, None
 
 
 class Link(nn.Module):
-    """The cut between client and server in one process: charges what crosses and applies the channel."""
+    """The cut between client and server in one process: charges what crosses and applies the channel.
 
-    def __init__(self, channel: ChannelConfig | None = None):
+    `ledger` counts training traffic (what a communication budget is spent on); `inference_ledger` counts
+    split inference (`client_payload` / `server_logits`), kept apart so that it never eats into a budget.
+    """
+
+    def __init__(self, channel: ChannelConfig | None = None, wire_dtype: str | torch.dtype = "float32"):
         super().__init__()
         self.channel = channel
+        self.wire_dtype = resolve_wire_dtype(wire_dtype)
         self.ledger = Ledger()
+        self.inference_ledger = Ledger()
 
-    def carry(self, tensor: torch.Tensor) -> torch.Tensor:
+    def send(self, wire: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors as they arrive: floating-point ones in the wire dtype and through the channel (signal
+        power from what is sent); integer ones (indices, codes) exact."""
+        return {
+            name: self._send_values(tensor) if tensor.is_floating_point() else tensor for name, tensor in wire.items()
+        }
+
+    def _send_values(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.wire_dtype)
         return self.channel.apply(tensor) if self.channel else tensor
 
+    def activation_bytes(self, numel: int) -> int:
+        """Bytes of `numel` activation values in the wire dtype."""
+        return numel * self.wire_dtype.itemsize
+
     def transmit(
-        self,
-        message: Message,
-        bridge: Bridge,
-        uncompressed_uplink_bytes: int,
-        uncompressed_downlink_bytes: int,
-    ) -> tuple[torch.Tensor, CommunicationRecord]:
-        """Sends `message` up in `bridge`'s wire form; returns the activations the server receives and the
-        step's record. The gradient of the returned activations is charged when backward passes the link."""
+        self, message: Message, bridge: Bridge, activations_numel: int, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, CommunicationRecord]:
+        """Sends `message` up in `bridge`'s wire form; returns the activations and labels the server receives
+        and the step's record. `activations_numel` and `labels` are the client's uncompressed activations' size
+        and class ids, for what an uncompressed split would have sent. The gradient of the returned
+        activations is charged when backward passes the link. Labels cross in the wire dtype (soft labels) or
+        as class ids, without channel noise."""
+        uncompressed = self.activation_bytes(activations_numel)
         record = CommunicationRecord(
-            uncompressed_uplink_bytes=uncompressed_uplink_bytes,
-            uncompressed_downlink_bytes=uncompressed_downlink_bytes,
+            uncompressed_uplink_bytes=uncompressed + nbytes(labels), uncompressed_downlink_bytes=uncompressed
         )
-        if message.labels is not None:
-            record.uplink["labels"] = nbytes(message.labels)
-            self.ledger.uplink_bytes += nbytes(message.labels)
-        self.ledger.uncompressed_uplink_bytes += uncompressed_uplink_bytes
-        return _Cut.apply(message.hidden_states, self, bridge, record), record
+        sent_labels = message.labels.to(self.wire_dtype) if message.labels.is_floating_point() else message.labels
+        record.uplink["labels"] = nbytes(sent_labels)
+        self.ledger.uplink_bytes += nbytes(sent_labels)
+        self.ledger.uncompressed_uplink_bytes += record.uncompressed_uplink_bytes
+        return _Cut.apply(message.hidden_states, self, bridge, record), sent_labels, record

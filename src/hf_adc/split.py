@@ -12,8 +12,8 @@ from transformers import ViTConfig, ViTForImageClassification
 from transformers.utils import ModelOutput
 
 from .bridges import CONFIGS, Bridge, BridgeConfig, IdentityBridge, build_bridge
-from .hub import push_halves
-from .link import ChannelConfig, CommunicationRecord, Ledger, Link, nbytes
+from .hub import load_pretrained, push_halves
+from .link import ChannelConfig, CommunicationRecord, Ledger, Link, nbytes, wire_dtype_name
 from .modeling import ViTClientConfig, ViTClientModel, ViTServerConfig, ViTServerModel
 
 SPLIT_CONFIG_NAME = "split_config.json"
@@ -98,6 +98,7 @@ class SplitViTForImageClassification(nn.Module):
             "split_layer": self.client.config.split_layer,
             "compression": self.client.config.compression,
             "channel": asdict(self.link.channel) if self.link.channel else None,
+            "wire_dtype": wire_dtype_name(self.link.wire_dtype),
         }
         (directory / SPLIT_CONFIG_NAME).write_text(json.dumps(settings, indent=2))
 
@@ -118,11 +119,11 @@ class SplitViTForImageClassification(nn.Module):
             num_tokens=client.embeddings.patch_embeddings.num_patches + 1,
             hidden_size=client.config.hidden_size,
             num_labels=server.config.num_labels,
-        ).to(client.device)
+        ).to(client.device, client.dtype)
         if (directory / BRIDGE_WEIGHTS_NAME).exists():
             bridge.load_state_dict(load_file(directory / BRIDGE_WEIGHTS_NAME, device=str(client.device)))
         channel = ChannelConfig(**settings["channel"]) if settings["channel"] else None
-        return cls(client, server, bridge, Link(channel))
+        return cls(client, server, bridge, Link(channel, settings.get("wire_dtype", "float32")))
 
     def push_to_hub(self, client_repo_id: str, server_repo_id: str, **kwargs) -> dict[str, str]:
         """Pushes each half to its own repo with a model card (see `hf_adc.hub.push_halves` for `kwargs`:
@@ -143,17 +144,30 @@ class SplitViTForImageClassification(nn.Module):
         return self.client.embeddings.patch_embeddings.num_patches + 1
 
     def wire_bytes(self, batch_size: int, compressed: bool = True) -> tuple[int, int]:
-        """(uplink, downlink) bytes one training batch sends, through this bridge or (`compressed=False`)
-        through the uncompressed split."""
+        """(uplink, downlink) bytes one training batch sends in the link's wire dtype, through this bridge or
+        (`compressed=False`) through the uncompressed split."""
         bridge = self.bridge if compressed else IdentityBridge()
-        element_size = self.client.embeddings.position_embeddings.element_size()
+        element_size = self.link.wire_dtype.itemsize
         return bridge.wire_bytes(
             batch_size, self.num_tokens, self.client.config.hidden_size, self.num_labels, element_size
         )
 
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Recomputes each half's layer activations in backward instead of keeping them (what the `Trainer`
+        calls for `--gradient_checkpointing`)."""
+        for half in (self.client, self.server):
+            half.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def activation_checkpointing_disable(self) -> None:
+        for half in (self.client, self.server):
+            half.activation_checkpointing_disable()
+
     @torch.no_grad()
     def client_payload(self, pixel_values: torch.Tensor, keep_tokens: float | None = None) -> torch.Tensor:
-        """Split inference, client side: what the client sends for `pixel_values`, charged in the ledger.
+        """Split inference, client side: what the client sends for `pixel_values` (in the wire dtype), charged
+        in `link.inference_ledger` (never in the training ledger a budget is spent from).
 
         With `keep_tokens` in (0, 1], each sample keeps CLS plus its top round(keep_tokens * n) - 1 tokens by
         its own CLS attention row at the cut (token selection at inference; batch merging cannot apply).
@@ -163,21 +177,25 @@ class SplitViTForImageClassification(nn.Module):
         self._check_inputs(pixel_values, None, interpolate_pos_encoding=False)
         output = self.client(pixel_values, output_cls_attention=keep_tokens is not None)
         payload = self.bridge.encode(output.last_hidden_state, None).hidden_states
-        self.ledger.uncompressed_uplink_bytes += nbytes(output.last_hidden_state)
+        ledger = self.link.inference_ledger
+        ledger.uncompressed_uplink_bytes += self.link.activation_bytes(output.last_hidden_state.numel())
         if keep_tokens is not None:
             kept = min(max(round(keep_tokens * payload.shape[1]), 1), payload.shape[1])
             top = output.cls_attention[:, 1:].topk(kept - 1, dim=1).indices.sort(dim=1).values + 1
             indices = torch.cat([torch.zeros_like(top[:, :1]), top], dim=1)
             payload = payload.gather(1, indices.unsqueeze(-1).expand(-1, -1, payload.shape[-1]))
-        self.ledger.uplink_bytes += nbytes(payload)
+        payload = self.link.send({"activations": payload})["activations"]
+        ledger.uplink_bytes += nbytes(payload)
         return payload
 
     @torch.no_grad()
     def server_logits(self, payload: torch.Tensor) -> torch.Tensor:
-        """Split inference, server side: logits for a client payload; the logits going back are charged."""
-        logits = self.server(self.bridge.decode(payload)).logits
-        self.ledger.downlink_bytes += nbytes(logits)
-        self.ledger.uncompressed_downlink_bytes += nbytes(logits)
+        """Split inference, server side: logits for a client payload; the logits going back (in the wire dtype)
+        are charged in `link.inference_ledger`."""
+        logits = self.server(self.bridge.decode(payload.to(self.server.dtype))).logits
+        logits = self.link.send({"logits": logits})["logits"]
+        self.link.inference_ledger.downlink_bytes += nbytes(logits)
+        self.link.inference_ledger.uncompressed_downlink_bytes += nbytes(logits)
         return logits
 
     def _check_inputs(
@@ -209,8 +227,13 @@ class SplitViTForImageClassification(nn.Module):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        label_smoothing: float = 0.0,
     ) -> SplitViTOutput:
+        """`label_smoothing` in [0, 1) mixes the server's targets with the uniform distribution (the soft
+        labels of merged samples too), as `--label_smoothing_factor` asks."""
         self._check_inputs(pixel_values, labels, interpolate_pos_encoding)
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing={label_smoothing} is out of range: it must lie in [0, 1).")
         client_output = self.client(
             pixel_values,
             output_cls_attention=self.training and self.bridge.needs_cls_attention,
@@ -220,21 +243,18 @@ class SplitViTForImageClassification(nn.Module):
         message = self.bridge.encode(hidden_states, labels, client_output.cls_attention)
         if not self.training:
             logits = self.server(self.bridge.decode(message.hidden_states)).logits
-            loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+            loss = None if labels is None else F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
             return SplitViTOutput(loss=loss, logits=logits)
         if labels is None:
             raise ValueError("A training step needs labels: the server computes the loss. Call .eval() to infer.")
 
-        received, record = self.link.transmit(
-            message,
-            self.bridge,
-            uncompressed_uplink_bytes=nbytes(hidden_states) + nbytes(labels),
-            uncompressed_downlink_bytes=nbytes(hidden_states),
-        )
-        targets = message.labels
-        if not targets.is_floating_point():
-            targets = F.one_hot(targets, self.num_labels).float()
-        server_output = self.server(self.bridge.decode(received), labels=targets)
+        received, sent_labels, record = self.link.transmit(message, self.bridge, hidden_states.numel(), labels)
+        if sent_labels.is_floating_point():
+            targets = sent_labels.float() / sent_labels.float().sum(dim=1, keepdim=True)
+        else:
+            targets = F.one_hot(sent_labels, self.num_labels).float()
+        targets = targets * (1 - label_smoothing) + label_smoothing / self.num_labels
+        server_output = self.server(self.bridge.decode(received.to(self.server.dtype)), labels=targets)
         return SplitViTOutput(
             loss=server_output.loss,
             logits=server_output.logits,
@@ -250,15 +270,18 @@ def split_vit(
     split_layer: int,
     compression: BridgeConfig | None = None,
     channel: ChannelConfig | None = None,
+    wire_dtype: str | torch.dtype = "float32",
 ) -> SplitViTForImageClassification:
     """Cuts `model` after `split_layer` encoder layers, sharing its modules (no weight is copied).
 
     `model` is a `ViTForImageClassification` or a Hub id / local path to load one from. `compression` picks
     the bridge (`None`: uncompressed; `ADCConfig(xi=...)`: ADC; or a baseline: `TopKConfig`, `RandomTopKConfig`,
     `BottleNetConfig`, `C3SLConfig`, `QuantizationConfig`); `channel` adds noise to what crosses.
+    `wire_dtype` (`"float32"`, `"bfloat16"` or `"float16"`) is the dtype every floating-point tensor crosses
+    in, whatever the model computes in (bf16 autocast included): it fixes the bytes charged and planned.
     """
     if isinstance(model, str):
-        model = ViTForImageClassification.from_pretrained(model)
+        model = load_pretrained(ViTForImageClassification, model)
     if not isinstance(model, ViTForImageClassification):
         raise TypeError(
             f"split_vit needs a transformers ViTForImageClassification (or its Hub id / path); "
@@ -275,7 +298,8 @@ def split_vit(
         num_tokens=model.vit.embeddings.patch_embeddings.num_patches + 1,
         hidden_size=model.config.hidden_size,
         num_labels=model.config.num_labels,
-    ).to(model.device)
+    ).to(model.device, model.dtype)
+    link = Link(channel, wire_dtype)
     settings = compression.to_dict() if compression is not None else {"method": "none"}
     client_config = _half_config(ViTClientConfig, model.config, split_layer, settings)
     server_config = _half_config(ViTServerConfig, model.config, split_layer, settings)
@@ -287,4 +311,4 @@ def split_vit(
     server.layers = nn.ModuleList(model.vit.layers[split_layer:])
     server.layernorm = model.vit.layernorm
     server.classifier = model.classifier
-    return SplitViTForImageClassification(client, server, bridge, Link(channel))
+    return SplitViTForImageClassification(client, server, bridge, link)

@@ -6,7 +6,6 @@ cluster's mean CLS row ranks highest. Autograd then hands every member of a clus
 cluster's gradient on the kept tokens and zero elsewhere, so the gradient comes back compressed too.
 """
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +22,7 @@ class ADCConfig(BridgeConfig):
 
     xi: float | None = field(
         default=None,
-        metadata={"help": "Total compression ratio T*k/(B*n) in (0, 1], split evenly: T/B = k/n = sqrt(xi)."},
+        metadata={"help": "Total compression ratio T*k/(B*n) in (0, 1], split by split_exponent (evenly by default)."},
     )
     batch_ratio: float | None = field(
         default=None, metadata={"help": "Clusters per sample T/B in (0, 1]; needs token_ratio, excludes xi."}
@@ -31,6 +30,13 @@ class ADCConfig(BridgeConfig):
     token_ratio: float | None = field(
         default=None,
         metadata={"help": "Kept tokens per token k/n in (0, 1], CLS included; needs batch_ratio."},
+    )
+    split_exponent: float = field(
+        default=0.5,
+        metadata={
+            "help": "How xi splits into the two factors: T/B = xi**a and k/n = xi**(1 - a), a in [0, 1]. "
+            "0.5 is the paper's balanced split, 0 token selection alone, 1 batch merging alone."
+        },
     )
     kmeans_iters: int = field(default=20, metadata={"help": "Most k-means iterations per batch (>= 1)."})
     kmeans_tol: float = field(
@@ -53,6 +59,13 @@ class ADCConfig(BridgeConfig):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
                 raise ValueError(f"{name}={value} is out of range: it must lie in (0, 1].")
+        if not 0 <= self.split_exponent <= 1:
+            raise ValueError(f"split_exponent={self.split_exponent} is out of range: it must lie in [0, 1].")
+        if self.xi is None and self.split_exponent != 0.5:
+            raise ValueError(
+                f"split_exponent={self.split_exponent} splits xi; with batch_ratio and token_ratio there is no xi "
+                "to split: leave split_exponent at 0.5."
+            )
         if self.kmeans_iters < 1:
             raise ValueError(f"kmeans_iters={self.kmeans_iters} is out of range: it must be >= 1.")
         if self.kmeans_tol < 0:
@@ -61,11 +74,11 @@ class ADCConfig(BridgeConfig):
     def sizes(self, batch_size: int, num_tokens: int) -> tuple[int, int]:
         """The integer cluster count T (1..B) and kept-token count k (1..n, CLS included) for a batch.
 
-        With `xi`, T is the nearest integer to sqrt(xi)*B, then k the nearest to xi*B*n/T, so that the
-        achieved ratio T*k/(B*n) comes as close to xi as the integers allow.
+        With `xi`, T is the nearest integer to xi**a * B (a = `split_exponent`), then k the nearest to
+        xi*B*n/T, so that the achieved ratio T*k/(B*n) comes as close to xi as the integers allow.
         """
         if self.xi is not None:
-            clusters = min(max(round(math.sqrt(self.xi) * batch_size), 1), batch_size)
+            clusters = min(max(round(self.xi**self.split_exponent * batch_size), 1), batch_size)
             tokens = round(self.xi * batch_size * num_tokens / clusters)
         else:
             clusters = min(max(round(self.batch_ratio * batch_size), 1), batch_size)
@@ -73,25 +86,31 @@ class ADCConfig(BridgeConfig):
         return clusters, min(max(tokens, 1), num_tokens)
 
 
-def _cluster_means(points: torch.Tensor, assignment: torch.Tensor, num_clusters: int) -> torch.Tensor:
-    """Row t is the mean of the points assigned to cluster t (every cluster must have a member)."""
-    weights = F.one_hot(assignment, num_clusters).T.to(points.dtype)
-    return (weights @ points) / weights.sum(dim=1, keepdim=True)
+def _reads_are_free(tensor: torch.Tensor) -> bool:
+    """Whether reading a value of `tensor` on the host costs nothing (no device synchronisation)."""
+    return tensor.device.type == "cpu"
 
 
 def _kmeans_plus_plus(points: torch.Tensor, num_clusters: int, generator: torch.Generator) -> torch.Tensor:
-    """Seeds `num_clusters` centroids by k-means++; duplicates fall back to unchosen points uniformly."""
+    """Seeds `num_clusters` centroids by k-means++ (D^2 sampling), without a host synchronisation.
+
+    The squared distances between all points are computed once and every draw takes a uniform number drawn
+    up front through the inverse CDF of the D^2 weights, so each of the sequential draws is a handful of small
+    kernels. When every remaining point duplicates a chosen one (all weights zero) the draw picks the last
+    point, a duplicate: its cluster starts empty and the first Lloyd step fills it.
+    """
     num_points = points.shape[0]
-    chosen = torch.zeros(num_points, dtype=torch.bool, device=points.device)
-    first = torch.randint(num_points, (1,), generator=generator, device=points.device)
-    chosen[first] = True
-    nearest = (points - points[first]).pow(2).sum(dim=1)
-    for _ in range(num_clusters - 1):
-        weights = torch.where(nearest.sum() > 0, nearest, (~chosen).to(nearest.dtype))
-        pick = torch.multinomial(weights, 1, generator=generator)
-        chosen[pick] = True
-        nearest = torch.minimum(nearest, (points - points[pick]).pow(2).sum(dim=1))
-    return points[chosen]
+    norms = points.pow(2).sum(dim=1)
+    distances = torch.addmm(norms + norms.unsqueeze(1), points, points.T, alpha=-2).clamp_(min=0)
+    uniforms = torch.rand(num_clusters, 1, generator=generator, device=points.device, dtype=points.dtype)
+    picks = [(uniforms[0] * num_points).long().clamp_(max=num_points - 1)]
+    nearest = distances[picks[0]]
+    for draw in uniforms[1:]:
+        cumulative = nearest.cumsum(dim=1)
+        # Searching the first B - 1 boundaries keeps the pick in range when rounding puts the draw at the total.
+        picks.append(torch.searchsorted(cumulative[:, :-1], draw * cumulative[:, -1:], right=True).squeeze(1))
+        nearest = torch.minimum(nearest, distances[picks[-1]])
+    return points[torch.cat(picks)]
 
 
 def _fill_empty_clusters(points: torch.Tensor, assignment: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -99,7 +118,7 @@ def _fill_empty_clusters(points: torch.Tensor, assignment: torch.Tensor, centroi
 
     Each non-empty cluster keeps its member nearest its centroid (its anchor); the m empty clusters, in index
     order, take the m non-anchor points farthest from their centroids. There are always enough:
-    B - (T - m) >= m.
+    B - (T - m) >= m. With no empty cluster the assignment comes back unchanged.
     """
     num_points, num_clusters = points.shape[0], centroids.shape[0]
     empty = torch.bincount(assignment, minlength=num_clusters) == 0
@@ -128,17 +147,33 @@ def kmeans(
     Euclidean k-means with k-means++ seeding from `generator` (so a seed fixes the result), at most
     `max_iter` Lloyd iterations, stopping once no centroid moves farther than `tol`. With as many clusters
     as points the answer is each point alone, in order.
+
+    On the CPU the loop checks for empty clusters and convergence as it goes. On an accelerator it never
+    reads a value back (no host synchronisation): it runs all `max_iter` iterations, repairs empty clusters
+    unconditionally (a no-op when none is empty) and freezes the centroids once they have converged, which
+    gives the same answer.
     """
     num_points = points.shape[0]
     if num_clusters == num_points:
         return torch.arange(num_points, device=points.device)
+    host = _reads_are_free(points)
     centroids = _kmeans_plus_plus(points, num_clusters, generator)
+    converged = torch.zeros((), dtype=torch.bool, device=points.device)
     for _ in range(max_iter):
-        assignment = torch.cdist(points, centroids).argmin(dim=1)
-        assignment = _fill_empty_clusters(points, assignment, centroids)
-        moved, centroids = centroids, _cluster_means(points, assignment, num_clusters)
-        if (centroids - moved).norm(dim=1).max() <= tol:
-            break
+        # argmin over centroids of |c|^2 - 2 p.c: the squared distance less |p|^2, which no centroid changes
+        assignment = torch.addmm(centroids.pow(2).sum(dim=1), points, centroids.T, alpha=-2).argmin(dim=1)
+        counts = torch.bincount(assignment, minlength=num_clusters)
+        if not host or not counts.all():
+            assignment = _fill_empty_clusters(points, assignment, centroids)
+            counts = torch.bincount(assignment, minlength=num_clusters)
+        updated = torch.zeros_like(centroids).index_add_(0, assignment, points) / counts.unsqueeze(1)
+        if host:
+            moved, centroids = centroids, updated
+            if (centroids - moved).norm(dim=1).max() <= tol:
+                break
+        else:
+            converged = converged | ((updated - centroids).norm(dim=1).max() <= tol)
+            centroids = torch.where(converged, centroids, updated)
     return assignment
 
 
@@ -154,7 +189,7 @@ class ADCBridge(SeededBridge):
     def wire_bytes(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
         clusters, kept = self.config.sizes(batch_size, num_tokens)
         activations = clusters * kept * hidden_size * element_size
-        return activations + clusters * num_labels * 4, activations
+        return activations + clusters * num_labels * element_size, activations
 
     def encode(
         self,
@@ -169,6 +204,7 @@ class ADCBridge(SeededBridge):
         batch_size, num_tokens, hidden_size = hidden_states.shape
         num_clusters, num_kept = self.config.sizes(batch_size, num_tokens)
 
+        cls_attention = cls_attention.float()
         cluster_ids = kmeans(
             cls_attention,
             num_clusters,
@@ -176,16 +212,19 @@ class ADCBridge(SeededBridge):
             max_iter=self.config.kmeans_iters,
             tol=self.config.kmeans_tol,
         )
-        membership = F.one_hot(cluster_ids, num_clusters).T.float()
-        membership = membership / membership.sum(dim=1, keepdim=True)
+        sizes = torch.bincount(cluster_ids, minlength=num_clusters).float().unsqueeze(1)
 
-        centroid_rows = membership @ cls_attention.float()
-        top_tokens = centroid_rows[:, 1:].topk(num_kept - 1, dim=1).indices.sort(dim=1).values + 1
+        def cluster_mean(rows: torch.Tensor) -> torch.Tensor:
+            total = rows.new_zeros(num_clusters, *rows.shape[1:]).index_add(0, cluster_ids, rows)
+            return total / sizes.view(-1, *[1] * (rows.dim() - 1))
+
+        centroid_rows = cluster_mean(cls_attention)
+        top_tokens = centroid_rows[:, 1:].topk(num_kept - 1, dim=1, sorted=False).indices.sort(dim=1).values + 1
         cls_column = torch.zeros(num_clusters, 1, dtype=top_tokens.dtype, device=top_tokens.device)
         token_indices = torch.cat([cls_column, top_tokens], dim=1)
 
-        member_tokens = token_indices[cluster_ids].unsqueeze(-1).expand(-1, -1, hidden_size)
-        kept = hidden_states.gather(1, member_tokens)
-        merged = torch.einsum("tb,bkd->tkd", membership.to(hidden_states.dtype), kept)
-        soft_labels = membership @ F.one_hot(labels, self.num_labels).float()
+        rows = token_indices[cluster_ids] + num_tokens * torch.arange(batch_size, device=cluster_ids.device)[:, None]
+        kept = hidden_states.reshape(batch_size * num_tokens, hidden_size).index_select(0, rows.view(-1))
+        merged = cluster_mean(kept.view(batch_size, num_kept, hidden_size).float())
+        soft_labels = cluster_mean(F.one_hot(labels, self.num_labels).float())
         return Message(hidden_states=merged, labels=soft_labels, cluster_ids=cluster_ids, token_indices=token_indices)

@@ -3,6 +3,7 @@
 Each group of R samples is sent as one vector, sum_r key_r (*) z_r (circular convolution over the flattened
 n*d activation), and the server recovers each sample by circular correlation with its key. The keys are
 fixed random unit-norm vectors drawn from the seed on both sides (never sent). All B labels are sent.
+The FFTs run in float32 whatever the model's dtype (half-precision FFTs need power-of-two sizes).
 Training only: in eval mode every sample crosses as it is.
 """
 
@@ -49,7 +50,7 @@ class C3SLBridge(Bridge):
                 f"C3-SL keys are for activations of shape {self.shape}; got {tuple(hidden_states.shape[1:])}."
             )
         flat = hidden_states.reshape(batch_size // groups, groups, -1).float()
-        spectrum = torch.fft.rfft(flat) * torch.fft.rfft(self.keys)
+        spectrum = torch.fft.rfft(flat) * torch.fft.rfft(self.keys.float())
         combined = torch.fft.irfft(spectrum.sum(dim=1), n=flat.shape[-1])
         return Message(hidden_states=combined.to(hidden_states.dtype), labels=labels)
 
@@ -57,7 +58,7 @@ class C3SLBridge(Bridge):
         if not self.training:
             return hidden_states
         size = hidden_states.shape[-1]
-        spectrum = torch.fft.rfft(hidden_states.float()).unsqueeze(1) * torch.fft.rfft(self.keys).conj()
+        spectrum = torch.fft.rfft(hidden_states.float()).unsqueeze(1) * torch.fft.rfft(self.keys.float()).conj()
         recovered = torch.fft.irfft(spectrum, n=size).to(hidden_states.dtype)
         return recovered.reshape(-1, *self.shape)
 

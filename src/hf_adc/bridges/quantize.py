@@ -1,7 +1,8 @@
 """Uniform min-max quantization of activations (up) and gradients (down) at `bits` bits per value.
 
 Per sample, values are mapped to integer codes 0 .. 2**bits - 1 between that sample's minimum and maximum;
-the codes travel packed at their bit width, with the minimum and the step size (float32) of each sample.
+the codes travel packed at their bit width, with the minimum and the step size of each sample (in the wire
+dtype).
 The client's backward uses the dequantized gradient (straight-through on the way up).
 """
 
@@ -55,5 +56,5 @@ class QuantizeBridge(Bridge):
         return self._dequantize(wire, "gradient_", *context)
 
     def wire_bytes(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
-        one_way = packed_size(batch_size * num_tokens * hidden_size, self.config.bits) + 2 * batch_size * 4
+        one_way = packed_size(batch_size * num_tokens * hidden_size, self.config.bits) + 2 * batch_size * element_size
         return one_way + batch_size * 8, one_way

@@ -4,13 +4,15 @@ import json
 import logging
 import math
 import os
+from functools import cache
 
-import numpy as np
+import evaluate
 import torch
 from transformers import EvalPrediction, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..link import Ledger
+from ..metrics import load_accuracy
 from ..split import SplitViTForImageClassification
 from .arguments import ADCTrainingArguments
 
@@ -19,14 +21,15 @@ logger = logging.getLogger(__name__)
 LEDGER_FILE = "ledger.json"
 
 
+@cache
+def _accuracy_metric() -> evaluate.EvaluationModule:
+    return load_accuracy()
+
+
 def classification_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """Top-1 accuracy, and top-5 accuracy when there are more than 5 classes; computed locally."""
-    logits, labels = prediction.predictions, prediction.label_ids
-    metrics = {"accuracy": float((logits.argmax(axis=-1) == labels).mean())}
-    if logits.shape[-1] > 5:
-        top5 = np.argpartition(-logits, 5, axis=-1)[:, :5]
-        metrics["top5_accuracy"] = float((top5 == labels[:, None]).any(axis=-1).mean())
-    return metrics
+    """Top-1 accuracy, and top-5 accuracy when there are more than 5 classes, through the `evaluate` metric
+    shipped with hf_adc (`hf_adc.metrics`, offline)."""
+    return _accuracy_metric().compute(predictions=prediction.predictions, references=prediction.label_ids)
 
 
 class _CommunicationCallback(TrainerCallback):
@@ -74,8 +77,19 @@ class ADCTrainer(Trainer):
             )
         if not isinstance(args, ADCTrainingArguments):
             raise TypeError(f"ADCTrainer needs ADCTrainingArguments; got {type(args).__name__}.")
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"This process sees {args.n_gpu} GPUs and no distributed launch: the Trainer would wrap the split "
+                "model in nn.DataParallel, which cannot gather its communication records, and the budget would "
+                f"count one GPU. Run one process per GPU: `accelerate launch --multi_gpu --num_processes {args.n_gpu} "
+                "recipes/train.py ...` (or pick one GPU with CUDA_VISIBLE_DEVICES=0)."
+            )
         kwargs.setdefault("compute_metrics", classification_metrics)
+        # The split model smooths its own (soft) targets (see compute_loss); the Trainer's label smoother would
+        # take the labels away from it, and looks for a `config` the plain-module wrapper does not have.
+        smoothing, args.label_smoothing_factor = args.label_smoothing_factor, 0.0
         super().__init__(model=model, args=args, **kwargs)
+        args.label_smoothing_factor = smoothing
         self.model_accepts_loss_kwargs = False
         self.budget_exhausted = False
         self.communication = self._summary(Ledger())
@@ -86,11 +100,28 @@ class ADCTrainer(Trainer):
     def ledger(self) -> Ledger:
         return self.model.ledger
 
+    def _micro_batch_sizes(self) -> set[int]:
+        """The batch sizes one process's training loader yields: full batches and, unless dropped, the ragged
+        last batch of its shard."""
+        args = self.args
+        sizes = {args.per_device_train_batch_size}
+        if self.train_dataset is not None and not args.dataloader_drop_last:
+            ragged = math.ceil(len(self.train_dataset) / args.world_size) % args.per_device_train_batch_size
+            sizes.add(ragged or args.per_device_train_batch_size)
+        return sizes
+
     def _plan_budget(self) -> None:
-        """Bytes of one optimizer step over all ranks, the budget in bytes, and enough steps to spend it."""
+        """The most bytes one optimizer step can send over all ranks, the budget in bytes, and enough steps to
+        spend it.
+
+        A step's cost is taken at its costliest micro-batch size: rounding of T and k (ADC) can make a ragged last
+        batch send more than a full one, and the stop rule must never let a step exceed the budget.
+        """
         args = self.args
         micro_batches = args.gradient_accumulation_steps * args.world_size
-        self.step_bytes = sum(self.model.wire_bytes(args.per_device_train_batch_size)) * micro_batches
+        micro_batch_bytes = max(sum(self.model.wire_bytes(size)) for size in self._micro_batch_sizes())
+        self.step_bytes = micro_batch_bytes * micro_batches
+        full_step_bytes = sum(self.model.wire_bytes(args.per_device_train_batch_size)) * micro_batches
         self.budget_bytes = None
         if not args.has_budget:
             return
@@ -105,7 +136,7 @@ class ADCTrainer(Trainer):
                 f"{args.gradient_accumulation_steps} accumulation x {args.world_size} processes): raise it above that."
             )
         if args.max_steps <= 0:
-            full_steps = self.budget_bytes // self.step_bytes
+            full_steps = self.budget_bytes // full_step_bytes
             steps_per_epoch = max(len(self.train_dataset) // (args.per_device_train_batch_size * micro_batches), 1)
             args.max_steps = full_steps + math.ceil(full_steps / steps_per_epoch) + 1
             logger.info("Budget of %d bytes: training for up to %d steps.", self.budget_bytes, args.max_steps)
@@ -127,6 +158,13 @@ class ADCTrainer(Trainer):
         summed.load_state_dict(dict(zip(Ledger.FIELDS, totals.tolist(), strict=True)))
         self.communication = self._summary(summed)
         return self.communication
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The split model's own loss; `label_smoothing_factor` reaches it as `label_smoothing` (the Trainer's
+        label smoother cannot smooth the soft labels of merged samples)."""
+        if self.args.label_smoothing_factor:
+            inputs = {**inputs, "label_smoothing": self.args.label_smoothing_factor}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs or "train_loss" in logs or any(key.startswith("eval_") for key in logs):
