@@ -34,14 +34,14 @@ def main() -> None:
     test = test.with_transform(transform)
     rows = []
     for keep in tqdm(args.keep, desc="kept fractions"):
-        split.ledger.reset()
+        split.link.inference_ledger.reset()
         correct = 0
         for start in range(0, len(test), args.batch_size):
             batch = test[start : start + args.batch_size]
             payload = split.client_payload(batch["pixel_values"], keep_tokens=None if keep == 1.0 else keep)
             predictions = split.server_logits(payload).argmax(dim=-1)
             correct += int((predictions == torch.as_tensor(batch["labels"])).sum())
-        rows.append((keep, payload.shape[1], correct / len(test), split.ledger.uplink_bytes / len(test)))
+        rows.append((keep, payload.shape[1], correct / len(test), split.link.inference_ledger.uplink_bytes / len(test)))
     print(f"\nsplit inference on {len(test)} test images of {args.dataset} ({args.model_dir})\n")
     print("| kept fraction | tokens sent | accuracy | uplink bytes / image | uplink vs all tokens |")
     print("|---|---|---|---|---|")

@@ -68,12 +68,10 @@ def staged_step(split, optimizer, pixel_values, labels, clock: Clock) -> None:
     hidden_in = hidden.detach().requires_grad_()
     with clock.part("bridge"):
         message = split.bridge.encode(hidden_in, labels, client_output.cls_attention)
-        received, _ = split.link.transmit(
-            message, split.bridge, uncompressed_uplink_bytes=0, uncompressed_downlink_bytes=0
-        )
+        received, sent_labels, _ = split.link.transmit(message, split.bridge, hidden_in.numel(), labels)
         server_input = split.bridge.decode(received)
     server_in = server_input.detach().requires_grad_()
-    targets = message.labels if message.labels.is_floating_point() else F.one_hot(message.labels, 100).float()
+    targets = sent_labels.float() if sent_labels.is_floating_point() else F.one_hot(sent_labels, 100).float()
     with clock.part("server"):
         split.server(server_in, labels=targets).loss.backward()
     with clock.part("bridge"):

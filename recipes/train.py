@@ -17,11 +17,24 @@ Two CPU processes (DDP over gloo): `--config_file recipes/accelerate_configs/cpu
 `TrainingArguments` flag works; `--communication_budget 750MB` or `--budget_epochs E` set the budget.
 Outputs in `--output_dir`: `client/`, `server/` (load with `from_pretrained`), the image processor,
 `results.json` and `accuracy_vs_bytes.png`.
+
+Client and server as separate processes (the server half never exists here), on one machine:
+
+    accelerate launch recipes/train.py --distributed
+
+or on two (start the server first; same model, split and training arguments on both sides):
+
+    python recipes/serve.py --listen 0.0.0.0:29500 --join_token $TOKEN ...     # on the server host
+    accelerate launch recipes/train.py --server SERVER_HOST:29500 --join_token $TOKEN ...   # on the client host
 """
 
 import logging
+import multiprocessing
+import secrets
+import socket
 import sys
 import warnings
+from dataclasses import replace
 
 from transformers import HfArgumentParser
 
@@ -29,8 +42,10 @@ from hf_adc.data import DEFAULT_DATASET
 from hf_adc.experiment import (
     DataArguments,
     ModelArguments,
+    RemoteArguments,
     SplitArguments,
     default_checkpoint,
+    run_server,
     run_split_training,
     summary_text,
     with_defaults,
@@ -62,8 +77,12 @@ def main(argv: list[str]) -> dict:
         defaults["budget_epochs"] = "1"
     if not given & {"model_name_or_path", "dataset_name", "classes"}:
         defaults.update(MAIN_JOB_DATA)
-    parser = HfArgumentParser((ModelArguments, SplitArguments, DataArguments, ADCTrainingArguments))
-    model_args, split_args, data_args, training_args = parser.parse_args_into_dataclasses(with_defaults(argv, defaults))
+    parser = HfArgumentParser((ModelArguments, SplitArguments, DataArguments, ADCTrainingArguments, RemoteArguments))
+    model_args, split_args, data_args, training_args, remote_args = parser.parse_args_into_dataclasses(
+        with_defaults(argv, defaults)
+    )
+    if remote_args.listen:
+        raise ValueError(f"--listen {remote_args.listen} is for recipes/serve.py; the client takes --server.")
     split_args.compression_config(seed=training_args.seed)
     split_args.channel_config()
     if model_args.model_name_or_path is None:
@@ -81,12 +100,47 @@ def main(argv: list[str]) -> dict:
                 "with recipes/pretrain.py.",
                 stacklevel=1,
             )
-    results = run_split_training(
-        model_args, split_args, data_args, training_args, resume_from_checkpoint=training_args.resume_from_checkpoint
-    )
+    server_process = None
+    if remote_args.distributed:
+        remote_args, server_process = start_local_server(model_args, split_args, training_args, remote_args)
+    try:
+        results = run_split_training(
+            model_args,
+            split_args,
+            data_args,
+            training_args,
+            resume_from_checkpoint=training_args.resume_from_checkpoint,
+            remote_args=remote_args,
+        )
+    finally:
+        if server_process is not None:
+            server_process.join(timeout=remote_args.timeout)
+            if server_process.is_alive():
+                server_process.terminate()
     if training_args.process_index == 0:
         print(summary_text(results))
     return results
+
+
+def _serve(*args) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s server %(name)s: %(message)s")
+    run_server(*args)
+
+
+def start_local_server(model_args, split_args, training_args, remote_args):
+    """Starts the server half in a process of its own on 127.0.0.1 (a free port, a fresh join token); returns
+    the client's remote arguments pointing at it, and the process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    token = remote_args.token() or secrets.token_hex(16)
+    address = f"127.0.0.1:{port}"
+    server_args = replace(remote_args, distributed=False, listen=address, join_token=token)
+    process = multiprocessing.get_context("spawn").Process(
+        target=_serve, args=(model_args, split_args, training_args, server_args), name="hf_adc-server"
+    )
+    process.start()
+    return replace(remote_args, distributed=False, server=address, join_token=token), process
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -29,8 +30,10 @@ from .bridges import CONFIGS, BridgeConfig
 from .data import DEFAULT_DATASET, ImageTransform, image_processor_for, load_image_dataset
 from .hub import load_pretrained
 from .link import WIRE_DTYPES, ChannelConfig, resolve_wire_dtype
+from .remote import RemoteLink, RemoteSplitViT, SplitServer, session_settings
 from .split import SplitViTForImageClassification, split_vit
 from .training import ADCTrainer, ADCTrainingArguments, classification_metrics
+from .transport import Listener, connect, parse_address
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +174,51 @@ class SplitArguments:
         return ChannelConfig(snr_db=values[0] if len(values) == 1 else tuple(values))
 
 
+JOIN_TOKEN_VARIABLE = "HF_ADC_JOIN_TOKEN"
+
+
+@dataclass
+class RemoteArguments:
+    """Client and server in separate processes (see `hf_adc.remote`)."""
+
+    server: str | None = field(
+        default=None, metadata={"help": "HOST:PORT of a server started with recipes/serve.py: train as its client."}
+    )
+    listen: str | None = field(default=None, metadata={"help": "serve.py: HOST:PORT to listen on for clients."})
+    distributed: bool = field(
+        default=False,
+        metadata={"help": "Start a server process on this machine (127.0.0.1) and train as its client: one command."},
+    )
+    join_token: str | None = field(
+        default=None,
+        metadata={"help": f"Secret both sides must give to join (default: ${JOIN_TOKEN_VARIABLE}). Not encryption."},
+    )
+    timeout: float = field(
+        default=300.0, metadata={"help": "Seconds to wait on the peer (a send, a reply, joining) before giving up."}
+    )
+    accept_timeout: float | None = field(
+        default=None,
+        metadata={"help": "serve.py: seconds to wait for the next client before stopping (default: no limit)."},
+    )
+
+    def __post_init__(self):
+        if not self.timeout > 0:
+            raise ValueError(f"timeout={self.timeout} is out of range: it must be > 0 seconds.")
+        if self.accept_timeout is not None and not self.accept_timeout > 0:
+            raise ValueError(f"accept_timeout={self.accept_timeout} is out of range: it must be > 0 seconds.")
+        if self.server and self.distributed:
+            raise ValueError(f"--server {self.server} joins a running server; --distributed starts one: pick one.")
+        for name in ("server", "listen"):
+            if getattr(self, name):
+                parse_address(getattr(self, name))
+
+    def token(self) -> str | None:
+        return self.join_token if self.join_token is not None else os.environ.get(JOIN_TOKEN_VARIABLE)
+
+    def timeout_delta(self) -> timedelta:
+        return timedelta(seconds=self.timeout)
+
+
 def with_defaults(argv: list[str], defaults: dict[str, str]) -> list[str]:
     """`argv` with `--name value` prepended for each default the user did not set. Without a GPU the default
     is also `--use_cpu true`: without it, accelerate's multi-process launch on CPUs runs each process alone."""
@@ -225,15 +273,17 @@ def _with_transforms(dataset, image_processor: BaseImageProcessor, augment: bool
     return dataset
 
 
-def _label_maps(dataset) -> dict:
-    names = dataset["train"].features["label"].names
-    return {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
-
-
 def load_vit(model_args: ModelArguments, dataset) -> tuple[ViTForImageClassification, BaseImageProcessor]:
-    """The checkpoint (its head re-initialised when its classes differ) or a ViT from a config, and its
-    image processor (the checkpoint's own, or one built to match)."""
-    labels = _label_maps(dataset)
+    """The checkpoint (its head re-initialised when its classes differ from the dataset's) or a ViT from a config,
+    and its image processor (the checkpoint's own, or one built to match)."""
+    return load_vit_for_labels(model_args, dataset["train"].features["label"].names)
+
+
+def load_vit_for_labels(
+    model_args: ModelArguments, label_names: list[str]
+) -> tuple[ViTForImageClassification, BaseImageProcessor]:
+    """`load_vit` for a list of class names (what a server learns from its client, without the data)."""
+    labels = {"id2label": dict(enumerate(label_names)), "label2id": {name: i for i, name in enumerate(label_names)}}
     if model_args.model_name_or_path is None:
         config = model_args.vit_config(len(labels["id2label"]))
         config.id2label, config.label2id = labels["id2label"], labels["label2id"]
@@ -381,8 +431,24 @@ def train_split(
         "world_size": training_args.world_size,
         "train_seconds": train_seconds,
         "compression": split.client.config.compression,
+        "log_history": trainer.state.log_history,
     }
     return trainer, results
+
+
+def build_split(
+    model_args: ModelArguments, split_args: SplitArguments, label_names: list[str], seed: int
+) -> tuple[SplitViTForImageClassification, BaseImageProcessor]:
+    """The split ViT the arguments describe, for these classes; seeded, so that a client and a server building it
+    apart get the same weights (a fresh head, a bridge's initial weights)."""
+    compression = split_args.compression_config(seed=seed)
+    channel = split_args.channel_config()
+    set_seed(seed)
+    model, image_processor = load_vit_for_labels(model_args, label_names)
+    split = split_vit(
+        model, split_args.split_layer, compression=compression, channel=channel, wire_dtype=split_args.wire_dtype
+    )
+    return split, image_processor
 
 
 def run_split_training(
@@ -391,12 +457,17 @@ def run_split_training(
     data_args: DataArguments,
     training_args: ADCTrainingArguments,
     resume_from_checkpoint: str | bool | None = None,
+    remote_args: "RemoteArguments | None" = None,
 ) -> dict:
     """Fine-tunes a split ViT through the chosen bridge; writes `client/`, `server/`, the image processor,
     `results.json` and `accuracy_vs_bytes.png` into `output_dir`, and returns the results.
 
     With `push_to_hub`, the halves (not the Trainer's wrapper) go to `<hub_model_id>-client` and
     `<hub_model_id>-server` at the end, from the main process only.
+
+    With `remote_args.server`, the server half lives in a server process (`recipes/serve.py`): this process
+    trains the client half through the wire, writes and pushes the client's side only, and `results` gain the
+    transport's byte counts (tensor payload and header framing, both ways).
     """
     hub_model_id = None
     if training_args.push_to_hub:
@@ -404,16 +475,20 @@ def run_split_training(
             raise ValueError("--push_to_hub needs --hub_model_id: the halves go to <id>-client and <id>-server.")
         hub_model_id = training_args.hub_model_id
         training_args.push_to_hub = False  # the Trainer would push the wrapper; the halves are pushed below
-    compression = split_args.compression_config(seed=training_args.seed)
-    channel = split_args.channel_config()
     dataset = load_data(data_args, training_args.seed)
-    set_seed(training_args.seed)
-    model, image_processor = load_vit(model_args, dataset)
-    split = split_vit(
-        model, split_args.split_layer, compression=compression, channel=channel, wire_dtype=split_args.wire_dtype
+    split, image_processor = build_split(
+        model_args, split_args, dataset["train"].features["label"].names, training_args.seed
     )
+    if remote_args is not None and remote_args.server:
+        peer = connect(remote_args.server, remote_args.timeout_delta())
+        link = RemoteLink(peer, split.link.channel, split.link.wire_dtype)
+        split = RemoteSplitViT(split, link)
+        link.join(session_settings(split, training_args), remote_args.token())
     dataset = _with_transforms(dataset, image_processor, data_args.augment)
     trainer, results = train_split(split, training_args, dataset["train"], dataset["test"], resume_from_checkpoint)
+    if isinstance(split, RemoteSplitViT):
+        split.link.finish()
+        results["transport"] = {**vars(split.link.peer.traffic), "server": remote_args.server}
     results["args"] = {
         "model": asdict(model_args),
         "split": asdict(split_args),
@@ -425,7 +500,9 @@ def run_split_training(
         output_dir = Path(training_args.output_dir)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
         _plot_accuracy_against_bytes(trainer.state.log_history, results, output_dir / "accuracy_vs_bytes.png")
-        if hub_model_id:
+        if hub_model_id and isinstance(split, RemoteSplitViT):
+            results["hub_urls"] = {"client": str(split.client.push_to_hub(f"{hub_model_id}-client"))}
+        elif hub_model_id:
             results["hub_urls"] = split.push_to_hub(
                 f"{hub_model_id}-client",
                 f"{hub_model_id}-server",
@@ -444,8 +521,9 @@ def save_split(
     the training's communication summary recorded in both halves' configs."""
     summary = {key: results[key] for key in ("uplink_bytes", "downlink_bytes", "uncompressed_bytes", "ratio", "steps")}
     summary["test_accuracy"] = results["test_accuracy"]
-    split.client.config.communication = summary
-    split.server.config.communication = summary
+    for half in (split.client, split.server):
+        if half is not None:
+            half.config.communication = summary
     split.save_pretrained(output_dir)
     image_processor.save_pretrained(Path(output_dir) / "client")
     image_processor.save_pretrained(output_dir)
@@ -465,3 +543,35 @@ def summary_text(results: dict) -> str:
         spent = results["total_bytes"] / results["budget_bytes"]
         lines.append(f"budget {results['budget_bytes'] / 1e6:.1f} MB, {100 * spent:.1f}% spent")
     return "\n".join(lines)
+
+
+def run_server(
+    model_args: ModelArguments,
+    split_args: SplitArguments,
+    training_args: ADCTrainingArguments,
+    remote_args: RemoteArguments,
+) -> dict:
+    """Serves the server half at `remote_args.listen` until a client has trained to the end (or is lost), then
+    writes `server/` (and the bridge's server-side weights) and `server_results.json` into `output_dir`, and with
+    `push_to_hub` pushes the server half to `<hub_model_id>-server`."""
+    if not remote_args.listen:
+        raise ValueError("serve.py needs --listen HOST:PORT (e.g. 0.0.0.0:29500 to accept other machines).")
+    if training_args.push_to_hub and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id: the server half goes to <id>-server.")
+    split_args.compression_config(seed=training_args.seed)
+    split_args.channel_config()
+    server = SplitServer(
+        lambda labels: build_split(model_args, split_args, labels, training_args.seed)[0].to(training_args.device),
+        training_args,
+        training_args.output_dir,
+        join_token=remote_args.token(),
+    )
+    listener = Listener(remote_args.listen, remote_args.timeout_delta())
+    logger.warning("Serving the server half on %s.", remote_args.listen)
+    results = server.serve(listener, accept_seconds=remote_args.accept_timeout)
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "server_results.json").write_text(json.dumps(results, indent=2))
+    if results["status"] == "finished" and training_args.push_to_hub:
+        results["hub_url"] = str(server.split.server.push_to_hub(f"{training_args.hub_model_id}-server"))
+    return results

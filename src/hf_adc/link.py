@@ -156,6 +156,11 @@ class Link(nn.Module):
     split inference (`client_payload` / `server_logits`), kept apart so that it never eats into a budget.
     """
 
+    # (up, down) bytes of the link's own control values per micro-batch and per optimizer step: none in one
+    # process; across processes, the loss, its backward seed, gradient norms (see `hf_adc.remote.RemoteLink`).
+    control_bytes: tuple[int, int] = (0, 0)
+    step_control_bytes: tuple[int, int] = (0, 0)
+
     def __init__(self, channel: ChannelConfig | None = None, wire_dtype: str | torch.dtype = "float32"):
         super().__init__()
         self.channel = channel

@@ -18,6 +18,7 @@ from .modeling import ViTClientConfig, ViTClientModel, ViTServerConfig, ViTServe
 
 SPLIT_CONFIG_NAME = "split_config.json"
 BRIDGE_WEIGHTS_NAME = "bridge.safetensors"
+SERVER_BRIDGE_WEIGHTS_NAME = "server_bridge.safetensors"  # the server side of a bridge trained across processes
 
 
 def bridge_config_from_dict(settings: dict) -> BridgeConfig | None:
@@ -87,10 +88,12 @@ class SplitViTForImageClassification(nn.Module):
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
         """Saves `client/` and `server/` as normal checkpoints, the bridge's weights (if it has any) and
-        `split_config.json` (compression and channel settings). `kwargs` go to each half's `save_pretrained`."""
+        `split_config.json` (compression and channel settings). `kwargs` go to each half's `save_pretrained`.
+        Across processes each side saves what it holds (the client side has no `server` half)."""
         directory = Path(save_directory)
-        self.client.save_pretrained(directory / "client", **kwargs)
-        self.server.save_pretrained(directory / "server", **kwargs)
+        for name, half in (("client", self.client), ("server", self.server)):
+            if half is not None:
+                half.save_pretrained(directory / name, **kwargs)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.bridge.state_dict().items()}
         if state:
             save_file(state, directory / BRIDGE_WEIGHTS_NAME)
@@ -120,8 +123,12 @@ class SplitViTForImageClassification(nn.Module):
             hidden_size=client.config.hidden_size,
             num_labels=server.config.num_labels,
         ).to(client.device, client.dtype)
-        if (directory / BRIDGE_WEIGHTS_NAME).exists():
-            bridge.load_state_dict(load_file(directory / BRIDGE_WEIGHTS_NAME, device=str(client.device)))
+        state = {}
+        for name in (BRIDGE_WEIGHTS_NAME, SERVER_BRIDGE_WEIGHTS_NAME):
+            if (directory / name).exists():
+                state.update(load_file(directory / name, device=str(client.device)))
+        if state:
+            bridge.load_state_dict(state)
         channel = ChannelConfig(**settings["channel"]) if settings["channel"] else None
         return cls(client, server, bridge, Link(channel, settings.get("wire_dtype", "float32")))
 
@@ -136,7 +143,7 @@ class SplitViTForImageClassification(nn.Module):
 
     @property
     def num_labels(self) -> int:
-        return self.server.config.num_labels
+        return (self.client or self.server).config.num_labels
 
     @property
     def num_tokens(self) -> int:
@@ -145,12 +152,15 @@ class SplitViTForImageClassification(nn.Module):
 
     def wire_bytes(self, batch_size: int, compressed: bool = True) -> tuple[int, int]:
         """(uplink, downlink) bytes one training batch sends in the link's wire dtype, through this bridge or
-        (`compressed=False`) through the uncompressed split."""
+        (`compressed=False`) through the uncompressed split, with the link's own control values (none in one
+        process)."""
         bridge = self.bridge if compressed else IdentityBridge()
         element_size = self.link.wire_dtype.itemsize
-        return bridge.wire_bytes(
+        up, down = bridge.wire_bytes(
             batch_size, self.num_tokens, self.client.config.hidden_size, self.num_labels, element_size
         )
+        control_up, control_down = self.link.control_bytes
+        return up + control_up, down + control_down
 
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False

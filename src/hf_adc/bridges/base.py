@@ -39,6 +39,10 @@ class Bridge(nn.Module):
     """
 
     needs_cls_attention: bool = False
+    # Submodules that run on one side only: across processes, the other side drops them (BottleNet++'s
+    # encoder lives on the client, its decoder on the server).
+    client_modules: tuple[str, ...] = ()
+    server_modules: tuple[str, ...] = ()
 
     def __init__(self, config: BridgeConfig | None = None):
         super().__init__()
@@ -62,6 +66,11 @@ class Bridge(nn.Module):
     def unpack(self, wire: dict[str, torch.Tensor], context: Any) -> torch.Tensor:
         """The activations the server reads from the wire."""
         return wire["activations"]
+
+    def receiver_context(self, wire: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> Any:
+        """What `unpack` and `pack_gradient` need on a receiver that holds only the wire: the context `pack` would
+        have kept, rebuilt from the wire and the shape (`(batch, tokens, hidden)`) and dtype of the activations."""
+        return None
 
     def pack_gradient(self, gradient: torch.Tensor, context: Any) -> dict[str, torch.Tensor]:
         """The tensors that carry the gradient of the received activations down."""

@@ -30,6 +30,9 @@ class BottleNetConfig(BridgeConfig):
 class BottleNetBridge(Bridge):
     """encoder (client): Linear(d, d) - GELU - Linear(d, d'); decoder (server): Linear(d', d) - GELU - Linear(d, d)."""
 
+    client_modules = ("encoder",)
+    server_modules = ("decoder",)
+
     def __init__(self, config: BottleNetConfig, hidden_size: int):
         super().__init__(config)
         width = config.width(hidden_size)

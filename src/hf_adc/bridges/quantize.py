@@ -46,6 +46,9 @@ class QuantizeBridge(Bridge):
     def pack(self, activations):
         return self._quantize(activations, ""), (activations.shape, activations.dtype)
 
+    def receiver_context(self, wire, shape, dtype):
+        return torch.Size(shape), dtype
+
     def unpack(self, wire, context):
         return self._dequantize(wire, "", *context)
 

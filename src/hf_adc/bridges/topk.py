@@ -63,13 +63,15 @@ class TopKBridge(Bridge):
         wire = {"values": flat.gather(1, indices), "indices": pack_bits(indices, bits)}
         return wire, (activations.shape, indices)
 
-    def unpack(self, wire, context):
-        shape, _ = context
+    def receiver_context(self, wire, shape, dtype):
         batch_size, per_sample = shape[0], math.prod(shape[1:])
         kept = wire["values"].shape[1]
         bits = max(math.ceil(math.log2(per_sample)), 1)
-        indices = unpack_bits(wire["indices"], bits, batch_size * kept).view(batch_size, kept)
-        flat = wire["values"].new_zeros(batch_size, per_sample).scatter(1, indices, wire["values"])
+        return shape, unpack_bits(wire["indices"], bits, batch_size * kept).view(batch_size, kept)
+
+    def unpack(self, wire, context):
+        shape, indices = context
+        flat = wire["values"].new_zeros(shape[0], math.prod(shape[1:])).scatter(1, indices, wire["values"])
         return flat.view(shape)
 
     def pack_gradient(self, gradient, context):

@@ -55,6 +55,20 @@ class _CommunicationCallback(TrainerCallback):
         return control
 
 
+class _PeerCallback(TrainerCallback):
+    """For a link whose other end holds parameters (a server process): tells it where training starts (the
+    schedule's length, a resumed step) and when to checkpoint, so both sides save the same steps."""
+
+    def __init__(self, link):
+        self.link = link
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.link.begin(state.max_steps, state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.link.checkpoint(state.global_step)
+
+
 class ADCTrainer(Trainer):
     """Trains a `SplitViTForImageClassification` and accounts for every byte that crosses its cut.
 
@@ -95,10 +109,42 @@ class ADCTrainer(Trainer):
         self.communication = self._summary(Ledger())
         self._plan_budget()
         self.add_callback(_CommunicationCallback(self))
+        if self._peer_link is not None:
+            self.add_callback(_PeerCallback(self._peer_link))
 
     @property
     def ledger(self) -> Ledger:
         return self.model.ledger
+
+    @property
+    def _peer_link(self):
+        """The model's link when its other end holds parameters that step with ours (a server process), else None."""
+        link = self.model.link
+        return link if hasattr(link, "optimizer_step") else None
+
+    def _clip_grad_norm(self, model):
+        if self._peer_link is None:
+            return super()._clip_grad_norm(model)
+        return self._step_with_peer(model, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and self._peer_link is not None:
+            grad_norm = self._step_with_peer(model, float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _step_with_peer(self, model, max_norm: float) -> torch.Tensor:
+        """Clips by the norm of the gradients on both sides, as one process would (the peer steps with us)."""
+        self.accelerator.unscale_gradients()
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        norms = torch.stack([
+            torch.nn.utils.get_total_norm([p.grad]) if p.grad is not None else p.new_zeros((), dtype=torch.float32)
+            for p in trainable
+        ])  # fmt: skip
+        total_norm = self._peer_link.optimizer_step(norms, max_norm).to(norms.device)
+        parameters = [parameter for parameter in trainable if parameter.grad is not None]
+        if math.isfinite(max_norm):
+            torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+        return total_norm
 
     def _micro_batch_sizes(self) -> set[int]:
         """The batch sizes one process's training loader yields: full batches and, unless dropped, the ragged
@@ -120,14 +166,16 @@ class ADCTrainer(Trainer):
         args = self.args
         micro_batches = args.gradient_accumulation_steps * args.world_size
         micro_batch_bytes = max(sum(self.model.wire_bytes(size)) for size in self._micro_batch_sizes())
-        self.step_bytes = micro_batch_bytes * micro_batches
-        full_step_bytes = sum(self.model.wire_bytes(args.per_device_train_batch_size)) * micro_batches
+        step_control = sum(self.model.link.step_control_bytes) * args.world_size
+        self.step_bytes = micro_batch_bytes * micro_batches + step_control
+        full_step_bytes = sum(self.model.wire_bytes(args.per_device_train_batch_size)) * micro_batches + step_control
         self.budget_bytes = None
         if not args.has_budget:
             return
         if self.train_dataset is None:
             raise ValueError("A communication budget needs a train_dataset to plan against.")
-        epoch_bytes = sum(self.model.wire_bytes(1, compressed=False)) * len(self.train_dataset)
+        per_sample = sum(self.model.wire_bytes(1, compressed=False)) - sum(self.model.link.control_bytes)
+        epoch_bytes = per_sample * len(self.train_dataset)
         self.budget_bytes = args.budget_bytes(epoch_bytes)
         if self.budget_bytes < self.step_bytes:
             raise ValueError(

@@ -1,0 +1,446 @@
+"""Split learning across processes: the client's link over the wire, the client-side split, and the server.
+
+One training micro-batch is two round trips, so that the two processes compute exactly what one process does:
+
+    client                                              server
+    FORWARD  bridge's wire tensors, labels, smoothing   -> unpack, decode, server half, loss
+             the loss                                   <- LOSS
+    BACKWARD the seed autograd gives the loss            -> backward from that seed (1 / accumulation steps,
+             (the Trainer's scaling, exactly)                times a loss scale under fp16), keeps the
+             the gradient in the bridge's wire form     <- GRADIENT   server half's gradients
+    and per optimizer step:
+    STEP     the norm of each client gradient, max norm -> global norm, clip, optimizer and schedule step
+             the global norm (the client clips by it)   <- NORM
+
+The global norm is computed as one process computes it (the norm of all per-tensor norms, client's first), so
+clipping is identical too.
+
+Every value that crosses is charged: the bridge's tensors as in one process, and the link's own control values
+(smoothing, seed, loss, norms) under `control`. Evaluation sends the activations (EVAL) and gets the logits
+(LOGITS), charged apart in `link.inference_ledger`. The server keeps its own optimizer and schedule, made from
+the same `TrainingArguments` (the handshake checks that both sides agree on them), for the `max_steps` the
+client announces (BEGIN), and saves its half when the client checkpoints (SAVE) and at the end (END).
+"""
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer, TrainingArguments, get_scheduler
+
+from .bridges import Bridge
+from .link import CommunicationRecord, Link, nbytes, wire_dtype_name
+from .split import SERVER_BRIDGE_WEIGHTS_NAME, SplitViTForImageClassification, SplitViTOutput
+from .transport import Channel, Kind, PeerLost, Refused, WireError, json_tensor, tensor_json
+
+logger = logging.getLogger(__name__)
+
+SERVER_WEIGHTS_NAME = "server_state.safetensors"
+TRAINING_SETTINGS = (
+    "learning_rate", "weight_decay", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "optim",
+    "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "seed",
+)  # fmt: skip
+
+
+def session_settings(split: SplitViTForImageClassification, args: TrainingArguments) -> dict:
+    """What client and server must agree on: the split, the compression, the wire, and the optimizer settings."""
+    config = (split.client or split.server).config
+    return {
+        "num_hidden_layers": config.num_hidden_layers,
+        "split_layer": config.split_layer,
+        "hidden_size": config.hidden_size,
+        "num_tokens": (config.image_size // config.patch_size) ** 2 + 1,
+        "num_labels": config.num_labels,
+        "labels": [config.id2label[i] for i in range(config.num_labels)],
+        "compression": config.compression,
+        "wire_dtype": wire_dtype_name(split.link.wire_dtype),
+        "channel": asdict(split.link.channel) if split.link.channel else None,
+        **{name: _plain(getattr(args, name)) for name in TRAINING_SETTINGS},
+    }
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def differing_settings(client: dict, server: dict) -> list[str]:
+    """One line per setting on which the two sides disagree."""
+    return [
+        f"{name}: client {client.get(name)!r}, server {server.get(name)!r}"
+        for name in sorted(set(client) | set(server))
+        if name != "token" and client.get(name) != server.get(name)
+    ]
+
+
+def drop_modules(bridge: Bridge, names: tuple[str, ...]) -> Bridge:
+    """`bridge` without the submodules that run on the other side."""
+    for name in names:
+        delattr(bridge, name)
+    return bridge
+
+
+class _RemoteLoss(torch.autograd.Function):
+    """The server's loss as a function of what the client sent: backward asks the server for the gradient."""
+
+    @staticmethod
+    def forward(ctx, activations, link, bridge, context, record, loss):
+        ctx.link, ctx.bridge, ctx.context, ctx.record, ctx.dtype = link, bridge, context, record, activations.dtype
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        link = ctx.link
+        link.peer.send(Kind.BACKWARD, {"seed": grad_loss.detach().float().reshape(1)})
+        wire = link.send(link.peer.recv(Kind.GRADIENT).tensors)
+        ctx.record.downlink.update({name: nbytes(tensor) for name, tensor in wire.items()})
+        ctx.record.downlink["control"] = link.control_bytes[1]
+        link.ledger.downlink_bytes += ctx.record.downlink_bytes
+        link.ledger.uncompressed_downlink_bytes += ctx.record.uncompressed_downlink_bytes
+        gradient = ctx.bridge.unpack_gradient(wire, ctx.context).to(ctx.dtype)
+        return gradient, None, None, None, None, None
+
+
+class RemoteLink(Link):
+    """The client's end of a cut that crosses to a server process over `peer` (a `Channel`).
+
+    Like `Link` it casts floating-point tensors to the wire dtype and applies the channel (to what arrives, both
+    ways), and charges every tensor in `ledger`; the server half runs in the other process.
+    """
+
+    control_bytes = (8, 4)  # up: label smoothing, backward seed; down: the loss
+
+    def __init__(self, peer: Channel, channel=None, wire_dtype: str | torch.dtype = "float32"):
+        super().__init__(channel, wire_dtype)
+        self.peer = peer
+        self.num_norms = 0
+
+    @property
+    def step_control_bytes(self) -> tuple[int, int]:
+        """Up: a norm per client gradient and the max norm; down: the global norm (float32 each)."""
+        return 4 * (self.num_norms + 1), 4
+
+    def join(self, settings: dict, token: str | None) -> None:
+        """The handshake: sends the settings and the join token; raises `Refused` with the server's reason."""
+        self.peer.send(Kind.HELLO, {"settings": json_tensor({**settings, "token": token})})
+        self.peer.recv(Kind.WELCOME)
+
+    def begin(self, max_steps: int, global_step: int) -> None:
+        """Tells the server the schedule's length and the step training starts from (a resumed checkpoint's)."""
+        self.peer.send(Kind.BEGIN, {"scalars": torch.tensor([max_steps, global_step])})
+        self.peer.recv(Kind.DONE)
+
+    def train_step(
+        self, message, bridge: Bridge, activations_numel: int, labels: torch.Tensor, label_smoothing: float
+    ) -> tuple[torch.Tensor, CommunicationRecord]:
+        """Sends `message` up; returns the server's loss (its backward fetches the gradient) and the record."""
+        uncompressed = self.activation_bytes(activations_numel)
+        record = CommunicationRecord(
+            uncompressed_uplink_bytes=uncompressed + nbytes(labels) + self.control_bytes[0],
+            uncompressed_downlink_bytes=uncompressed + self.control_bytes[1],
+        )
+        wire, context = bridge.pack(message.hidden_states.detach())
+        wire = self.send(wire)
+        sent_labels = message.labels.to(self.wire_dtype) if message.labels.is_floating_point() else message.labels
+        smoothing = torch.tensor([label_smoothing], dtype=torch.float32)
+        self.peer.send(Kind.FORWARD, {**wire, "labels": sent_labels, "scalars": smoothing})
+        record.uplink.update({name: nbytes(tensor) for name, tensor in wire.items()})
+        record.uplink.update(labels=nbytes(sent_labels), control=self.control_bytes[0])
+        self.ledger.uplink_bytes += record.uplink_bytes
+        self.ledger.uncompressed_uplink_bytes += record.uncompressed_uplink_bytes
+        loss = self.peer.recv(Kind.LOSS).tensors["loss"].reshape(())
+        return _RemoteLoss.apply(message.hidden_states, self, bridge, context, record, loss), record
+
+    def optimizer_step(self, client_norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+        """Sends the norm of each client gradient (in parameter order; `num_norms` of them); the server clips by
+        the global norm and steps. Returns that norm."""
+        if client_norms.numel() != self.num_norms:
+            raise ValueError(
+                f"expected {self.num_norms} gradient norms, one per client parameter; got {client_norms.numel()}."
+            )
+        norms = client_norms.detach().float().cpu()
+        self.peer.send(Kind.STEP, {"norm": norms, "scalars": torch.tensor([max_norm], dtype=torch.float32)})
+        total = self.peer.recv(Kind.NORM).tensors["norm"].reshape(())
+        up, down = self.step_control_bytes
+        self.ledger.uplink_bytes += up
+        self.ledger.downlink_bytes += down
+        self.ledger.uncompressed_uplink_bytes += up
+        self.ledger.uncompressed_downlink_bytes += down
+        return total
+
+    def evaluate(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The server's logits for (eval-mode) activations; charged in `inference_ledger`."""
+        activations = self.send({"activations": hidden_states})["activations"]
+        self.peer.send(Kind.EVAL, {"activations": activations})
+        logits = self.send(self.peer.recv(Kind.LOGITS).tensors)["logits"]
+        for ledger_field, size in (("uplink_bytes", nbytes(activations)), ("downlink_bytes", nbytes(logits))):
+            setattr(self.inference_ledger, ledger_field, getattr(self.inference_ledger, ledger_field) + size)
+            uncompressed = f"uncompressed_{ledger_field}"
+            setattr(self.inference_ledger, uncompressed, getattr(self.inference_ledger, uncompressed) + size)
+        return logits.to(hidden_states.device)
+
+    def checkpoint(self, global_step: int) -> None:
+        """Asks the server to save its half, optimizer and schedule as of `global_step`."""
+        self.peer.send(Kind.SAVE, {"scalars": torch.tensor([global_step])})
+        self.peer.recv(Kind.DONE)
+
+    def finish(self) -> None:
+        """Ends the session: the server saves its final half and stops."""
+        self.peer.send(Kind.END)
+        self.peer.recv(Kind.DONE)
+
+
+class RemoteSplitViT(SplitViTForImageClassification):
+    """The client's side of a split whose server half runs in another process, reached through a `RemoteLink`.
+
+    It holds the client half and the client's part of the bridge; `forward` is that of the one-process split
+    (training returns the server's loss, with the gradient coming back in backward; eval returns the server's
+    logits), so `ADCTrainer` trains it unchanged. `save_pretrained` writes the client's side only.
+    """
+
+    def __init__(self, split: SplitViTForImageClassification, link: RemoteLink):
+        bridge = drop_modules(split.bridge, split.bridge.server_modules)
+        super().__init__(split.client, None, bridge, link)
+        link.num_norms = sum(1 for parameter in self.parameters() if parameter.requires_grad)
+
+    def forward(self, pixel_values, labels=None, interpolate_pos_encoding=False, label_smoothing=0.0):
+        self._check_inputs(pixel_values, labels, interpolate_pos_encoding)
+        client_output = self.client(
+            pixel_values,
+            output_cls_attention=self.training and self.bridge.needs_cls_attention,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        hidden_states = client_output.last_hidden_state
+        message = self.bridge.encode(hidden_states, labels, client_output.cls_attention)
+        if not self.training:
+            logits = self.link.evaluate(message.hidden_states)
+            loss = None if labels is None else F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            return SplitViTOutput(loss=loss, logits=logits)
+        if labels is None:
+            raise ValueError("A training step needs labels: the server computes the loss. Call .eval() to infer.")
+        loss, record = self.link.train_step(message, self.bridge, hidden_states.numel(), labels, label_smoothing)
+        return SplitViTOutput(
+            loss=loss, cluster_ids=message.cluster_ids, token_indices=message.token_indices, communication=record
+        )
+
+
+class SplitServer:
+    """The server's side: answers one client session at a time over a `Listener`.
+
+    `build(labels)` makes the split for the class names a client announces (the server keeps the server half and
+    the server's part of the bridge, and drops the rest); the session goes on only if `session_settings` of that
+    split and `args` equal the client's, and the join token matches. Sessions refused at the handshake (a bad
+    header, a wrong token, a mismatched split) leave the server waiting for the next client. `serve` returns once
+    a client has trained to the end (END), or when the client training with it is lost (its last checkpoint kept).
+    """
+
+    def __init__(
+        self,
+        build: Callable[[list[str]], SplitViTForImageClassification],
+        args: TrainingArguments,
+        output_dir: str | Path,
+        join_token: str | None = None,
+    ):
+        self.build = build
+        self.args = args
+        self.output_dir = Path(output_dir)
+        self.join_token = join_token
+        self.split = None
+        self.optimizer = None
+        self.scheduler = None
+        self.steps = 0
+
+    def serve(self, listener, accept_seconds: float | None = None) -> dict:
+        """Serves clients from `listener` until one finishes training or is lost mid-training. `accept_seconds`
+        bounds the wait for each next client (None: wait for ever)."""
+        import time
+
+        while True:
+            deadline = None if accept_seconds is None else time.monotonic() + accept_seconds
+            try:
+                accepted = listener.accept(deadline=deadline)
+            except PeerLost as error:
+                logger.warning("%s; waiting for the next client.", error)
+                continue
+            if accepted is None:
+                return {"status": "no client", "steps": self.steps}
+            session, channel = accepted
+            try:
+                self._handshake(channel)
+            except (WireError, Refused, PeerLost) as error:
+                logger.warning("Session %d refused: %s", session, error)
+                channel.refuse(str(error))
+                continue
+            logger.info("Session %d joined.", session)
+            try:
+                return self._train(channel)
+            except (PeerLost, WireError) as error:
+                logger.error("Session %d lost: %s. The last checkpoint in %s is kept.", session, error, self.output_dir)
+                channel.refuse(str(error))
+                traffic = vars(channel.traffic)
+                return {"status": "client lost", "error": str(error), "steps": self.steps, "traffic": traffic}
+
+    def _handshake(self, channel: Channel) -> None:
+        settings = tensor_json(channel.recv(Kind.HELLO).tensors["settings"])
+        if self.join_token is not None and settings.get("token") != self.join_token:
+            raise Refused("wrong join token.")
+        labels = settings.get("labels")
+        if not isinstance(labels, list) or not labels or not all(isinstance(name, str) for name in labels):
+            raise Refused(f"the client's labels {labels!r} are not a list of class names.")
+        split = self.split if self.split is not None else self.build(labels)
+        differences = differing_settings(settings, session_settings(split, self.args))
+        if differences:
+            raise Refused("the split settings differ: " + "; ".join(differences))
+        if self.split is None:
+            split.client = None
+            drop_modules(split.bridge, split.bridge.client_modules)
+            self.split = split
+        channel.send(Kind.WELCOME)
+
+    def _make_optimizer(self, max_steps: int) -> None:
+        model = nn.ModuleDict({"server": self.split.server, "bridge": self.split.bridge})
+        decay = set(Trainer.get_decay_parameter_names(None, model))
+        named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_class(groups, **optimizer_kwargs)
+        self.scheduler = get_scheduler(
+            self.args.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=self.args.get_warmup_steps(max_steps),
+            num_training_steps=max_steps,
+            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+        )
+
+    def _checkpoint_dir(self, step: int) -> Path:
+        return self.output_dir / f"checkpoint-{step}"
+
+    def _save_checkpoint(self, step: int) -> None:
+        folder = self._checkpoint_dir(step)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {f"server.{k}": v for k, v in self.split.server.state_dict().items()}
+        state.update({f"bridge.{k}": v for k, v in self.split.bridge.state_dict().items()})
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder / SERVER_WEIGHTS_NAME)
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+
+    def _load_checkpoint(self, step: int) -> None:
+        folder = self._checkpoint_dir(step)
+        if not (folder / SERVER_WEIGHTS_NAME).exists():
+            raise Refused(
+                f"the server has no checkpoint for step {step} in {self.output_dir}: resume both sides from a step "
+                "both saved."
+            )
+        state = load_file(folder / SERVER_WEIGHTS_NAME)
+        self.split.server.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("server.")})
+        self.split.bridge.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("bridge.")})
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+
+    def _train(self, channel: Channel) -> dict:
+        split, pending = self.split, None
+        device, dtype = split.server.device, split.server.dtype
+        while True:
+            message = channel.recv(Kind.BEGIN, Kind.FORWARD, Kind.BACKWARD, Kind.STEP, Kind.EVAL, Kind.SAVE, Kind.END)
+            tensors = message.tensors
+            if message.kind == Kind.BEGIN:
+                max_steps, global_step = tensors["scalars"].tolist()
+                self._make_optimizer(max_steps)
+                if global_step:
+                    self._load_checkpoint(global_step)
+                self.steps = global_step
+                channel.send(Kind.DONE)
+            elif message.kind == Kind.FORWARD:
+                pending = self._forward({name: tensor.to(device) for name, tensor in tensors.items()}, dtype)
+                channel.send(Kind.LOSS, {"loss": pending[2].detach().float().reshape(1)})
+            elif message.kind == Kind.BACKWARD:
+                if pending is None:
+                    raise WireError("a BACKWARD message came before any FORWARD.")
+                received, context, loss = pending
+                loss.backward(tensors["seed"].reshape(()).to(loss.device, loss.dtype))
+                wire = split.bridge.pack_gradient(received.grad, context)
+                channel.send(Kind.GRADIENT, split.link.send(wire))
+                pending = None
+            elif message.kind == Kind.STEP:
+                total = self._optimizer_step(tensors["norm"], float(tensors["scalars"][0]))
+                channel.send(Kind.NORM, {"norm": total.reshape(1)})
+            elif message.kind == Kind.EVAL:
+                split.server.eval()
+                split.bridge.eval()
+                with torch.no_grad():
+                    logits = split.server(split.bridge.decode(tensors["activations"].to(device, dtype))).logits
+                channel.send(Kind.LOGITS, split.link.send({"logits": logits}))
+            elif message.kind == Kind.SAVE:
+                self._save_checkpoint(int(tensors["scalars"][0]))
+                channel.send(Kind.DONE)
+            else:
+                self._save_final()
+                channel.send(Kind.DONE)
+                return {"status": "finished", "steps": self.steps, "traffic": vars(channel.traffic)}
+
+    def _forward(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
+        split = self.split
+        split.server.train()
+        split.bridge.train()
+        labels, smoothing = tensors.pop("labels"), float(tensors.pop("scalars")[0])
+        if not 0 <= smoothing < 1:
+            raise WireError(f"label smoothing {smoothing} is out of range [0, 1).")
+        config = split.server.config
+        batch = labels.shape[0]
+        shape = (batch, (config.image_size // config.patch_size) ** 2 + 1, config.hidden_size)
+        context = split.bridge.receiver_context(tensors, shape, dtype)
+        received = split.bridge.unpack(tensors, context).to(dtype).requires_grad_()
+        if labels.is_floating_point():
+            targets = labels.float() / labels.float().sum(dim=1, keepdim=True)
+        else:
+            if int(labels.min()) < 0 or int(labels.max()) >= split.num_labels:
+                raise WireError(f"labels out of range [0, {split.num_labels}).")
+            targets = F.one_hot(labels, split.num_labels).float()
+        targets = targets * (1 - smoothing) + smoothing / split.num_labels
+        loss = split.server(split.bridge.decode(received), labels=targets).loss
+        return received, context, loss
+
+    def _optimizer_step(self, client_norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+        """Clips by the global norm and steps; the norm is the norm of every per-tensor norm in the one-process
+        parameter order (client, bridge, server), as `torch.nn.utils.get_total_norm` forms it."""
+        order = [*self.split.bridge.parameters(), *self.split.server.parameters()]
+        parameters = [p for p in order if p.grad is not None]
+        norms = [torch.nn.utils.get_total_norm([p.grad]) for p in parameters]
+        total = torch.linalg.vector_norm(torch.stack([*client_norms.to(norms[0].device), *norms]))
+        if math.isfinite(max_norm):
+            torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+        if torch.isfinite(total):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _save_final(self) -> None:
+        """`server/` and the server side of the bridge: next to the client's `client/`, `bridge.safetensors` and
+        `split_config.json`, a folder `SplitViTForImageClassification.from_pretrained` loads whole."""
+        bridge = self.split.bridge
+        self.split.server.save_pretrained(self.output_dir / "server")
+        state = {
+            name: tensor.detach().contiguous().cpu()
+            for name, tensor in bridge.state_dict().items()
+            if name.split(".")[0] in bridge.server_modules
+        }
+        if state:
+            save_file(state, self.output_dir / SERVER_BRIDGE_WEIGHTS_NAME)
+
+
+def connect_timeout(seconds: float) -> timedelta:
+    if not seconds > 0:
+        raise ValueError(f"timeout={seconds} is out of range: it must be > 0 seconds.")
+    return timedelta(seconds=seconds)

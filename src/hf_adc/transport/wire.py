@@ -1,0 +1,246 @@
+"""The wire between a client and the server: a fixed integer header, then the tensors it announces. No pickle.
+
+Every message is one int64 header of `HEADER_LENGTH` fields, then its tensors in header order, each sent as
+it is over a torch.distributed point-to-point group (gloo, or NCCL between GPUs). The header says:
+
+    magic, protocol version, message kind, step, number of tensors,
+    then for each of up to MAX_TENSORS slots: name id, dtype id, rank, and MAX_RANK dimensions
+
+Names and dtypes are ids in fixed tables, so no string or object is ever decoded from the peer beyond the
+JSON of the join handshake (plain data, size-capped). The receiver checks every field against its limits
+(known kind, name, dtype; rank; a cap on each tensor's bytes) before it allocates anything, and refuses a
+bad header with a `WireError` naming the field. Strings (the handshake's settings, a refusal's reason) travel
+as UTF-8 bytes in a uint8 tensor.
+
+The transport has no encryption and no authentication beyond the join token: use it on trusted networks
+(or through a VPN / SSH tunnel).
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import IntEnum
+
+import torch
+
+PROTOCOL_VERSION = 1
+MAGIC = 0x48464144  # "HFAD"
+MAX_TENSORS = 8
+MAX_RANK = 4
+SLOT = 3 + MAX_RANK
+HEADER_LENGTH = 5 + MAX_TENSORS * SLOT
+HEADER_BYTES = HEADER_LENGTH * 8
+DEFAULT_MAX_TENSOR_BYTES = 2**30
+MAX_TEXT_BYTES = 2**16
+
+NAMES = (
+    "activations", "gradients", "labels", "values", "indices", "codes", "minimum", "step",
+    "gradient_codes", "gradient_minimum", "gradient_step", "loss", "seed", "norm", "logits",
+    "settings", "reason", "scalars",
+)  # fmt: skip
+DTYPES = (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8, torch.int32, torch.int64,
+    torch.bool,
+)  # fmt: skip
+
+
+class Kind(IntEnum):
+    """What a message is. Client to server: HELLO, BEGIN, FORWARD, BACKWARD, STEP, EVAL, SAVE, END;
+    server to client: WELCOME, REFUSE, LOSS, GRADIENT, NORM, LOGITS, DONE."""
+
+    HELLO = 1
+    WELCOME = 2
+    REFUSE = 3
+    BEGIN = 4
+    FORWARD = 5
+    LOSS = 6
+    BACKWARD = 7
+    GRADIENT = 8
+    STEP = 9
+    NORM = 10
+    EVAL = 11
+    LOGITS = 12
+    SAVE = 13
+    END = 14
+    DONE = 15
+
+
+class WireError(ValueError):
+    """A message that breaks the protocol: a header field out of its limits, or an unexpected kind."""
+
+
+class PeerLost(ConnectionError):
+    """The peer died, hung past the timeout, or closed the connection."""
+
+
+class Refused(ConnectionError):
+    """The peer refused this session (wrong token, mismatched split, a bad message), with its reason."""
+
+
+@dataclass
+class Message:
+    kind: Kind
+    step: int = 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Traffic:
+    """Bytes this end sent and received: tensor payload and header framing."""
+
+    payload_sent: int = 0
+    payload_received: int = 0
+    framing_sent: int = 0
+    framing_received: int = 0
+
+    @property
+    def payload(self) -> int:
+        return self.payload_sent + self.payload_received
+
+    @property
+    def framing(self) -> int:
+        return self.framing_sent + self.framing_received
+
+
+def text_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
+
+
+def tensor_text(tensor: torch.Tensor) -> str:
+    if tensor.dtype != torch.uint8 or tensor.dim() != 1 or tensor.numel() > MAX_TEXT_BYTES:
+        raise WireError(
+            f"a text field must be at most {MAX_TEXT_BYTES} uint8 bytes; got {tensor.dtype} {tuple(tensor.shape)}."
+        )
+    try:
+        return bytes(tensor.tolist()).decode()
+    except UnicodeDecodeError as error:
+        raise WireError(f"a text field is not UTF-8: {error}.") from error
+
+
+def json_tensor(data: dict) -> torch.Tensor:
+    return text_tensor(json.dumps(data, sort_keys=True))
+
+
+def tensor_json(tensor: torch.Tensor) -> dict:
+    try:
+        data = json.loads(tensor_text(tensor))
+    except json.JSONDecodeError as error:
+        raise WireError(f"the settings are not JSON: {error}.") from error
+    if not isinstance(data, dict):
+        raise WireError(f"the settings must be a JSON object; got {type(data).__name__}.")
+    return data
+
+
+def encode_header(kind: Kind, step: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    if len(tensors) > MAX_TENSORS:
+        raise ValueError(f"a message carries at most {MAX_TENSORS} tensors; got {len(tensors)}.")
+    header = torch.zeros(HEADER_LENGTH, dtype=torch.int64)
+    header[:5] = torch.tensor([MAGIC, PROTOCOL_VERSION, int(kind), step, len(tensors)])
+    for slot, (name, tensor) in enumerate(tensors.items()):
+        if name not in NAMES:
+            raise ValueError(f"tensor name {name!r} is not in the wire's name table {NAMES}.")
+        if tensor.dtype not in DTYPES or tensor.dim() > MAX_RANK:
+            raise ValueError(f"tensor {name!r} ({tensor.dtype}, rank {tensor.dim()}) cannot cross the wire.")
+        start = 5 + slot * SLOT
+        header[start : start + 3] = torch.tensor([NAMES.index(name), DTYPES.index(tensor.dtype), tensor.dim()])
+        header[start + 3 : start + 3 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+    return header
+
+
+def decode_header(header: torch.Tensor, max_tensor_bytes: int) -> tuple[Kind, int, list]:
+    """Checks every field of `header` before anything is allocated; returns kind, step and tensor specs."""
+    values = header.tolist()
+    magic, version, kind, step, count = values[:5]
+    if magic != MAGIC:
+        raise WireError(f"header field magic={magic:#x} is not {MAGIC:#x}: the peer does not speak this protocol.")
+    if version != PROTOCOL_VERSION:
+        raise WireError(f"header field version={version} is not supported: this end speaks version {PROTOCOL_VERSION}.")
+    if kind not in Kind._value2member_map_:
+        raise WireError(f"header field kind={kind} is unknown: valid kinds are {[int(k) for k in Kind]}.")
+    if step < 0:
+        raise WireError(f"header field step={step} is out of range: it must be >= 0.")
+    if not 0 <= count <= MAX_TENSORS:
+        raise WireError(f"header field count={count} is out of range: 0 .. {MAX_TENSORS} tensors.")
+    specs = []
+    for slot in range(count):
+        name_id, dtype_id, rank, *dims = values[5 + slot * SLOT : 5 + (slot + 1) * SLOT]
+        if not 0 <= name_id < len(NAMES):
+            raise WireError(f"header field name={name_id} (tensor {slot}) is unknown: 0 .. {len(NAMES) - 1}.")
+        if not 0 <= dtype_id < len(DTYPES):
+            raise WireError(f"header field dtype={dtype_id} (tensor {slot}) is unknown: 0 .. {len(DTYPES) - 1}.")
+        if not 0 <= rank <= MAX_RANK:
+            raise WireError(f"header field rank={rank} (tensor {slot}) is out of range: 0 .. {MAX_RANK}.")
+        shape = tuple(dims[:rank])
+        if any(size < 0 for size in shape):
+            raise WireError(f"header field shape={shape} (tensor {slot}) has a negative size.")
+        dtype = DTYPES[dtype_id]
+        size = math.prod(shape) * dtype.itemsize
+        if size > max_tensor_bytes:
+            raise WireError(
+                f"header field shape={shape} (tensor {slot}, {dtype}) is {size} bytes, over the cap of "
+                f"{max_tensor_bytes} bytes per tensor."
+            )
+        specs.append((NAMES[name_id], dtype, shape))
+    return Kind(kind), step, specs
+
+
+class Channel:
+    """Messages to and from one peer over a two-rank point-to-point group (this end `rank`, the peer the other).
+
+    `address` names the peer in errors. Any failure of the group (the peer died, closed, or did not answer within
+    the group's timeout) becomes `PeerLost`; a header out of limits becomes `WireError`; a REFUSE from the peer
+    becomes `Refused`.
+    """
+
+    def __init__(self, group, rank: int, address: str, timeout: timedelta, max_tensor_bytes=DEFAULT_MAX_TENSOR_BYTES):
+        self.group = group
+        self.peer = 1 - rank
+        self.address = address
+        self.timeout = timeout
+        self.max_tensor_bytes = max_tensor_bytes
+        self.traffic = Traffic()
+
+    def _wait(self, work, what: str) -> None:
+        try:
+            work.wait()
+        except RuntimeError as error:
+            raise PeerLost(
+                f"lost the peer at {self.address} while {what} (timeout {self.timeout.total_seconds():.0f} s): {error}"
+            ) from error
+
+    def send(self, kind: Kind, tensors: dict[str, torch.Tensor] | None = None, step: int = 0) -> None:
+        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in (tensors or {}).items()}
+        self._wait(self.group.send([encode_header(kind, step, tensors)], self.peer, 0), f"sending {kind.name}")
+        self.traffic.framing_sent += HEADER_BYTES
+        for name, tensor in tensors.items():
+            if tensor.numel():
+                self._wait(self.group.send([tensor], self.peer, 0), f"sending {kind.name} {name}")
+            self.traffic.payload_sent += tensor.numel() * tensor.element_size()
+
+    def recv(self, *expected: Kind) -> Message:
+        """The next message; one of `expected` kinds (a REFUSE raises `Refused`, anything else `WireError`)."""
+        header = torch.empty(HEADER_LENGTH, dtype=torch.int64)
+        self._wait(self.group.recv([header], self.peer, 0), "waiting for a message")
+        self.traffic.framing_received += HEADER_BYTES
+        kind, step, specs = decode_header(header, self.max_tensor_bytes)
+        tensors = {}
+        for name, dtype, shape in specs:
+            tensor = torch.empty(shape, dtype=dtype)
+            if tensor.numel():
+                self._wait(self.group.recv([tensor], self.peer, 0), f"receiving {kind.name} {name}")
+            self.traffic.payload_received += tensor.numel() * tensor.element_size()
+            tensors[name] = tensor
+        if kind == Kind.REFUSE and Kind.REFUSE not in expected:
+            reason = tensor_text(tensors["reason"]) if "reason" in tensors else "no reason given"
+            raise Refused(f"{self.address} refused the session: {reason}")
+        if expected and kind not in expected:
+            raise WireError(f"expected a {' or '.join(k.name for k in expected)} message; got {kind.name}.")
+        return Message(kind, step, tensors)
+
+    def refuse(self, reason: str) -> None:
+        """Tells the peer why its session ends, if it still listens."""
+        try:
+            self.send(Kind.REFUSE, {"reason": text_tensor(reason[:MAX_TEXT_BYTES])})
+        except PeerLost:
+            pass
