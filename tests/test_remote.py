@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_recipes import ROOT, launch
+from test_recipes import ROOT, launch, tiny_run_args
 
 import hf_adc
 from hf_adc.transport import Kind, PeerLost, Refused, connect, json_tensor
-from hf_adc.transport.wire import HEADER_LENGTH, MAGIC, PROTOCOL_VERSION, encode_header
+from hf_adc.transport.wire import PROTOCOL_VERSION, encode_header
 
 TIMEOUT = "20"
 ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -68,7 +68,8 @@ def finish(server: subprocess.Popen, timeout: float = 60) -> str:
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     weights = {}
-    for name in ("client/model.safetensors", "server/model.safetensors", "bridge.safetensors", "server_bridge.safetensors"):
+    files = ("client/model.safetensors", "server/model.safetensors", "bridge.safetensors", "server_bridge.safetensors")
+    for name in files:
         if (folder / name).exists():
             weights.update({f"{name.split('/')[0]}:{key}": value for key, value in load_file(folder / name).items()})
     return {key.replace("server_bridge", "bridge"): value for key, value in weights.items() if "calls" not in key}
@@ -113,3 +114,187 @@ def test_two_processes_train_exactly_like_one(tiny_vit_path, digits_dir, tmp_pat
     transport = two["transport"]
     assert transport["payload_sent"] + transport["payload_received"] >= two["total_bytes"]
     assert hf_adc.SplitViTForImageClassification.from_pretrained(tmp_path / "split").server is not None
+
+
+def _latest_checkpoint_both_saved(folder: Path) -> Path | None:
+    saved = [
+        path for path in folder.glob("checkpoint-*")
+        if (path / "trainer_state.json").exists() and (path / "server_state.safetensors").exists()
+    ]  # fmt: skip
+    return max(saved, key=lambda path: int(path.name.split("-")[1]), default=None)
+
+
+def _client(address: str, checkpoint: str, digits_dir: str, output_dir: Path, *extra: str) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(ROOT / "recipes" / "accelerate_configs" / "cpu.yaml"), str(ROOT / "recipes" / "train.py"),
+        *model_args(checkpoint), *data_args(digits_dir, output_dir), "--server", address, "--join_token", "secret",
+        "--timeout", TIMEOUT, *extra,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        command, env={**os.environ, **ENV}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+LONG_RUN = ("--max_steps", "400", "--save_strategy", "steps", "--save_steps", "10")
+
+
+def test_a_killed_client_is_noticed_and_both_sides_resume_from_the_last_step_both_saved(
+    tiny_vit_path, digits_dir, tmp_path
+):
+    address, output_dir = free_address(), tmp_path / "run"
+    server = start_server(address, output_dir, *model_args(tiny_vit_path), *LONG_RUN)
+    client = _client(address, tiny_vit_path, digits_dir, output_dir, *LONG_RUN)
+    _wait_for(lambda: _latest_checkpoint_both_saved(output_dir) is not None, 120, "a checkpoint both sides saved")
+    os.killpg(client.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    server_log = finish(server, timeout=float(TIMEOUT) + 30)
+    assert time.monotonic() - killed < float(TIMEOUT) + 10
+    assert server.returncode == 0 and "lost" in server_log, server_log[-3000:]
+    checkpoint = _latest_checkpoint_both_saved(output_dir)
+    step = int(checkpoint.name.split("-")[1])
+    saved_ledger = json.loads((checkpoint / "ledger.json").read_text())["ledger"]
+
+    server = start_server(address, output_dir, *model_args(tiny_vit_path), *LONG_RUN)
+    resume = ("--resume_from_checkpoint", str(checkpoint))
+    client = _client(address, tiny_vit_path, digits_dir, output_dir, *LONG_RUN, *resume)
+    client_log, _ = client.communicate(timeout=300)
+    server_log = finish(server)
+    assert client.returncode == 0, client_log[-3000:] + server_log[-3000:]
+    resumed = json.loads((output_dir / "results.json").read_text())
+    assert resumed["steps"] == 400
+    per_step = (resumed["total_bytes"] - saved_ledger["total_bytes"]) / (400 - step)
+    assert per_step == pytest.approx(saved_ledger["total_bytes"] / step)
+    assert "optimizer steps" in server_log and "finished after 400" in server_log, server_log[-2000:]
+
+
+def test_a_killed_server_stops_the_client_with_the_address_and_keeps_its_checkpoints(
+    tiny_vit_path, digits_dir, tmp_path
+):
+    address, output_dir = free_address(), tmp_path / "run"
+    server = start_server(address, output_dir, *model_args(tiny_vit_path), *LONG_RUN)
+    client = _client(address, tiny_vit_path, digits_dir, output_dir, *LONG_RUN)
+    _wait_for(lambda: _latest_checkpoint_both_saved(output_dir) is not None, 120, "a checkpoint both sides saved")
+    server.kill()
+    killed = time.monotonic()
+    client_log, _ = client.communicate(timeout=float(TIMEOUT) + 60)
+    finish(server)
+    assert time.monotonic() - killed < float(TIMEOUT) + 30
+    assert client.returncode != 0
+    assert f"lost the peer at the server at {address}" in client_log, client_log[-3000:]
+    assert _latest_checkpoint_both_saved(output_dir) is not None
+
+
+@pytest.mark.parametrize("hung", ["client", "server"])
+def test_a_hung_peer_ends_at_the_timeout(tiny_vit_path, digits_dir, tmp_path, hung):
+    address, output_dir = free_address(), tmp_path / "run"
+    server = start_server(address, output_dir, *model_args(tiny_vit_path), *LONG_RUN, "--timeout", "5")
+    client = _client(address, tiny_vit_path, digits_dir, output_dir, *LONG_RUN, "--timeout", "5")
+    _wait_for(lambda: _latest_checkpoint_both_saved(output_dir) is not None, 120, "training under way")
+    stopped = server if hung == "server" else client
+    os.killpg(stopped.pid, signal.SIGSTOP) if hung == "client" else stopped.send_signal(signal.SIGSTOP)
+    start = time.monotonic()
+    waiting = client if hung == "server" else server
+    try:
+        output, _ = waiting.communicate(timeout=60)
+    finally:
+        os.killpg(client.pid, signal.SIGKILL) if hung == "client" else server.kill()
+        for process in (client, server):
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+    assert time.monotonic() - start < 5 + 30
+    assert "Timed out" in output or "timed out" in output.lower(), output[-3000:]
+
+
+def _header(**fields) -> torch.Tensor:
+    header = encode_header(Kind.HELLO, 0, {"settings": torch.zeros(4, dtype=torch.uint8)})
+    slots = {"magic": 0, "version": 1, "kind": 2, "step": 3, "count": 4, "name": 5, "dtype": 6, "rank": 7, "dim0": 8}
+    for name, value in fields.items():
+        header[slots[name]] = value
+    return header
+
+
+BAD_HEADERS = [
+    ({"magic": 123}, "header field magic=0x7b"),
+    ({"version": PROTOCOL_VERSION + 98}, f"header field version={PROTOCOL_VERSION + 98}"),
+    ({"kind": 77}, "header field kind=77 is unknown"),
+    ({"step": -1}, "header field step=-1"),
+    ({"count": 9}, "header field count=9"),
+    ({"name": 999}, "header field name=999"),
+    ({"dtype": 99}, "header field dtype=99"),
+    ({"rank": 7}, "header field rank=7"),
+    ({"dim0": -4}, "negative size"),
+    ({"rank": 2, "dim0": 2**20, "dtype": 0}, "over the cap"),
+]
+
+
+def _refusal(address: str, send) -> str:
+    channel = connect(address, timedelta(seconds=float(TIMEOUT)))
+    send(channel)
+    with pytest.raises(Refused) as refused:
+        channel.recv(Kind.WELCOME)
+    return str(refused.value)
+
+
+def test_bad_headers_tokens_and_splits_are_refused_and_the_server_then_serves_a_good_client(
+    tiny_vit_path, digits_dir, tmp_path
+):
+    address, output_dir = free_address(), tmp_path / "run"
+    server = start_server(address, output_dir, *model_args(tiny_vit_path), "--max_steps", "3")
+    try:
+        for fields, expected in BAD_HEADERS:
+            header = _header(**fields)
+            if fields.get("rank") == 2:
+                header[9] = 2**20
+            reason = _refusal(address, lambda channel, header=header: channel.group.send([header], 0, 0).wait())
+            assert expected in reason, (fields, reason)
+        names = [str(i) for i in range(5)]
+        wrong_token = {"labels": names, "token": "guess"}
+        reason = _refusal(address, lambda channel: channel.send(Kind.HELLO, {"settings": json_tensor(wrong_token)}))
+        assert "wrong join token" in reason
+        other_split = {"labels": names, "token": "secret", "split_layer": 3}
+        reason = _refusal(address, lambda channel: channel.send(Kind.HELLO, {"settings": json_tensor(other_split)}))
+        assert "split_layer: client 3, server 2" in reason
+        reason = _refusal(address, lambda channel: channel.send(Kind.FORWARD))
+        assert "expected a HELLO message; got FORWARD" in reason
+    except BaseException:
+        server.kill()
+        raise
+    client = launch(
+        "train.py",
+        [*model_args(tiny_vit_path), *data_args(digits_dir, output_dir), "--max_steps", "3", "--server", address,
+         "--join_token", "secret", "--timeout", TIMEOUT],
+    )  # fmt: skip
+    server_log = finish(server)
+    assert client.returncode == 0, client.stderr[-3000:] + server_log[-3000:]
+    assert "finished after 3 optimizer steps" in server_log
+    assert server_log.count("refused") == len(BAD_HEADERS) + 3
+
+
+def test_an_unreachable_server_is_named_in_the_error():
+    address = free_address()
+    start = time.monotonic()
+    with pytest.raises(PeerLost, match=f"cannot reach the server at {address}"):
+        connect(address, timedelta(seconds=2))
+    assert time.monotonic() - start < 15
+
+
+def test_the_readme_one_machine_command_runs_end_to_end(tiny_vit_path, digits_dir, tmp_path):
+    output_dir = tmp_path / "run"
+    done = launch("train.py", [*tiny_run_args(tiny_vit_path, digits_dir, output_dir, "--xi", "0.25"), "--distributed"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "an uncompressed split would have sent" in done.stdout
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["transport"]["framing_sent"] > 0 and results["total_bytes"] <= results["budget_bytes"]
+    split = hf_adc.SplitViTForImageClassification.from_pretrained(output_dir)
+    assert split.client is not None and split.server is not None

@@ -331,8 +331,8 @@ class SplitServer:
         state = {f"server.{k}": v for k, v in self.split.server.state_dict().items()}
         state.update({f"bridge.{k}": v for k, v in self.split.bridge.state_dict().items()})
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder / SERVER_WEIGHTS_NAME)
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+        torch.save(self.optimizer.state_dict(), folder / "server_optimizer.pt")
+        torch.save(self.scheduler.state_dict(), folder / "server_scheduler.pt")
 
     def _load_checkpoint(self, step: int) -> None:
         folder = self._checkpoint_dir(step)
@@ -344,8 +344,8 @@ class SplitServer:
         state = load_file(folder / SERVER_WEIGHTS_NAME)
         self.split.server.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("server.")})
         self.split.bridge.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("bridge.")})
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        self.optimizer.load_state_dict(torch.load(folder / "server_optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(folder / "server_scheduler.pt", weights_only=True))
 
     def _train(self, channel: Channel) -> dict:
         split, pending = self.split, None

@@ -201,9 +201,10 @@ class Channel:
         self.max_tensor_bytes = max_tensor_bytes
         self.traffic = Traffic()
 
-    def _wait(self, work, what: str) -> None:
+    def _wait(self, start, what: str) -> None:
+        """Runs `start()` (a send or a receive of the group) to completion, or raises `PeerLost`."""
         try:
-            work.wait()
+            start().wait()
         except RuntimeError as error:
             raise PeerLost(
                 f"lost the peer at {self.address} while {what} (timeout {self.timeout.total_seconds():.0f} s): {error}"
@@ -211,24 +212,27 @@ class Channel:
 
     def send(self, kind: Kind, tensors: dict[str, torch.Tensor] | None = None, step: int = 0) -> None:
         tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in (tensors or {}).items()}
-        self._wait(self.group.send([encode_header(kind, step, tensors)], self.peer, 0), f"sending {kind.name}")
+        header = encode_header(kind, step, tensors)
+        self._wait(lambda: self.group.send([header], self.peer, 0), f"sending {kind.name}")
         self.traffic.framing_sent += HEADER_BYTES
         for name, tensor in tensors.items():
             if tensor.numel():
-                self._wait(self.group.send([tensor], self.peer, 0), f"sending {kind.name} {name}")
+                send = lambda tensor=tensor: self.group.send([tensor], self.peer, 0)  # noqa: E731
+                self._wait(send, f"sending {kind.name} {name}")
             self.traffic.payload_sent += tensor.numel() * tensor.element_size()
 
     def recv(self, *expected: Kind) -> Message:
         """The next message; one of `expected` kinds (a REFUSE raises `Refused`, anything else `WireError`)."""
         header = torch.empty(HEADER_LENGTH, dtype=torch.int64)
-        self._wait(self.group.recv([header], self.peer, 0), "waiting for a message")
+        self._wait(lambda: self.group.recv([header], self.peer, 0), "waiting for a message")
         self.traffic.framing_received += HEADER_BYTES
         kind, step, specs = decode_header(header, self.max_tensor_bytes)
         tensors = {}
         for name, dtype, shape in specs:
             tensor = torch.empty(shape, dtype=dtype)
             if tensor.numel():
-                self._wait(self.group.recv([tensor], self.peer, 0), f"receiving {kind.name} {name}")
+                receive = lambda tensor=tensor: self.group.recv([tensor], self.peer, 0)  # noqa: E731
+                self._wait(receive, f"receiving {kind.name} {name}")
             self.traffic.payload_received += tensor.numel() * tensor.element_size()
             tensors[name] = tensor
         if kind == Kind.REFUSE and Kind.REFUSE not in expected:
