@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -51,19 +52,30 @@ def start_server(address: str, output_dir, *args: str, token: str = "secret") ->
         sys.executable, str(ROOT / "recipes" / "serve.py"), "--listen", address, "--join_token", token,
         "--timeout", TIMEOUT, "--accept_timeout", "60", "--output_dir", str(output_dir), *args,
     ]  # fmt: skip
-    return subprocess.Popen(
-        command, env={**os.environ, **ENV}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    return spawn(command)
+
+
+def spawn(command: list[str], **kwargs) -> subprocess.Popen:
+    """Starts `command` with its output in a file (a pipe nobody reads while waiting could fill and block it)."""
+    with tempfile.NamedTemporaryFile("w", prefix="hf_adc_", suffix=".log", delete=False) as log:
+        process = subprocess.Popen(
+            command, env={**os.environ, **ENV}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, **kwargs
+        )
+    process.log_path = Path(log.name)
+    return process
+
+
+def wait_output(process: subprocess.Popen, timeout: float) -> str:
+    process.wait(timeout=timeout)
+    return process.log_path.read_text()
 
 
 def finish(server: subprocess.Popen, timeout: float = 60) -> str:
     try:
-        output, _ = server.communicate(timeout=timeout)
+        return wait_output(server, timeout)
     except subprocess.TimeoutExpired:
         server.kill()
-        output, _ = server.communicate()
-        raise AssertionError("the server did not stop:\n" + output[-3000:]) from None
-    return output
+        raise AssertionError("the server did not stop:\n" + wait_output(server, 30)[-3000:]) from None
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -131,10 +143,7 @@ def _client(address: str, checkpoint: str, digits_dir: str, output_dir: Path, *e
         *model_args(checkpoint), *data_args(digits_dir, output_dir), "--server", address, "--join_token", "secret",
         "--timeout", TIMEOUT, *extra,
     ]  # fmt: skip
-    return subprocess.Popen(
-        command, env={**os.environ, **ENV}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    return spawn(command, start_new_session=True)
 
 
 def _wait_for(condition, seconds: float, what: str) -> None:
@@ -167,7 +176,7 @@ def test_a_killed_client_is_noticed_and_both_sides_resume_from_the_last_step_bot
     server = start_server(address, output_dir, *model_args(tiny_vit_path), *LONG_RUN)
     resume = ("--resume_from_checkpoint", str(checkpoint))
     client = _client(address, tiny_vit_path, digits_dir, output_dir, *LONG_RUN, *resume)
-    client_log, _ = client.communicate(timeout=300)
+    client_log = wait_output(client, 300)
     server_log = finish(server)
     assert client.returncode == 0, client_log[-3000:] + server_log[-3000:]
     resumed = json.loads((output_dir / "results.json").read_text())
@@ -186,7 +195,7 @@ def test_a_killed_server_stops_the_client_with_the_address_and_keeps_its_checkpo
     _wait_for(lambda: _latest_checkpoint_both_saved(output_dir) is not None, 120, "a checkpoint both sides saved")
     server.kill()
     killed = time.monotonic()
-    client_log, _ = client.communicate(timeout=float(TIMEOUT) + 60)
+    client_log = wait_output(client, float(TIMEOUT) + 60)
     finish(server)
     assert time.monotonic() - killed < float(TIMEOUT) + 30
     assert client.returncode != 0
@@ -205,13 +214,13 @@ def test_a_hung_peer_ends_at_the_timeout(tiny_vit_path, digits_dir, tmp_path, hu
     start = time.monotonic()
     waiting = client if hung == "server" else server
     try:
-        output, _ = waiting.communicate(timeout=60)
+        output = wait_output(waiting, 60)
     finally:
         os.killpg(client.pid, signal.SIGKILL) if hung == "client" else server.kill()
         for process in (client, server):
             if process.poll() is None:
                 process.kill()
-            process.communicate()
+            process.wait()
     assert time.monotonic() - start < 5 + 30
     assert "Timed out" in output or "timed out" in output.lower(), output[-3000:]
 

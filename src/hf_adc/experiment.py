@@ -425,6 +425,7 @@ def train_split(
         "total_bytes": spent["total_bytes"],
         "uncompressed_bytes": spent["uncompressed_bytes"],
         "ratio": spent["total_bytes"] / spent["uncompressed_bytes"] if spent["uncompressed_bytes"] else 1.0,
+        "inference_bytes": split.link.inference_ledger.total_bytes,
         "budget_bytes": trainer.budget_bytes,
         "budget_exhausted": trainer.budget_exhausted,
         "steps": trainer.state.global_step,

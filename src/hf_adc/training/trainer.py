@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import time
 from functools import cache
 
 import evaluate
@@ -37,6 +38,9 @@ class _CommunicationCallback(TrainerCallback):
 
     def __init__(self, trainer: "ADCTrainer"):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.train_started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
@@ -106,6 +110,7 @@ class ADCTrainer(Trainer):
         args.label_smoothing_factor = smoothing
         self.model_accepts_loss_kwargs = False
         self.budget_exhausted = False
+        self.train_started = None  # perf_counter() at the start of train(); logs carry the wall time since
         self.communication = self._summary(Ledger())
         self._plan_budget()
         self.add_callback(_CommunicationCallback(self))
@@ -223,6 +228,8 @@ class ADCTrainer(Trainer):
             )
             if self.budget_bytes is not None:
                 logs["budget_spent"] = spent["total_bytes"] / self.budget_bytes
+            if self.train_started is not None:
+                logs["wall_seconds"] = time.perf_counter() - self.train_started
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial) -> None:

@@ -7,6 +7,7 @@ There is no fixed world and no `init_process_group`, so clients can come and go 
 every blocking call ends at the group's timeout.
 """
 
+import socket
 import time
 from datetime import timedelta
 
@@ -15,6 +16,24 @@ import torch.distributed as dist
 from .wire import Channel, PeerLost
 
 SESSIONS_KEY = "sessions"
+
+
+def _group(store, rank: int, timeout: timedelta, local_host: str | None) -> dist.ProcessGroupGloo:
+    """A two-rank gloo group whose connections use the interface of `local_host` (gloo would otherwise pick the
+    address its host name resolves to, which a private network or namespace may not reach)."""
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    device = dist.ProcessGroupGloo.create_device(hostname=local_host) if local_host else None
+    options._devices = [device or dist.ProcessGroupGloo.create_default_device()]
+    return dist.ProcessGroupGloo(store, rank, 2, options)
+
+
+def _local_address_towards(host: str, port: int) -> str:
+    """The local address this machine uses to reach `host` (a UDP connect sends nothing)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, port))
+        return probe.getsockname()[0]
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -32,6 +51,7 @@ class Listener:
         host, port = parse_address(address)
         self.address = address
         self.timeout = timeout
+        self.local_host = None if host in ("0.0.0.0", "::", "") else host
         try:
             self.store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timeout)
         except RuntimeError as error:
@@ -49,7 +69,7 @@ class Listener:
         self.accepted += 1
         session = self.accepted
         try:
-            group = dist.ProcessGroupGloo(dist.PrefixStore(f"session{session}", self.store), 0, 2, self.timeout)
+            group = _group(dist.PrefixStore(f"session{session}", self.store), 0, self.timeout, self.local_host)
         except RuntimeError as error:
             raise PeerLost(f"session {session} never joined its group: {error}") from error
         return session, Channel(group, 0, f"client of session {session}", self.timeout)
@@ -61,7 +81,7 @@ def connect(address: str, timeout: timedelta) -> Channel:
     try:
         store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
         session = store.add(SESSIONS_KEY, 1)
-        group = dist.ProcessGroupGloo(dist.PrefixStore(f"session{session}", store), 1, 2, timeout)
+        group = _group(dist.PrefixStore(f"session{session}", store), 1, timeout, _local_address_towards(host, port))
     except RuntimeError as error:
         seconds = timeout.total_seconds()
         raise PeerLost(f"cannot reach the server at {address} (timeout {seconds:.0f} s): {error}") from error

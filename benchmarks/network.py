@@ -1,0 +1,209 @@
+"""Client and server as separate processes over a real, shaped link: wall-clock, accuracy, and bytes on the wire.
+
+Every run is a server (`recipes/serve.py`) and a client (`accelerate launch recipes/train.py --server`) inside a
+private network namespace, talking over its loopback. The loopback is left as it is (64 KiB MTU, no shaping:
+the compute-only reference, and the ledger-against-wire check) or shaped with `tc tbf` to each `--rates` Mbit/s
+(MTU 1500, as a real link). The `lo` counters of `/proc/net/dev` inside the namespace count only the run's
+traffic. Needs root (`ip netns`, `tc`); it says so and stops otherwise.
+
+The task: the main job's pretrained checkpoint fine-tuned on Fashion-MNIST classes 5-9 (`--train-samples`
+images) under a budget of one epoch of uncompressed traffic, for the uncompressed split, ADC (xi = 0.1) and the
+best baseline of the quick sweep at that ratio (BottleNet++, d'/d = 0.1). Reported: wall-clock per training step
+(compute, from the unshaped run, and transfer, the rest), training wall-clock until the uncompressed split's final
+accuracy is reached, accuracy against training wall-clock (a plot), and ledger + framing against the wire.
+
+    sudo python benchmarks/network.py                       # 100 and 10 Mbit/s, writes docs/results/network/
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {
+    "uncompressed": ["--compression", "none"],
+    "ADC xi=0.1": ["--compression", "adc", "--xi", "0.1"],
+    "BottleNet++ 0.1": ["--compression", "bottlenet", "--ratio", "0.1"],
+}
+
+
+def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, check=True, capture_output=True, text=True, **kwargs)
+
+
+class Namespace:
+    """A private network namespace with its loopback up; `shape(rate)` sets the link, `wire_bytes()` reads it."""
+
+    def __init__(self, name: str):
+        self.name = name
+        run(["ip", "netns", "add", name])
+        run(self.exec(["ip", "link", "set", "lo", "up"]))
+
+    def exec(self, command: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *command]
+
+    def shape(self, mbit: float | None) -> None:
+        subprocess.run(self.exec(["tc", "qdisc", "del", "dev", "lo", "root"]), capture_output=True)
+        if mbit is None:
+            run(self.exec(["ip", "link", "set", "lo", "mtu", "65536"]))
+            return
+        run(self.exec(["ip", "link", "set", "lo", "mtu", "1500"]))
+        rate = ["rate", f"{mbit}mbit", "burst", "256kb", "latency", "500ms"]
+        run(self.exec(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", *rate]))
+
+    def wire_bytes(self) -> int:
+        for line in run(self.exec(["cat", "/proc/net/dev"])).stdout.splitlines():
+            if line.strip().startswith("lo:"):
+                return int(line.split(":")[1].split()[8])  # transmitted bytes (each packet once)
+        raise RuntimeError("no lo interface in the namespace")
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "delete", self.name], capture_output=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def one_run(namespace: Namespace, method: str, args, checkpoint: str, output_dir: Path) -> dict:
+    address = f"127.0.0.1:{free_port()}"
+    shared = ["--model_name_or_path", checkpoint, "--split_layer", "2", "--seed", str(args.seed), *METHODS[method]]
+    remote = ["--join_token", "bench", "--timeout", "600"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    before = namespace.wire_bytes()
+    output_dir.mkdir(parents=True)
+    server_log = open(output_dir / "server.log", "w")  # a file, not a pipe nobody reads while the client runs
+    server = subprocess.Popen(
+        namespace.exec([sys.executable, str(ROOT / "recipes/serve.py"), "--listen", address, *shared, *remote,
+                        "--accept_timeout", "120", "--output_dir", str(output_dir)]),
+        env=env, stdout=server_log, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    data = [
+        "--classes", "5-9", "--max_train_samples", str(args.train_samples), "--max_eval_samples",
+        str(args.eval_samples), "--budget_epochs", "1", "--eval_steps", "0.2", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    client = subprocess.run(
+        namespace.exec([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                        str(ROOT / "recipes/accelerate_configs/cpu.yaml"), str(ROOT / "recipes/train.py"), *shared,
+                        *remote, "--server", address, *data, "--output_dir", str(output_dir)]),
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    server.wait(timeout=300)
+    server_log.close()
+    if client.returncode or server.returncode:
+        log = (output_dir / "server.log").read_text()
+        raise RuntimeError(f"{method} failed:\n{client.stderr[-3000:]}\n{log[-3000:]}")
+    wire = namespace.wire_bytes() - before
+    results = json.loads((output_dir / "results.json").read_text())
+    evals, eval_seconds = [], 0.0
+    for entry in results["log_history"]:
+        if "eval_accuracy" in entry and "wall_seconds" in entry:
+            eval_seconds += entry["eval_runtime"]
+            evals.append((entry["wall_seconds"] - eval_seconds, entry["eval_accuracy"]))
+    train_seconds = results["train_seconds"] - eval_seconds
+    transport = results["transport"]
+    return {
+        "method": method,
+        "steps": results["steps"],
+        "accuracy": results["test_accuracy"],
+        "train_seconds": train_seconds,
+        "step_ms": 1e3 * train_seconds / results["steps"],
+        "evals": evals,
+        "ledger_bytes": results["total_bytes"] + results["inference_bytes"],
+        "payload_bytes": transport["payload_sent"] + transport["payload_received"],
+        "framing_bytes": transport["framing_sent"] + transport["framing_received"],
+        "wire_bytes": wire,
+    }
+
+
+def seconds_to_reach(evals: list[tuple[float, float]], accuracy: float) -> float | None:
+    return next((seconds for seconds, reached in evals if reached >= accuracy), None)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted({row["rate"] for row in rows if row["rate"]}, reverse=True)
+    figure, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 3.8), squeeze=False)
+    for axis, rate in zip(axes[0], rates, strict=True):
+        for row in (row for row in rows if row["rate"] == rate):
+            axis.plot(*zip(*row["evals"], strict=True), marker="o", label=row["method"])
+        axis.set_title(f"link shaped to {rate} Mbit/s")
+        axis.set_xlabel("training wall-clock (s, evaluations excluded)")
+        axis.set_ylabel("test accuracy")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", type=float, nargs="+", default=[100, 10], help="Link rates in Mbit/s.")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--train-samples", type=int, default=3000)
+    parser.add_argument("--eval-samples", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=str(ROOT / "docs/results/network"))
+    args = parser.parse_args()
+    if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc")):
+        sys.exit("benchmarks/network.py needs root and the `ip` and `tc` tools (a network namespace, a shaped link).")
+
+    from hf_adc.experiment import default_checkpoint
+
+    checkpoint = default_checkpoint(use_cpu=True)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    namespace = Namespace(f"hfadc{os.getpid()}")
+    rows = []
+    try:
+        settings = [(rate, method) for rate in [None, *args.rates] for method in args.methods]
+        for rate, method in tqdm(settings, desc="runs"):
+            namespace.shape(rate)
+            work = output / "work" / f"{rate or 'unshaped'}-{method.split()[0]}"
+            shutil.rmtree(work, ignore_errors=True)
+            rows.append({"rate": rate, **one_run(namespace, method, args, checkpoint, work)})
+            with open(output / "runs.jsonl", "a") as file:
+                file.write(json.dumps(rows[-1]) + "\n")
+    finally:
+        namespace.close()
+        shutil.rmtree(output / "work", ignore_errors=True)
+
+    compute = {row["method"]: row["step_ms"] for row in rows if row["rate"] is None}
+    print(f"\n{args.train_samples} training images, budget 1 uncompressed epoch, CPU ({os.cpu_count()} cores)\n")
+    print("| link | method | steps | step ms | compute ms | transfer ms | accuracy | s to uncompressed's accuracy "
+          "| speed-up | ledger + framing / wire |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for rate in [None, *args.rates]:
+        runs = [row for row in rows if row["rate"] == rate]
+        target = next(row["accuracy"] for row in runs if row["method"] == "uncompressed")
+        reference = seconds_to_reach(next(row["evals"] for row in runs if row["method"] == "uncompressed"), target)
+        for row in runs:
+            reached = seconds_to_reach(row["evals"], target)
+            speedup = f"{reference / reached:.1f}x" if reached and reference else "-"
+            counted = (row["payload_bytes"] + row["framing_bytes"]) / row["wire_bytes"]
+            link = f"{rate:g} Mbit/s" if rate else "unshaped"
+            compute_ms = compute[row["method"]]
+            print(
+                f"| {link} | {row['method']} | {row['steps']} | {row['step_ms']:.0f} | {compute_ms:.0f} | "
+                f"{row['step_ms'] - compute_ms:.0f} | {row['accuracy']:.4f} | "
+                f"{f'{reached:.0f}' if reached else 'not reached'} | {speedup} | {counted:.4f} |"
+            )
+    plot(rows, output / "accuracy_vs_wallclock.png")
+
+
+if __name__ == "__main__":
+    main()
