@@ -7,12 +7,17 @@ traffic, so a method that sends less trains more steps. Methods x compression le
 - `none` (the uncompressed split), `adc` (balanced, T/B = k/n = sqrt(xi));
 - ADC's ablations: `adc_tokens` (token selection only, T/B = 1), `adc_batch` (batch merging only, k/n = 1),
   `adc_scratch` (ADC on a randomly initialised ViT: method.md section 7 says it stays near chance);
-- the baselines at their nearest setting to each xi: `topk`, `randomtopk`, `bottlenet`, `c3sl`, `quantize`.
+- the baselines at their nearest setting to each xi: `topk`, `randomtopk`, `bottlenet`, `c3sl`, `quantize`;
+- compositions, a reducer then a codec (`adc+quantize8`, `adc+quantize16`, `adc_tokens+quantize8`,
+  `topk+quantize8`, `adc+bottlenet0.5`, ...), with `--methods` (any names `config_for_ratio` knows).
 
 Every finished run is appended to `runs.jsonl`, so an interrupted sweep resumes where it stopped. At the
 end: `summary.csv`, `table.md` (also printed) and `accuracy_vs_ratio.png`.
 
     python benchmarks/accuracy_vs_communication.py --preset quick --output-dir docs/results/quick
+    python benchmarks/accuracy_vs_communication.py --preset quick --levels 0.05 0.1 --seeds 0 1 2 \
+        --methods none adc adc_tokens bottlenet c3sl quantize topk adc+quantize8 adc+quantize16 \
+        adc_tokens+quantize8 topk+quantize8 adc+bottlenet0.5 --output-dir docs/results/composed
     python benchmarks/accuracy_vs_communication.py --preset cifar10 --data-path ../shared/data/cifar10
     python benchmarks/accuracy_vs_communication.py --preset deit --checkpoint facebook/deit-tiny-patch16-224 \
         --data-path ../shared/data/cifar10 --device cuda
@@ -34,7 +39,7 @@ from transformers import TrainingArguments
 from transformers import logging as transformers_logging
 
 import hf_adc
-from hf_adc.bridges import LEVEL_METHODS, config_for_ratio
+from hf_adc.bridges import COMPOSED_METHODS, LEVEL_METHODS, config_for_ratio
 from hf_adc.data import ImageTransform
 from hf_adc.experiment import (
     DataArguments,
@@ -165,7 +170,9 @@ def run_key(run: dict) -> tuple:
     return run["method"], run["level"], run["seed"]
 
 
-def sweep(preset: Preset, checkpoint: str, data_path: str | None, output_dir: Path, device: str, seeds) -> list:
+def sweep(
+    preset: Preset, checkpoint: str, data_path: str | None, output_dir: Path, device: str, seeds, methods, levels
+) -> list:
     runs_file = output_dir / "runs.jsonl"
     done = [json.loads(line) for line in runs_file.read_text().splitlines()] if runs_file.exists() else []
     finished = {run_key(run) for run in done}
@@ -181,8 +188,10 @@ def sweep(preset: Preset, checkpoint: str, data_path: str | None, output_dir: Pa
     test = materialize(dataset["test"], ImageTransform(image_processor), image_size)
     scratch_args = ModelArguments(**{**preset.model.__dict__, "model_name_or_path": None})
 
-    plan = [("none", 1.0)] + [(method, xi) for xi in LEVELS for method in METHODS]
-    plan += [("adc_scratch", xi) for xi in preset.scratch_levels]
+    plan = [("none", 1.0)] if "none" in methods else []
+    plan += [(method, xi) for xi in levels for method in methods if method not in ("none", "adc_scratch")]
+    if "adc_scratch" in methods:
+        plan += [("adc_scratch", xi) for xi in preset.scratch_levels]
     trainer_dir = tempfile.mkdtemp(prefix="hf_adc_sweep_")  # the Trainer's output_dir; nothing is saved there
     todo = [(method, xi, seed) for seed in seeds for method, xi in plan if (method, xi, seed) not in finished]
     for method, xi, seed in tqdm(todo, desc="sweep runs"):
@@ -235,7 +244,7 @@ def summarize(runs: list, output_dir: Path) -> str:
         writer.writeheader()
         writer.writerows(rows)
 
-    methods = ["none", *METHODS, "adc_scratch"]
+    methods = list(dict.fromkeys(["none", *METHODS, "adc_scratch", *(row["method"] for row in rows)]))
     levels = sorted({row["level"] for row in rows if row["method"] != "none"})
     cell = {(row["method"], row["level"]): row for row in rows}
     lines = ["| method | " + " | ".join(f"xi={level}" for level in levels) + " |", "|---" * (len(levels) + 1) + "|"]
@@ -268,12 +277,13 @@ def plot(rows: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7.5, 4.8))
-    for method in ["adc", "adc_tokens", "adc_batch", "adc_scratch", *METHODS[3:]]:
+    order = ["adc", "adc_tokens", "adc_batch", "adc_scratch", *METHODS[3:], *(row["method"] for row in rows)]
+    for method in dict.fromkeys(order):
         points = sorted((row["achieved_ratio"], row["accuracy_mean"], row["accuracy_std"]) for row in rows
                         if row["method"] == method)  # fmt: skip
         if points:
             ratio, mean, std = zip(*points, strict=True)
-            style = "-" if method == "adc" else "--" if method.startswith("adc") else ":"
+            style = "-" if method == "adc" else "-." if "+" in method else "--" if method.startswith("adc") else ":"
             axis.errorbar(ratio, mean, yerr=std, marker="o", linestyle=style, capsize=3, label=method)
     baseline = [row for row in rows if row["method"] == "none"]
     if baseline:
@@ -295,6 +305,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--data-path", help="Dataset folder (cifar10 and deit presets).")
     parser.add_argument("--checkpoint", help="Starting checkpoint (deit preset; else made and cached).")
     parser.add_argument("--seeds", type=int, nargs="+", help="Override the preset's seeds.")
+    parser.add_argument(
+        "--methods", nargs="+", default=["none", *METHODS, "adc_scratch"],
+        help=f"Methods to run (default: all single methods). Compositions too, e.g. {', '.join(COMPOSED_METHODS)}.",
+    )  # fmt: skip
+    parser.add_argument("--levels", type=float, nargs="+", default=list(LEVELS), help="Compression levels xi.")
     parser.add_argument("--output-dir", type=Path, help="Default: benchmarks/results/<preset>.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -308,7 +323,10 @@ def main(argv: list[str]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     transformers_logging.set_verbosity_error()
     checkpoint = args.checkpoint or pretrained_checkpoint(preset, args.data_path, args.device)
-    runs = sweep(preset, checkpoint, args.data_path, output_dir, args.device, args.seeds or preset.seeds)
+    runs = sweep(
+        preset, checkpoint, args.data_path, output_dir, args.device, args.seeds or preset.seeds, args.methods,
+        args.levels,
+    )
     print(summarize(runs, output_dir))
 
 

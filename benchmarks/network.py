@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -168,19 +169,19 @@ def main() -> None:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     namespace = Namespace(f"hfadc{os.getpid()}")
+    scratch = Path(tempfile.mkdtemp(prefix="hf_adc_network_"))  # each run's outputs: read, then deleted
     rows = []
     try:
         settings = [(rate, method) for rate in [None, *args.rates] for method in args.methods]
         for rate, method in tqdm(settings, desc="runs"):
             namespace.shape(rate)
-            work = output / "work" / f"{rate or 'unshaped'}-{method.split()[0]}"
-            shutil.rmtree(work, ignore_errors=True)
+            work = scratch / f"{rate or 'unshaped'}-{method.split()[0]}"
             rows.append({"rate": rate, **one_run(namespace, method, args, checkpoint, work)})
             with open(output / "runs.jsonl", "a") as file:
                 file.write(json.dumps(rows[-1]) + "\n")
     finally:
         namespace.close()
-        shutil.rmtree(output / "work", ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
     compute = {row["method"]: row["step_ms"] for row in rows if row["rate"] is None}
     print(f"\n{args.train_samples} training images, budget 1 uncompressed epoch, CPU ({os.cpu_count()} cores)\n")

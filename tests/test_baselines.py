@@ -138,7 +138,7 @@ def test_bit_packing_round_trips(bits):
         (lambda: hf_adc.RandomTopKConfig(rate=0.1, random_portion=1.0), r"random_portion=1.0 is out of range"),
         (lambda: hf_adc.BottleNetConfig(ratio=1.5), r"ratio=1.5 is out of range"),
         (lambda: hf_adc.C3SLConfig(R=0), r"R=0 is out of range"),
-        (lambda: hf_adc.QuantizationConfig(bits=32), r"bits=32 is out of range.*1 \.\. 16"),
+        (lambda: hf_adc.QuantizationConfig(bits=33), r"bits=33 is out of range.*1 \.\. 32"),
     ],
 )
 def test_impossible_baseline_settings_raise(factory, message):

@@ -26,7 +26,7 @@ from transformers import (
     set_seed,
 )
 
-from .bridges import CONFIGS, BridgeConfig
+from .bridges import CONFIGS, BridgeConfig, ComposedConfig
 from .data import DEFAULT_DATASET, ImageTransform, image_processor_for, load_image_dataset
 from .hub import load_pretrained
 from .link import WIRE_DTYPES, ChannelConfig, resolve_wire_dtype
@@ -38,6 +38,8 @@ from .transport import Listener, connect, parse_address
 logger = logging.getLogger(__name__)
 
 COMPRESSION_METHODS = ("none", *CONFIGS)
+REDUCER_METHODS = ("adc", "topk", "randomtopk")
+CODEC_METHODS = ("quantize", "bottlenet")
 METHOD_KNOBS = {
     "none": (),
     "adc": ("xi", "batch_ratio", "token_ratio", "kmeans_iters"),
@@ -118,7 +120,11 @@ class ModelArguments:
 class SplitArguments:
     split_layer: int = field(default=2, metadata={"help": "Encoder layers on the client (1 .. layers - 1)."})
     compression: str = field(
-        default="adc", metadata={"help": f"Bridge at the cut, one of: {', '.join(COMPRESSION_METHODS)}."}
+        default="adc",
+        metadata={
+            "help": f"Bridge at the cut, one of: {', '.join(COMPRESSION_METHODS)}; or a reducer "
+            f"({', '.join(REDUCER_METHODS)}) then a codec ({', '.join(CODEC_METHODS)}), e.g. adc+quantize."
+        },
     )
     xi: float | None = field(default=None, metadata={"help": "adc: total ratio in (0, 1] (default 0.1)."})
     batch_ratio: float | None = field(default=None, metadata={"help": "adc: clusters per sample, instead of xi."})
@@ -144,20 +150,32 @@ class SplitArguments:
 
     def compression_config(self, seed: int = 0) -> BridgeConfig | None:
         """The bridge config these arguments ask for; knobs of another method are an error, not ignored."""
-        if self.compression not in COMPRESSION_METHODS:
+        reducer, composed, codec = self.compression.partition("+")
+        methods = (reducer, codec) if composed else (self.compression,)
+        if composed and (reducer not in REDUCER_METHODS or codec not in CODEC_METHODS):
             raise ValueError(
-                f"compression={self.compression!r} is unknown: choose one of {', '.join(COMPRESSION_METHODS)}."
+                f"compression={self.compression!r} is not a reducer ({', '.join(REDUCER_METHODS)}) then a codec "
+                f"({', '.join(CODEC_METHODS)})."
+            )
+        if not composed and self.compression not in COMPRESSION_METHODS:
+            raise ValueError(
+                f"compression={self.compression!r} is unknown: choose one of {', '.join(COMPRESSION_METHODS)}, "
+                "or a composition such as adc+quantize."
             )
         knobs = {name: getattr(self, name) for name in ALL_KNOBS if getattr(self, name) is not None}
-        foreign = sorted(set(knobs) - set(METHOD_KNOBS[self.compression]))
+        foreign = sorted(set(knobs) - {knob for method in methods for knob in METHOD_KNOBS[method]})
         if foreign:
             raise ValueError(f"{', '.join(foreign)} do not apply to --compression {self.compression}.")
         if self.compression == "none":
             return None
-        config_class = CONFIGS[self.compression]
-        if "seed" in {f.name for f in fields(config_class)}:
-            knobs["seed"] = seed
-        return config_class(**knobs)
+        configs = []
+        for method in methods:
+            config_class = CONFIGS[method]
+            own = {name: value for name, value in knobs.items() if name in METHOD_KNOBS[method]}
+            if "seed" in {f.name for f in fields(config_class)}:
+                own["seed"] = seed
+            configs.append(config_class(**own))
+        return ComposedConfig(*configs) if composed else configs[0]
 
     def channel_config(self) -> ChannelConfig | None:
         if self.channel not in ("clean", "awgn"):
@@ -567,6 +585,9 @@ def run_server(
         training_args.output_dir,
         join_token=remote_args.token(),
     )
+    if remote_args.token() is None:
+        logger.warning("No join token (--join_token or $%s): any client that reaches this address can join.",
+                       JOIN_TOKEN_VARIABLE)  # fmt: skip
     listener = Listener(remote_args.listen, remote_args.timeout_delta())
     logger.warning("Serving the server half on %s.", remote_args.listen)
     results = server.serve(listener, accept_seconds=remote_args.accept_timeout)

@@ -22,12 +22,13 @@ the same `TrainingArguments` (the handshake checks that both sides agree on them
 client announces (BEGIN), and saves its half when the client checkpoints (SAVE) and at the end (END).
 """
 
+import hmac
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments, get_scheduler
 
-from .bridges import Bridge
+from .bridges import Bridge, ComposedConfig
 from .link import CommunicationRecord, Link, nbytes, wire_dtype_name
 from .split import SERVER_BRIDGE_WEIGHTS_NAME, SplitViTForImageClassification, SplitViTOutput
 from .transport import Channel, Kind, PeerLost, Refused, WireError, json_tensor, tensor_json
@@ -81,9 +82,10 @@ def differing_settings(client: dict, server: dict) -> list[str]:
 
 
 def drop_modules(bridge: Bridge, names: tuple[str, ...]) -> Bridge:
-    """`bridge` without the submodules that run on the other side."""
+    """`bridge` without the submodules (dotted names) that run on the other side."""
     for name in names:
-        delattr(bridge, name)
+        parent, _, child = name.rpartition(".")
+        delattr(bridge.get_submodule(parent), child)
     return bridge
 
 
@@ -206,6 +208,11 @@ class RemoteSplitViT(SplitViTForImageClassification):
     """
 
     def __init__(self, split: SplitViTForImageClassification, link: RemoteLink):
+        if isinstance(split.bridge.config, ComposedConfig):
+            raise ValueError(
+                f"compression {split.bridge.config.method} is a composed bridge: composed bridges run in one process "
+                "only for now (their receiver cannot rebuild the reducer's context from the wire yet)."
+            )
         bridge = drop_modules(split.bridge, split.bridge.server_modules)
         super().__init__(split.client, None, bridge, link)
         link.num_norms = sum(1 for parameter in self.parameters() if parameter.requires_grad)
@@ -260,8 +267,6 @@ class SplitServer:
     def serve(self, listener, accept_seconds: float | None = None) -> dict:
         """Serves clients from `listener` until one finishes training or is lost mid-training. `accept_seconds`
         bounds the wait for each next client (None: wait for ever)."""
-        import time
-
         while True:
             deadline = None if accept_seconds is None else time.monotonic() + accept_seconds
             try:
@@ -281,6 +286,10 @@ class SplitServer:
             logger.info("Session %d joined.", session)
             try:
                 return self._train(channel)
+            except Refused as error:
+                logger.warning("Session %d refused: %s", session, error)
+                channel.refuse(str(error))
+                continue
             except (PeerLost, WireError) as error:
                 logger.error("Session %d lost: %s. The last checkpoint in %s is kept.", session, error, self.output_dir)
                 channel.refuse(str(error))
@@ -289,7 +298,8 @@ class SplitServer:
 
     def _handshake(self, channel: Channel) -> None:
         settings = tensor_json(channel.recv(Kind.HELLO).tensors["settings"])
-        if self.join_token is not None and settings.get("token") != self.join_token:
+        token = settings.get("token")
+        if self.join_token is not None and not hmac.compare_digest(str(token), self.join_token):
             raise Refused("wrong join token.")
         labels = settings.get("labels")
         if not isinstance(labels, list) or not labels or not all(isinstance(name, str) for name in labels):
@@ -434,13 +444,8 @@ class SplitServer:
         state = {
             name: tensor.detach().contiguous().cpu()
             for name, tensor in bridge.state_dict().items()
-            if name.split(".")[0] in bridge.server_modules
+            if any(name.startswith(f"{module}.") for module in bridge.server_modules)
         }
         if state:
             save_file(state, self.output_dir / SERVER_BRIDGE_WEIGHTS_NAME)
 
-
-def connect_timeout(seconds: float) -> timedelta:
-    if not seconds > 0:
-        raise ValueError(f"timeout={seconds} is out of range: it must be > 0 seconds.")
-    return timedelta(seconds=seconds)

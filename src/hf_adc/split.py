@@ -11,7 +11,7 @@ from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.utils import ModelOutput
 
-from .bridges import CONFIGS, Bridge, BridgeConfig, IdentityBridge, build_bridge
+from .bridges import Bridge, BridgeConfig, IdentityBridge, build_bridge, config_from_dict
 from .hub import load_pretrained, push_halves
 from .link import ChannelConfig, CommunicationRecord, Ledger, Link, nbytes, wire_dtype_name
 from .modeling import ViTClientConfig, ViTClientModel, ViTServerConfig, ViTServerModel
@@ -19,17 +19,6 @@ from .modeling import ViTClientConfig, ViTClientModel, ViTServerConfig, ViTServe
 SPLIT_CONFIG_NAME = "split_config.json"
 BRIDGE_WEIGHTS_NAME = "bridge.safetensors"
 SERVER_BRIDGE_WEIGHTS_NAME = "server_bridge.safetensors"  # the server side of a bridge trained across processes
-
-
-def bridge_config_from_dict(settings: dict) -> BridgeConfig | None:
-    """The bridge config recorded by `BridgeConfig.to_dict` (as kept in the halves' configs)."""
-    settings = dict(settings)
-    method = settings.pop("method", None)
-    if method == "none":
-        return None
-    if method not in CONFIGS:
-        raise ValueError(f"compression method {method!r} is unknown: choose one of none, {', '.join(CONFIGS)}.")
-    return CONFIGS[method](**settings)
 
 
 @dataclass
@@ -118,7 +107,7 @@ class SplitViTForImageClassification(nn.Module):
         client = ViTClientModel.from_pretrained(directory / "client", **kwargs)
         server = ViTServerModel.from_pretrained(directory / "server", **kwargs)
         bridge = build_bridge(
-            bridge_config_from_dict(settings["compression"]),
+            config_from_dict(settings["compression"]),
             num_tokens=client.embeddings.patch_embeddings.num_patches + 1,
             hidden_size=client.config.hidden_size,
             num_labels=server.config.num_labels,
@@ -286,7 +275,8 @@ def split_vit(
 
     `model` is a `ViTForImageClassification` or a Hub id / local path to load one from. `compression` picks
     the bridge (`None`: uncompressed; `ADCConfig(xi=...)`: ADC; or a baseline: `TopKConfig`, `RandomTopKConfig`,
-    `BottleNetConfig`, `C3SLConfig`, `QuantizationConfig`); `channel` adds noise to what crosses.
+    `BottleNetConfig`, `C3SLConfig`, `QuantizationConfig`; or a reducer then a codec, `ComposedConfig`); `channel`
+    adds noise to what crosses.
     `wire_dtype` (`"float32"`, `"bfloat16"` or `"float16"`) is the dtype every floating-point tensor crosses
     in, whatever the model computes in (bf16 autocast included): it fixes the bytes charged and planned.
     """

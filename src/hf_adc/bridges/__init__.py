@@ -4,7 +4,8 @@ from .adc import ADCBridge, ADCConfig, kmeans
 from .base import Bridge, BridgeConfig, IdentityBridge, Message, SeededBridge
 from .bottlenet import BottleNetBridge, BottleNetConfig
 from .c3sl import C3SLBridge, C3SLConfig
-from .levels import LEVEL_METHODS, config_for_ratio
+from .composed import ComposedBridge, ComposedConfig
+from .levels import COMPOSED_METHODS, LEVEL_METHODS, config_for_ratio
 from .quantize import QuantizationConfig, QuantizeBridge
 from .topk import RandomTopKBridge, RandomTopKConfig, TopKBridge, TopKConfig
 
@@ -14,10 +15,26 @@ CONFIGS: dict[str, type[BridgeConfig]] = {
 }
 
 
+def config_from_dict(settings: dict) -> BridgeConfig | None:
+    """The bridge config recorded by `BridgeConfig.to_dict` (as kept in the halves' configs)."""
+    settings = dict(settings)
+    method = settings.pop("method", None)
+    if method == "none":
+        return None
+    if method is not None and "+" in method:
+        return ComposedConfig(config_from_dict(settings["reducer"]), config_from_dict(settings["codec"]))
+    if method not in CONFIGS:
+        raise ValueError(f"compression method {method!r} is unknown: choose one of none, {', '.join(CONFIGS)}.")
+    return CONFIGS[method](**settings)
+
+
 def build_bridge(config: BridgeConfig | None, num_tokens: int, hidden_size: int, num_labels: int) -> Bridge:
     """The bridge for `config` at a cut of `num_tokens` x `hidden_size` activations; `None` is uncompressed."""
     if config is None:
         return IdentityBridge()
+    if isinstance(config, ComposedConfig):
+        parts = [build_bridge(part, num_tokens, hidden_size, num_labels) for part in (config.reducer, config.codec)]
+        return ComposedBridge(config, *parts)
     if isinstance(config, ADCConfig):
         return ADCBridge(config, num_labels=num_labels)
     if isinstance(config, RandomTopKConfig):
@@ -31,13 +48,14 @@ def build_bridge(config: BridgeConfig | None, num_tokens: int, hidden_size: int,
     if isinstance(config, QuantizationConfig):
         return QuantizeBridge(config)
     raise TypeError(
-        f"compression={config!r} is not a known bridge config; use None or one of: "
+        f"compression={config!r} is not a known bridge config; use None, ComposedConfig or one of: "
         f"{', '.join(config.__name__ for config in CONFIGS.values())}."
     )
 
 
 __all__ = [
     "CONFIGS",
+    "COMPOSED_METHODS",
     "LEVEL_METHODS",
     "ADCBridge",
     "ADCConfig",
@@ -47,6 +65,8 @@ __all__ = [
     "BridgeConfig",
     "C3SLBridge",
     "C3SLConfig",
+    "ComposedBridge",
+    "ComposedConfig",
     "IdentityBridge",
     "Message",
     "QuantizationConfig",
@@ -57,6 +77,7 @@ __all__ = [
     "TopKBridge",
     "TopKConfig",
     "build_bridge",
+    "config_from_dict",
     "config_for_ratio",
     "kmeans",
 ]

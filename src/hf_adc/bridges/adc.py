@@ -186,6 +186,12 @@ class ADCBridge(SeededBridge):
         super().__init__(config)
         self.num_labels = num_labels
 
+    def sent_values(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
+        """What one batch sends, for a codec to code: the shape of the merged activations, and the bytes of the
+        soft labels and of other side information (none)."""
+        clusters, kept = self.config.sizes(batch_size, num_tokens)
+        return (clusters, kept, hidden_size), clusters * num_labels * element_size, 0
+
     def wire_bytes(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
         clusters, kept = self.config.sizes(batch_size, num_tokens)
         activations = clusters * kept * hidden_size * element_size

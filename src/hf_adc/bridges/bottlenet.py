@@ -4,6 +4,7 @@ Both are trained jointly with the model. The decoder's output has no activation 
 stream). The bottleneck is part of the architecture, so it also runs in eval mode.
 """
 
+import math
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -44,6 +45,11 @@ class BottleNetBridge(Bridge):
 
     def decode(self, hidden_states):
         return self.decoder(hidden_states)
+
+    def coded_bytes(self, shape: tuple[int, ...], element_size: int) -> tuple[int, int]:
+        """(up, down) bytes of tokens of `shape` (last dimension the hidden width) once encoded, and their gradient."""
+        coded = math.prod(shape[:-1]) * self.config.width(shape[-1]) * element_size
+        return coded, coded
 
     def wire_bytes(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
         activations = batch_size * num_tokens * self.config.width(hidden_size) * element_size

@@ -6,6 +6,7 @@ dtype).
 The client's backward uses the dequantized gradient (straight-through on the way up).
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,29 +19,34 @@ from .packing import pack_bits, packed_size, unpack_bits
 class QuantizationConfig(BridgeConfig):
     method = "quantize"
 
-    bits: int = field(default=8, metadata={"help": "Bits per value, 1 .. 16."})
+    bits: int = field(default=8, metadata={"help": "Bits per value, 1 .. 32 (above 16, computed in float64)."})
 
     def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 16:
-            raise ValueError(f"bits={self.bits!r} is out of range: it must be an integer in 1 .. 16.")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 32:
+            raise ValueError(f"bits={self.bits!r} is out of range: it must be an integer in 1 .. 32.")
 
 
 class QuantizeBridge(Bridge):
+    @property
+    def _compute_dtype(self) -> torch.dtype:
+        return torch.float64 if self.config.bits > 16 else torch.float32
+
     def _quantize(self, tensor: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
-        flat = tensor.reshape(tensor.shape[0], -1).float()
+        flat = tensor.reshape(tensor.shape[0], -1).to(self._compute_dtype)
         minimum = flat.min(dim=1).values
         step = (flat.max(dim=1).values - minimum) / (2**self.config.bits - 1)
-        codes = torch.round((flat - minimum[:, None]) / step.clamp_min(torch.finfo(torch.float32).tiny)[:, None])
+        codes = torch.round((flat - minimum[:, None]) / step.clamp_min(torch.finfo(flat.dtype).tiny)[:, None])
         return {
             f"{prefix}codes": pack_bits(codes, self.config.bits),
-            f"{prefix}minimum": minimum,
-            f"{prefix}step": step,
+            f"{prefix}minimum": minimum.float(),
+            f"{prefix}step": step.float(),
         }
 
     def _dequantize(self, wire: dict[str, torch.Tensor], prefix: str, shape: torch.Size, dtype) -> torch.Tensor:
         minimum, step = wire[f"{prefix}minimum"], wire[f"{prefix}step"]
         codes = unpack_bits(wire[f"{prefix}codes"], self.config.bits, shape.numel())
-        flat = codes.view(shape[0], -1).float() * step[:, None] + minimum[:, None]
+        compute = self._compute_dtype
+        flat = codes.view(shape[0], -1).to(compute) * step[:, None].to(compute) + minimum[:, None].to(compute)
         return flat.view(shape).to(dtype)
 
     def pack(self, activations):
@@ -57,6 +63,11 @@ class QuantizeBridge(Bridge):
 
     def unpack_gradient(self, wire, context):
         return self._dequantize(wire, "gradient_", *context)
+
+    def coded_bytes(self, shape: tuple[int, ...], element_size: int) -> tuple[int, int]:
+        """(up, down) bytes of values of `shape` (one minimum and step per row) once coded, and their gradient."""
+        one_way = packed_size(math.prod(shape), self.config.bits) + 2 * shape[0] * element_size
+        return one_way, one_way
 
     def wire_bytes(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
         one_way = packed_size(batch_size * num_tokens * hidden_size, self.config.bits) + 2 * batch_size * element_size

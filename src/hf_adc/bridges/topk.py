@@ -83,6 +83,14 @@ class TopKBridge(Bridge):
         values = wire["gradients"]
         return values.new_zeros(shape[0], math.prod(shape[1:])).scatter(1, indices, values).view(shape)
 
+    def sent_values(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
+        """What one batch sends, for a codec to code: the shape of the kept values, and the bytes of the labels
+        and of the packed indices."""
+        per_sample = num_tokens * hidden_size
+        kept = self.kept(per_sample)
+        bits = max(math.ceil(math.log2(per_sample)), 1)
+        return (batch_size, kept), batch_size * 8, packed_size(batch_size * kept, bits)
+
     def wire_bytes(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
         per_sample = num_tokens * hidden_size
         kept = batch_size * self.kept(per_sample)

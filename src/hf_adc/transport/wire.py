@@ -37,7 +37,7 @@ MAX_TEXT_BYTES = 2**16
 NAMES = (
     "activations", "gradients", "labels", "values", "indices", "codes", "minimum", "step",
     "gradient_codes", "gradient_minimum", "gradient_step", "loss", "seed", "norm", "logits",
-    "settings", "reason", "scalars",
+    "settings", "reason", "scalars", "shape",
 )  # fmt: skip
 DTYPES = (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8, torch.int32, torch.int64,
