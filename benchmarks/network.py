@@ -90,7 +90,7 @@ def one_run(namespace: Namespace, method: str, args, checkpoint: str, output_dir
     )  # fmt: skip
     data = [
         "--classes", "5-9", "--max_train_samples", str(args.train_samples), "--max_eval_samples",
-        str(args.eval_samples), "--budget_epochs", "1", "--eval_steps", "0.2", "--disable_tqdm", "true",
+        str(args.eval_samples), "--budget_epochs", "1", "--eval_steps", str(args.eval_every), "--disable_tqdm", "true",
     ]  # fmt: skip
     client = subprocess.run(
         namespace.exec([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--train-samples", type=int, default=3000)
     parser.add_argument("--eval-samples", type=int, default=500)
+    parser.add_argument("--eval-every", type=float, default=0.2, help="Evaluate every this fraction of the steps.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(ROOT / "docs/results/network"))
     args = parser.parse_args()
