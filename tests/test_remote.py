@@ -19,7 +19,7 @@ from test_recipes import ROOT, launch, tiny_run_args
 
 import hf_adc
 from hf_adc.transport import Kind, PeerLost, Refused, connect, json_tensor
-from hf_adc.transport.wire import PROTOCOL_VERSION, encode_header
+from hf_adc.transport.wire import FIXED, PROTOCOL_VERSION, encode_header
 
 TIMEOUT = "20"
 ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -227,7 +227,8 @@ def test_a_hung_peer_ends_at_the_timeout(tiny_vit_path, digits_dir, tmp_path, hu
 
 def _header(**fields) -> torch.Tensor:
     header = encode_header(Kind.HELLO, 0, {"settings": torch.zeros(4, dtype=torch.uint8)})
-    slots = {"magic": 0, "version": 1, "kind": 2, "step": 3, "count": 4, "name": 5, "dtype": 6, "rank": 7, "dim0": 8}
+    slots = {"magic": 0, "version": 1, "kind": 2, "step": 3, "count": 4}
+    slots.update(name=FIXED, dtype=FIXED + 1, rank=FIXED + 2, dim0=FIXED + 3)
     for name, value in fields.items():
         header[slots[name]] = value
     return header
@@ -264,7 +265,7 @@ def test_bad_headers_tokens_and_splits_are_refused_and_the_server_then_serves_a_
         for fields, expected in BAD_HEADERS:
             header = _header(**fields)
             if fields.get("rank") == 2:
-                header[9] = 2**20
+                header[FIXED + 4] = 2**20
             reason = _refusal(address, lambda channel, header=header: channel.group.send([header], 0, 0).wait())
             assert expected in reason, (fields, reason)
         names = [str(i) for i in range(5)]

@@ -3,7 +3,7 @@
 One training micro-batch is two round trips, so that the two processes compute exactly what one process does:
 
     client                                              server
-    FORWARD  bridge's wire tensors, labels, smoothing   -> unpack, decode, server half, loss
+    FORWARD  bridge's wire tensors, labels; smoothing   -> unpack, decode, server half, loss
              the loss                                   <- LOSS
     BACKWARD the seed autograd gives the loss            -> backward from that seed (1 / accumulation steps,
              (the Trainer's scaling, exactly)                times a loss scale under fp16), keeps the
@@ -16,8 +16,9 @@ The global norm is computed as one process computes it (the norm of all per-tens
 clipping is identical too.
 
 Every value that crosses is charged: the bridge's tensors as in one process, and the link's own control values
-(smoothing, seed, loss, norms) under `control`. Evaluation sends the activations (EVAL) and gets the logits
-(LOGITS), charged apart in `link.inference_ledger`. The server keeps its own optimizer and schedule, made from
+(smoothing, seed, loss, max and global norm as float64 in the message header; the client's norms as float32)
+under `control`. Evaluation sends the activations (EVAL) and gets the logits (LOGITS), charged apart in
+`link.inference_ledger`. The server keeps its own optimizer and schedule, made from
 the same `TrainingArguments` (the handshake checks that both sides agree on them), for the `max_steps` the
 client announces (BEGIN), and saves its half when the client checkpoints (SAVE) and at the end (END).
 """
@@ -100,7 +101,7 @@ class _RemoteLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         link = ctx.link
-        link.peer.send(Kind.BACKWARD, {"seed": grad_loss.detach().float().reshape(1)})
+        link.peer.send(Kind.BACKWARD, value=float(grad_loss))
         wire = link.send(link.peer.recv(Kind.GRADIENT).tensors)
         ctx.record.downlink.update({name: nbytes(tensor) for name, tensor in wire.items()})
         ctx.record.downlink["control"] = link.control_bytes[1]
@@ -117,7 +118,7 @@ class RemoteLink(Link):
     ways), and charges every tensor in `ledger`; the server half runs in the other process.
     """
 
-    control_bytes = (8, 4)  # up: label smoothing, backward seed; down: the loss
+    control_bytes = (16, 8)  # up: label smoothing, backward seed; down: the loss (float64 each)
 
     def __init__(self, peer: Channel, channel=None, wire_dtype: str | torch.dtype = "float32"):
         super().__init__(channel, wire_dtype)
@@ -126,8 +127,8 @@ class RemoteLink(Link):
 
     @property
     def step_control_bytes(self) -> tuple[int, int]:
-        """Up: a norm per client gradient and the max norm; down: the global norm (float32 each)."""
-        return 4 * (self.num_norms + 1), 4
+        """Up: a float32 norm per client gradient and the float64 max norm; down: the float64 global norm."""
+        return 4 * self.num_norms + 8, 8
 
     def join(self, settings: dict, token: str | None) -> None:
         """The handshake: sends the settings and the join token; raises `Refused` with the server's reason."""
@@ -151,13 +152,12 @@ class RemoteLink(Link):
         wire, context = bridge.pack(message.hidden_states.detach())
         wire = self.send(wire)
         sent_labels = message.labels.to(self.wire_dtype) if message.labels.is_floating_point() else message.labels
-        smoothing = torch.tensor([label_smoothing], dtype=torch.float32)
-        self.peer.send(Kind.FORWARD, {**wire, "labels": sent_labels, "scalars": smoothing})
+        self.peer.send(Kind.FORWARD, {**wire, "labels": sent_labels}, value=label_smoothing)
         record.uplink.update({name: nbytes(tensor) for name, tensor in wire.items()})
         record.uplink.update(labels=nbytes(sent_labels), control=self.control_bytes[0])
         self.ledger.uplink_bytes += record.uplink_bytes
         self.ledger.uncompressed_uplink_bytes += record.uncompressed_uplink_bytes
-        loss = self.peer.recv(Kind.LOSS).tensors["loss"].reshape(())
+        loss = torch.tensor(self.peer.recv(Kind.LOSS).value, dtype=torch.float32)
         return _RemoteLoss.apply(message.hidden_states, self, bridge, context, record, loss), record
 
     def optimizer_step(self, client_norms: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -167,9 +167,8 @@ class RemoteLink(Link):
             raise ValueError(
                 f"expected {self.num_norms} gradient norms, one per client parameter; got {client_norms.numel()}."
             )
-        norms = client_norms.detach().float().cpu()
-        self.peer.send(Kind.STEP, {"norm": norms, "scalars": torch.tensor([max_norm], dtype=torch.float32)})
-        total = self.peer.recv(Kind.NORM).tensors["norm"].reshape(())
+        self.peer.send(Kind.STEP, {"norm": client_norms.detach().float()}, value=max_norm)
+        total = torch.tensor(self.peer.recv(Kind.NORM).value, dtype=torch.float32)
         up, down = self.step_control_bytes
         self.ledger.uplink_bytes += up
         self.ledger.downlink_bytes += down
@@ -190,7 +189,7 @@ class RemoteLink(Link):
 
     def checkpoint(self, global_step: int) -> None:
         """Asks the server to save its half, optimizer and schedule as of `global_step`."""
-        self.peer.send(Kind.SAVE, {"scalars": torch.tensor([global_step])})
+        self.peer.send(Kind.SAVE, step=global_step)
         self.peer.recv(Kind.DONE)
 
     def finish(self) -> None:
@@ -371,19 +370,20 @@ class SplitServer:
                 self.steps = global_step
                 channel.send(Kind.DONE)
             elif message.kind == Kind.FORWARD:
-                pending = self._forward({name: tensor.to(device) for name, tensor in tensors.items()}, dtype)
-                channel.send(Kind.LOSS, {"loss": pending[2].detach().float().reshape(1)})
+                wire = {name: tensor.to(device) for name, tensor in tensors.items()}
+                pending = self._forward(wire, message.value, dtype)
+                channel.send(Kind.LOSS, value=float(pending[2]))
             elif message.kind == Kind.BACKWARD:
                 if pending is None:
                     raise WireError("a BACKWARD message came before any FORWARD.")
                 received, context, loss = pending
-                loss.backward(tensors["seed"].reshape(()).to(loss.device, loss.dtype))
+                loss.backward(torch.tensor(message.value, dtype=loss.dtype, device=loss.device))
                 wire = split.bridge.pack_gradient(received.grad, context)
                 channel.send(Kind.GRADIENT, split.link.send(wire))
                 pending = None
             elif message.kind == Kind.STEP:
-                total = self._optimizer_step(tensors["norm"], float(tensors["scalars"][0]))
-                channel.send(Kind.NORM, {"norm": total.reshape(1)})
+                total = self._optimizer_step(tensors["norm"], message.value)
+                channel.send(Kind.NORM, value=float(total))
             elif message.kind == Kind.EVAL:
                 split.server.eval()
                 split.bridge.eval()
@@ -391,18 +391,18 @@ class SplitServer:
                     logits = split.server(split.bridge.decode(tensors["activations"].to(device, dtype))).logits
                 channel.send(Kind.LOGITS, split.link.send({"logits": logits}))
             elif message.kind == Kind.SAVE:
-                self._save_checkpoint(int(tensors["scalars"][0]))
+                self._save_checkpoint(message.step)
                 channel.send(Kind.DONE)
             else:
                 self._save_final()
                 channel.send(Kind.DONE)
                 return {"status": "finished", "steps": self.steps, "traffic": vars(channel.traffic)}
 
-    def _forward(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
+    def _forward(self, tensors: dict[str, torch.Tensor], smoothing: float, dtype: torch.dtype):
         split = self.split
         split.server.train()
         split.bridge.train()
-        labels, smoothing = tensors.pop("labels"), float(tensors.pop("scalars")[0])
+        labels = tensors.pop("labels")
         if not 0 <= smoothing < 1:
             raise WireError(f"label smoothing {smoothing} is out of range [0, 1).")
         config = split.server.config

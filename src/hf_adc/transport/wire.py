@@ -1,10 +1,15 @@
 """The wire between a client and the server: a fixed integer header, then the tensors it announces. No pickle.
 
-Every message is one int64 header of `HEADER_LENGTH` fields, then its tensors in header order, each sent as
-it is over a torch.distributed point-to-point group (gloo, or NCCL between GPUs). The header says:
+Every message is one int64 header of `HEADER_LENGTH` fields, then (if it carries any) one body holding its
+tensors' bytes end to end in header order, over a torch.distributed point-to-point group (gloo). The header
+says:
 
-    magic, protocol version, message kind, step, number of tensors,
+    magic, protocol version, message kind, step, number of tensors, a float64 value (the bits),
     then for each of up to MAX_TENSORS slots: name id, dtype id, rank, and MAX_RANK dimensions
+
+The value carries a message's one scalar (a loss, a backward seed, a norm), so that such a message is a single
+send: every send also costs a few hundred bytes below the transport (TCP/IP headers and acknowledgements, gloo's
+own notifications), and the fewer sends, the closer the bytes counted here come to the bytes on the wire.
 
 Names and dtypes are ids in fixed tables, so no string or object is ever decoded from the peer beyond the
 JSON of the join handshake (plain data, size-capped). The receiver checks every field against its limits
@@ -29,7 +34,8 @@ MAGIC = 0x48464144  # "HFAD"
 MAX_TENSORS = 8
 MAX_RANK = 4
 SLOT = 3 + MAX_RANK
-HEADER_LENGTH = 5 + MAX_TENSORS * SLOT
+FIXED = 6
+HEADER_LENGTH = FIXED + MAX_TENSORS * SLOT
 HEADER_BYTES = HEADER_LENGTH * 8
 DEFAULT_MAX_TENSOR_BYTES = 2**30
 MAX_TEXT_BYTES = 2**16
@@ -83,6 +89,7 @@ class Message:
     kind: Kind
     step: int = 0
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    value: float = 0.0
 
 
 @dataclass
@@ -132,25 +139,27 @@ def tensor_json(tensor: torch.Tensor) -> dict:
     return data
 
 
-def encode_header(kind: Kind, step: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+def encode_header(kind: Kind, step: int, tensors: dict[str, torch.Tensor], value: float = 0.0) -> torch.Tensor:
     if len(tensors) > MAX_TENSORS:
         raise ValueError(f"a message carries at most {MAX_TENSORS} tensors; got {len(tensors)}.")
     header = torch.zeros(HEADER_LENGTH, dtype=torch.int64)
     header[:5] = torch.tensor([MAGIC, PROTOCOL_VERSION, int(kind), step, len(tensors)])
+    header[5:6] = torch.tensor([value], dtype=torch.float64).view(torch.int64)
     for slot, (name, tensor) in enumerate(tensors.items()):
         if name not in NAMES:
             raise ValueError(f"tensor name {name!r} is not in the wire's name table {NAMES}.")
         if tensor.dtype not in DTYPES or tensor.dim() > MAX_RANK:
             raise ValueError(f"tensor {name!r} ({tensor.dtype}, rank {tensor.dim()}) cannot cross the wire.")
-        start = 5 + slot * SLOT
+        start = FIXED + slot * SLOT
         header[start : start + 3] = torch.tensor([NAMES.index(name), DTYPES.index(tensor.dtype), tensor.dim()])
         header[start + 3 : start + 3 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
     return header
 
 
-def decode_header(header: torch.Tensor, max_tensor_bytes: int) -> tuple[Kind, int, list]:
-    """Checks every field of `header` before anything is allocated; returns kind, step and tensor specs."""
+def decode_header(header: torch.Tensor, max_tensor_bytes: int) -> tuple[Kind, int, float, list]:
+    """Checks every field of `header` before anything is allocated; returns kind, step, value, tensor specs."""
     values = header.tolist()
+    value = float(header[5:6].view(torch.float64))
     magic, version, kind, step, count = values[:5]
     if magic != MAGIC:
         raise WireError(f"header field magic={magic:#x} is not {MAGIC:#x}: the peer does not speak this protocol.")
@@ -164,7 +173,7 @@ def decode_header(header: torch.Tensor, max_tensor_bytes: int) -> tuple[Kind, in
         raise WireError(f"header field count={count} is out of range: 0 .. {MAX_TENSORS} tensors.")
     specs = []
     for slot in range(count):
-        name_id, dtype_id, rank, *dims = values[5 + slot * SLOT : 5 + (slot + 1) * SLOT]
+        name_id, dtype_id, rank, *dims = values[FIXED + slot * SLOT : FIXED + (slot + 1) * SLOT]
         if not 0 <= name_id < len(NAMES):
             raise WireError(f"header field name={name_id} (tensor {slot}) is unknown: 0 .. {len(NAMES) - 1}.")
         if not 0 <= dtype_id < len(DTYPES):
@@ -182,7 +191,7 @@ def decode_header(header: torch.Tensor, max_tensor_bytes: int) -> tuple[Kind, in
                 f"{max_tensor_bytes} bytes per tensor."
             )
         specs.append((NAMES[name_id], dtype, shape))
-    return Kind(kind), step, specs
+    return Kind(kind), step, value, specs
 
 
 class Channel:
@@ -210,37 +219,40 @@ class Channel:
                 f"lost the peer at {self.address} while {what} (timeout {self.timeout.total_seconds():.0f} s): {error}"
             ) from error
 
-    def send(self, kind: Kind, tensors: dict[str, torch.Tensor] | None = None, step: int = 0) -> None:
-        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in (tensors or {}).items()}
-        header = encode_header(kind, step, tensors)
+    def send(
+        self, kind: Kind, tensors: dict[str, torch.Tensor] | None = None, step: int = 0, value: float = 0.0
+    ) -> None:
+        tensors = {name: tensor.detach().cpu() for name, tensor in (tensors or {}).items()}
+        header = encode_header(kind, step, tensors, value)
         self._wait(lambda: self.group.send([header], self.peer, 0), f"sending {kind.name}")
         self.traffic.framing_sent += HEADER_BYTES
-        for name, tensor in tensors.items():
-            if tensor.numel():
-                send = lambda tensor=tensor: self.group.send([tensor], self.peer, 0)  # noqa: E731
-                self._wait(send, f"sending {kind.name} {name}")
-            self.traffic.payload_sent += tensor.numel() * tensor.element_size()
+        pieces = [tensor.reshape(-1).contiguous().view(torch.uint8) for tensor in tensors.values() if tensor.numel()]
+        if pieces:
+            body = torch.cat(pieces)
+            self._wait(lambda: self.group.send([body], self.peer, 0), f"sending {kind.name}'s tensors")
+            self.traffic.payload_sent += body.numel()
 
     def recv(self, *expected: Kind) -> Message:
         """The next message; one of `expected` kinds (a REFUSE raises `Refused`, anything else `WireError`)."""
         header = torch.empty(HEADER_LENGTH, dtype=torch.int64)
         self._wait(lambda: self.group.recv([header], self.peer, 0), "waiting for a message")
         self.traffic.framing_received += HEADER_BYTES
-        kind, step, specs = decode_header(header, self.max_tensor_bytes)
-        tensors = {}
-        for name, dtype, shape in specs:
-            tensor = torch.empty(shape, dtype=dtype)
-            if tensor.numel():
-                receive = lambda tensor=tensor: self.group.recv([tensor], self.peer, 0)  # noqa: E731
-                self._wait(receive, f"receiving {kind.name} {name}")
-            self.traffic.payload_received += tensor.numel() * tensor.element_size()
-            tensors[name] = tensor
+        kind, step, value, specs = decode_header(header, self.max_tensor_bytes)
+        sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape in specs]
+        body = torch.empty(sum(sizes), dtype=torch.uint8)
+        if body.numel():
+            self._wait(lambda: self.group.recv([body], self.peer, 0), f"receiving {kind.name}'s tensors")
+            self.traffic.payload_received += body.numel()
+        tensors, offset = {}, 0
+        for (name, dtype, shape), size in zip(specs, sizes, strict=True):
+            tensors[name] = body[offset : offset + size].clone().view(dtype).reshape(shape)
+            offset += size
         if kind == Kind.REFUSE and Kind.REFUSE not in expected:
             reason = tensor_text(tensors["reason"]) if "reason" in tensors else "no reason given"
             raise Refused(f"{self.address} refused the session: {reason}")
         if expected and kind not in expected:
             raise WireError(f"expected a {' or '.join(k.name for k in expected)} message; got {kind.name}.")
-        return Message(kind, step, tensors)
+        return Message(kind, step, tensors, value)
 
     def refuse(self, reason: str) -> None:
         """Tells the peer why its session ends, if it still listens."""
