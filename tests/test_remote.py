@@ -94,8 +94,10 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
         ("--compression", "adc", "--xi", "0.25"),
         ("--compression", "adc", "--xi", "0.25", "--gradient_accumulation_steps", "2"),
         ("--compression", "bottlenet", "--ratio", "0.25", "--gradient_accumulation_steps", "2"),
+        ("--compression", "topk", "--rate", "0.1"),
+        ("--compression", "quantize", "--bits", "4"),
     ],
-    ids=["none", "adc", "adc-accumulation", "bottlenet-accumulation"],
+    ids=["none", "adc", "adc-accumulation", "bottlenet-accumulation", "topk", "quantize"],
 )
 def test_two_processes_train_exactly_like_one(tiny_vit_path, digits_dir, tmp_path, extra):
     shared = model_args(tiny_vit_path, *extra, "--max_steps", "20")

@@ -95,7 +95,8 @@ class _RemoteLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, activations, link, bridge, context, record, loss):
-        ctx.link, ctx.bridge, ctx.context, ctx.record, ctx.dtype = link, bridge, context, record, activations.dtype
+        ctx.link, ctx.bridge, ctx.context, ctx.record = link, bridge, context, record
+        ctx.device, ctx.dtype = activations.device, activations.dtype
         return loss.clone()
 
     @staticmethod
@@ -107,7 +108,7 @@ class _RemoteLoss(torch.autograd.Function):
         ctx.record.downlink["control"] = link.control_bytes[1]
         link.ledger.downlink_bytes += ctx.record.downlink_bytes
         link.ledger.uncompressed_downlink_bytes += ctx.record.uncompressed_downlink_bytes
-        gradient = ctx.bridge.unpack_gradient(wire, ctx.context).to(ctx.dtype)
+        gradient = ctx.bridge.unpack_gradient(wire, ctx.context).to(ctx.device, ctx.dtype)
         return gradient, None, None, None, None, None
 
 
@@ -157,7 +158,8 @@ class RemoteLink(Link):
         record.uplink.update(labels=nbytes(sent_labels), control=self.control_bytes[0])
         self.ledger.uplink_bytes += record.uplink_bytes
         self.ledger.uncompressed_uplink_bytes += record.uncompressed_uplink_bytes
-        loss = torch.tensor(self.peer.recv(Kind.LOSS).value, dtype=torch.float32)
+        device = message.hidden_states.device
+        loss = torch.tensor(self.peer.recv(Kind.LOSS).value, dtype=torch.float32, device=device)
         return _RemoteLoss.apply(message.hidden_states, self, bridge, context, record, loss), record
 
     def optimizer_step(self, client_norms: torch.Tensor, max_norm: float) -> torch.Tensor:
