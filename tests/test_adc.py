@@ -129,3 +129,21 @@ def test_default_config_is_xi_one_tenth():
 def test_bad_adc_settings_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         hf_adc.ADCConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("exponent", "expected"), [(0.0, (32, 20)), (0.5, (10, 63)), (1.0, (3, 197)), (0.25, (18, 35))]
+)
+def test_split_exponent_divides_xi_between_samples_and_tokens(exponent, expected):
+    config = hf_adc.ADCConfig(xi=0.1, split_exponent=exponent)
+    assert config.sizes(32, 197) == expected
+    clusters, kept = expected
+    assert clusters == max(round(0.1**exponent * 32), 1)
+    assert clusters * kept / (32 * 197) == pytest.approx(0.1, rel=0.08)
+
+
+def test_split_exponent_needs_xi_and_a_range():
+    with pytest.raises(ValueError, match=r"split_exponent=1.5 is out of range: it must lie in \[0, 1\]"):
+        hf_adc.ADCConfig(xi=0.1, split_exponent=1.5)
+    with pytest.raises(ValueError, match="with batch_ratio and token_ratio there is no xi"):
+        hf_adc.ADCConfig(batch_ratio=0.5, token_ratio=0.5, split_exponent=0.25)
