@@ -476,7 +476,7 @@ def run_split_training(
     data_args: DataArguments,
     training_args: ADCTrainingArguments,
     resume_from_checkpoint: str | bool | None = None,
-    remote_args: "RemoteArguments | None" = None,
+    remote_args: RemoteArguments | None = None,
 ) -> dict:
     """Fine-tunes a split ViT through the chosen bridge; writes `client/`, `server/`, the image processor,
     `results.json` and `accuracy_vs_bytes.png` into `output_dir`, and returns the results.
