@@ -219,14 +219,7 @@ class RemoteSplitViT(SplitViTForImageClassification):
         link.num_norms = sum(1 for parameter in self.parameters() if parameter.requires_grad)
 
     def forward(self, pixel_values, labels=None, interpolate_pos_encoding=False, label_smoothing=0.0):
-        self._check_inputs(pixel_values, labels, interpolate_pos_encoding)
-        client_output = self.client(
-            pixel_values,
-            output_cls_attention=self.training and self.bridge.needs_cls_attention,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-        )
-        hidden_states = client_output.last_hidden_state
-        message = self.bridge.encode(hidden_states, labels, client_output.cls_attention)
+        hidden_states, message = self._client_side(pixel_values, labels, interpolate_pos_encoding, label_smoothing)
         if not self.training:
             logits = self.link.evaluate(message.hidden_states)
             loss = None if labels is None else F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)

@@ -221,15 +221,9 @@ class SplitViTForImageClassification(nn.Module):
             bad = low if low < 0 else high
             raise ValueError(f"label {bad} is out of range: labels must lie in [0, {self.num_labels}).")
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool = False,
-        label_smoothing: float = 0.0,
-    ) -> SplitViTOutput:
-        """`label_smoothing` in [0, 1) mixes the server's targets with the uniform distribution (the soft
-        labels of merged samples too), as `--label_smoothing_factor` asks."""
+    def _client_side(self, pixel_values, labels, interpolate_pos_encoding: bool, label_smoothing: float):
+        """Checks the inputs, runs the client half and the bridge's encoder: the client's uncompressed activations
+        and the message it puts on the link."""
         self._check_inputs(pixel_values, labels, interpolate_pos_encoding)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing={label_smoothing} is out of range: it must lie in [0, 1).")
@@ -239,7 +233,18 @@ class SplitViTForImageClassification(nn.Module):
             interpolate_pos_encoding=interpolate_pos_encoding,
         )
         hidden_states = client_output.last_hidden_state
-        message = self.bridge.encode(hidden_states, labels, client_output.cls_attention)
+        return hidden_states, self.bridge.encode(hidden_states, labels, client_output.cls_attention)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        label_smoothing: float = 0.0,
+    ) -> SplitViTOutput:
+        """`label_smoothing` in [0, 1) mixes the server's targets with the uniform distribution (the soft
+        labels of merged samples too), as `--label_smoothing_factor` asks."""
+        hidden_states, message = self._client_side(pixel_values, labels, interpolate_pos_encoding, label_smoothing)
         if not self.training:
             logits = self.server(self.bridge.decode(message.hidden_states)).logits
             loss = None if labels is None else F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
