@@ -6,6 +6,7 @@ cluster's mean CLS row ranks highest. Autograd then hands every member of a clus
 cluster's gradient on the kept tokens and zero elsewhere, so the gradient comes back compressed too.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -193,9 +194,9 @@ class ADCBridge(SeededBridge):
         return (clusters, kept, hidden_size), clusters * num_labels * element_size, 0
 
     def wire_bytes(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
-        clusters, kept = self.config.sizes(batch_size, num_tokens)
-        activations = clusters * kept * hidden_size * element_size
-        return activations + clusters * num_labels * element_size, activations
+        shape, labels, _ = self.sent_values(batch_size, num_tokens, hidden_size, num_labels, element_size)
+        activations = math.prod(shape) * element_size
+        return activations + labels, activations
 
     def encode(
         self,

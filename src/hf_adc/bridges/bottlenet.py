@@ -52,5 +52,5 @@ class BottleNetBridge(Bridge):
         return coded, coded
 
     def wire_bytes(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
-        activations = batch_size * num_tokens * self.config.width(hidden_size) * element_size
-        return activations + batch_size * 8, activations
+        up, down = self.coded_bytes((batch_size, num_tokens, hidden_size), element_size)
+        return up + batch_size * 8, down

@@ -70,5 +70,5 @@ class QuantizeBridge(Bridge):
         return one_way, one_way
 
     def wire_bytes(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
-        one_way = packed_size(batch_size * num_tokens * hidden_size, self.config.bits) + 2 * batch_size * element_size
-        return one_way + batch_size * 8, one_way
+        up, down = self.coded_bytes((batch_size, num_tokens, hidden_size), element_size)
+        return up + batch_size * 8, down

@@ -92,11 +92,9 @@ class TopKBridge(Bridge):
         return (batch_size, kept), batch_size * 8, packed_size(batch_size * kept, bits)
 
     def wire_bytes(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
-        per_sample = num_tokens * hidden_size
-        kept = batch_size * self.kept(per_sample)
-        bits = max(math.ceil(math.log2(per_sample)), 1)
-        values = kept * element_size
-        return values + packed_size(kept, bits) + batch_size * 8, values
+        shape, labels, indices = self.sent_values(batch_size, num_tokens, hidden_size, num_labels, element_size)
+        values = math.prod(shape) * element_size
+        return values + indices + labels, values
 
 
 class RandomTopKBridge(TopKBridge, SeededBridge):
