@@ -52,7 +52,7 @@ def start_server(address: str, output_dir, *args: str, token: str = "secret") ->
         sys.executable, str(ROOT / "recipes" / "serve.py"), "--listen", address, "--join_token", token,
         "--timeout", TIMEOUT, "--accept_timeout", "60", "--output_dir", str(output_dir), *args,
     ]  # fmt: skip
-    return spawn(command)
+    return spawn(command, start_new_session=True)
 
 
 def spawn(command: list[str], **kwargs) -> subprocess.Popen:
@@ -159,14 +159,25 @@ def _wait_for(condition, seconds: float, what: str) -> None:
 LONG_RUN = ("--max_steps", "400", "--save_strategy", "steps", "--save_steps", "10")
 
 
+def _training_pair(address, checkpoint, digits_dir, output_dir, *extra) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """A server and a client on a long run, returned once both sides have saved a checkpoint."""
+    server = start_server(address, output_dir, *model_args(checkpoint), *LONG_RUN, *extra)
+    client = _client(address, checkpoint, digits_dir, output_dir, *LONG_RUN, *extra)
+    _wait_for(lambda: _latest_checkpoint_both_saved(output_dir) is not None, 120, "a checkpoint both sides saved")
+    return server, client
+
+
+def _signal(process: subprocess.Popen, signum: int) -> None:
+    """Sends `signum` to the process and its children (each test process runs in a session of its own)."""
+    os.killpg(process.pid, signum)
+
+
 def test_a_killed_client_is_noticed_and_both_sides_resume_from_the_last_step_both_saved(
     tiny_vit_path, digits_dir, tmp_path
 ):
     address, output_dir = free_address(), tmp_path / "run"
-    server = start_server(address, output_dir, *model_args(tiny_vit_path), *LONG_RUN)
-    client = _client(address, tiny_vit_path, digits_dir, output_dir, *LONG_RUN)
-    _wait_for(lambda: _latest_checkpoint_both_saved(output_dir) is not None, 120, "a checkpoint both sides saved")
-    os.killpg(client.pid, signal.SIGKILL)
+    server, client = _training_pair(address, tiny_vit_path, digits_dir, output_dir)
+    _signal(client, signal.SIGKILL)
     killed = time.monotonic()
     server_log = finish(server, timeout=float(TIMEOUT) + 30)
     assert time.monotonic() - killed < float(TIMEOUT) + 10
@@ -192,10 +203,8 @@ def test_a_killed_server_stops_the_client_with_the_address_and_keeps_its_checkpo
     tiny_vit_path, digits_dir, tmp_path
 ):
     address, output_dir = free_address(), tmp_path / "run"
-    server = start_server(address, output_dir, *model_args(tiny_vit_path), *LONG_RUN)
-    client = _client(address, tiny_vit_path, digits_dir, output_dir, *LONG_RUN)
-    _wait_for(lambda: _latest_checkpoint_both_saved(output_dir) is not None, 120, "a checkpoint both sides saved")
-    server.kill()
+    server, client = _training_pair(address, tiny_vit_path, digits_dir, output_dir)
+    _signal(server, signal.SIGKILL)
     killed = time.monotonic()
     client_log = wait_output(client, float(TIMEOUT) + 60)
     finish(server)
@@ -208,21 +217,17 @@ def test_a_killed_server_stops_the_client_with_the_address_and_keeps_its_checkpo
 @pytest.mark.parametrize("hung", ["client", "server"])
 def test_a_hung_peer_ends_at_the_timeout(tiny_vit_path, digits_dir, tmp_path, hung):
     address, output_dir = free_address(), tmp_path / "run"
-    server = start_server(address, output_dir, *model_args(tiny_vit_path), *LONG_RUN, "--timeout", "5")
-    client = _client(address, tiny_vit_path, digits_dir, output_dir, *LONG_RUN, "--timeout", "5")
-    _wait_for(lambda: _latest_checkpoint_both_saved(output_dir) is not None, 120, "training under way")
-    stopped = server if hung == "server" else client
-    os.killpg(stopped.pid, signal.SIGSTOP) if hung == "client" else stopped.send_signal(signal.SIGSTOP)
+    server, client = _training_pair(address, tiny_vit_path, digits_dir, output_dir, "--timeout", "5")
+    stopped, waiting = (server, client) if hung == "server" else (client, server)
+    _signal(stopped, signal.SIGSTOP)
     start = time.monotonic()
-    waiting = client if hung == "server" else server
     try:
         output = wait_output(waiting, 60)
     finally:
-        os.killpg(client.pid, signal.SIGKILL) if hung == "client" else server.kill()
         for process in (client, server):
             if process.poll() is None:
-                process.kill()
-            process.wait()
+                _signal(process, signal.SIGKILL)
+            process.wait(timeout=30)
     assert time.monotonic() - start < 5 + 30
     assert "Timed out" in output or "timed out" in output.lower(), output[-3000:]
 
@@ -251,6 +256,7 @@ BAD_HEADERS = [
 
 
 def _refusal(address: str, send) -> str:
+    """What the server answers to `send(channel)`; every send and receive ends at the channel's timeout."""
     channel = connect(address, timedelta(seconds=float(TIMEOUT)))
     send(channel)
     with pytest.raises(Refused) as refused:
