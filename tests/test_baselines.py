@@ -165,6 +165,20 @@ def test_config_for_ratio_lands_near_xi(tiny_vit, method, xi):
     assert target / 1.6 < split.ledger.ratio < target * 1.6
 
 
+@pytest.mark.parametrize(("method", "exponent"), [("adc_a0.25", 0.25), ("adc_a0.75", 0.75), ("adc_a0", 0.0)])
+def test_config_for_ratio_names_the_split_exponent(method, exponent):
+    config = hf_adc.bridges.config_for_ratio(method, 0.1, num_tokens=TOKENS, hidden_size=HIDDEN, batch_size=64)
+    assert (config.xi, config.split_exponent) == (0.1, exponent)
+    clusters, tokens = config.sizes(64, TOKENS)
+    assert clusters == round(0.1**exponent * 64)
+
+
+@pytest.mark.parametrize(("method", "message"), [("adc_ahalf", "must be a number"), ("adc_a1.5", r"\[0, 1\]")])
+def test_config_for_ratio_refuses_a_bad_split_exponent(method, message):
+    with pytest.raises(ValueError, match=message):
+        hf_adc.bridges.config_for_ratio(method, 0.1, num_tokens=TOKENS, hidden_size=HIDDEN, batch_size=64)
+
+
 @pytest.mark.parametrize("method", ["adc", "bottlenet", "quantize", "c3sl"])
 def test_split_model_round_trips_through_save_pretrained(tiny_vit, batch, tmp_path, method):
     config = hf_adc.bridges.config_for_ratio(method, 0.25, num_tokens=TOKENS, hidden_size=HIDDEN, batch_size=12)

@@ -443,4 +443,3 @@ class SplitServer:
         }
         if state:
             save_file(state, self.output_dir / SERVER_BRIDGE_WEIGHTS_NAME)
-

@@ -38,9 +38,7 @@ class ComposedConfig(BridgeConfig):
         if isinstance(self.reducer, CODECS) and isinstance(self.codec, REDUCERS):
             raise ValueError(f"a codec before a reducer ({names}): put the reducer first, e.g. ADC then quantization.")
         if not isinstance(self.reducer, REDUCERS):
-            raise ValueError(
-                f"{names}: the first step must be a reducer ({', '.join(c.__name__ for c in REDUCERS)})."
-            )
+            raise ValueError(f"{names}: the first step must be a reducer ({', '.join(c.__name__ for c in REDUCERS)}).")
         if not isinstance(self.codec, CODECS):
             kind = "two reducers" if isinstance(self.codec, REDUCERS) else "an unknown second step"
             raise ValueError(f"{names} is {kind}: the second step must be a codec "

@@ -28,7 +28,8 @@ def config_for_ratio(
 ) -> BridgeConfig:
     """The config of `method` whose charged ratio (method.md section 4) comes nearest to `xi`.
 
-    `adc_tokens` / `adc_batch` are ADC's ablations (token selection only / batch merging only). Top-K's rate
+    `adc_tokens` / `adc_batch` are ADC's ablations (token selection only / batch merging only); `adc_a<a>` is
+    ADC with split exponent a (`adc_a0.25`: T/B = xi**0.25, k/n = xi**0.75). Top-K's rate
     leaves room for its indices (values and indices up, values down); C3-SL's R is the divisor of the batch
     size nearest 1/xi; quantization takes round(32 * xi) bits (1 .. 16). A composition (`COMPOSED_METHODS`, e.g.
     `adc+quantize8`) gives its reducer the ratio xi / (codec's ratio): ADC at 0.4 then 8-bit codes for xi = 0.1.
@@ -43,6 +44,13 @@ def config_for_ratio(
         return ADCConfig(batch_ratio=1.0, token_ratio=xi, seed=seed)
     if method == "adc_batch":
         return ADCConfig(batch_ratio=xi, token_ratio=1.0, seed=seed)
+    if method.startswith("adc_a"):
+        try:
+            exponent = float(method.removeprefix("adc_a"))
+        except ValueError:
+            message = f"method {method!r}: the split exponent after 'adc_a' must be a number in [0, 1]."
+            raise ValueError(message) from None
+        return ADCConfig(xi=xi, split_exponent=exponent, seed=seed)
     rate = min(xi / (1 + math.ceil(math.log2(num_tokens * hidden_size)) / 64), 1.0)
     if method == "topk":
         return TopKConfig(rate=rate)
@@ -55,7 +63,8 @@ def config_for_ratio(
     if method == "quantize":
         return QuantizationConfig(bits=min(max(round(32 * xi), 1), 16))
     raise ValueError(
-        f"method {method!r} is unknown: choose one of {', '.join(LEVEL_METHODS)}, or a composition like "
+        f"method {method!r} is unknown: choose one of {', '.join(LEVEL_METHODS)}, adc_a<exponent>, or a composition "
+        f"like "
         f"{', '.join(COMPOSED_METHODS)}."
     )
 
