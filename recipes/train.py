@@ -26,8 +26,18 @@ or on two (start the server first; same model, split and training arguments on b
 
     python recipes/serve.py --listen 0.0.0.0:29500 --join_token $TOKEN ...     # on the server host
     accelerate launch recipes/train.py --server SERVER_HOST:29500 --join_token $TOKEN ...   # on the client host
+
+Several clients (each on its own shard; `--schedule sequential` or `splitfed`, see hf_adc.federation):
+
+    python recipes/serve.py --listen 0.0.0.0:29500 --num_clients 3 --schedule splitfed --sync_every 10 ...
+    accelerate launch recipes/train.py --server SERVER_HOST:29500 --num_clients 3 --client_id 0 ...  # and 1, 2
+
+or all on one machine (the server and 3 client processes; outputs in output_dir and output_dir/client-i):
+
+    accelerate launch recipes/train.py --distributed --num_clients 3 --schedule splitfed --partition dirichlet
 """
 
+import json
 import logging
 import multiprocessing
 import secrets
@@ -35,12 +45,14 @@ import socket
 import sys
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 from transformers import HfArgumentParser
 
 from hf_adc.data import DEFAULT_DATASET
 from hf_adc.experiment import (
     DataArguments,
+    FederationArguments,
     ModelArguments,
     RemoteArguments,
     SplitArguments,
@@ -77,10 +89,17 @@ def main(argv: list[str]) -> dict:
         defaults["budget_epochs"] = "1"
     if not given & {"model_name_or_path", "dataset_name", "classes"}:
         defaults.update(MAIN_JOB_DATA)
-    parser = HfArgumentParser((ModelArguments, SplitArguments, DataArguments, ADCTrainingArguments, RemoteArguments))
-    model_args, split_args, data_args, training_args, remote_args = parser.parse_args_into_dataclasses(
+    parser = HfArgumentParser(
+        (ModelArguments, SplitArguments, DataArguments, ADCTrainingArguments, RemoteArguments, FederationArguments)
+    )
+    model_args, split_args, data_args, training_args, remote_args, federation_args = parser.parse_args_into_dataclasses(
         with_defaults(argv, defaults)
     )
+    if federation_args.num_clients is not None and not remote_args.distributed and federation_args.client_id is None:
+        raise ValueError(
+            f"--num_clients {federation_args.num_clients}: give this client's --client_id (and --server), or "
+            "--distributed to start the server and every client here."
+        )
     if remote_args.listen:
         raise ValueError(f"--listen {remote_args.listen} is for recipes/serve.py; the client takes --server.")
     split_args.compression_config(seed=training_args.seed)
@@ -100,6 +119,8 @@ def main(argv: list[str]) -> dict:
                 "with recipes/pretrain.py.",
                 stacklevel=1,
             )
+    if remote_args.distributed and federation_args.num_clients is not None:
+        return run_federation_here(model_args, split_args, data_args, training_args, remote_args, federation_args)
     server_process = None
     if remote_args.distributed:
         remote_args, server_process = start_local_server(model_args, split_args, training_args, remote_args)
@@ -111,6 +132,7 @@ def main(argv: list[str]) -> dict:
             training_args,
             resume_from_checkpoint=training_args.resume_from_checkpoint,
             remote_args=remote_args,
+            federation_args=federation_args,
         )
     finally:
         if server_process is not None:
@@ -127,7 +149,54 @@ def _serve(*args) -> None:
     run_server(*args)
 
 
-def start_local_server(model_args, split_args, training_args, remote_args):
+def _client(client_id: int, *args) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s client {client_id} %(name)s: %(message)s")
+    results = run_split_training(*args)
+    print(f"client {client_id}: {summary_text(results)}")
+
+
+def run_federation_here(model_args, split_args, data_args, training_args, remote_args, federation_args) -> dict:
+    """The server and `num_clients` clients as processes on this machine; returns the server's results (per-client
+    and total bytes, accuracies) and prints them as a table."""
+    remote_args, server = start_local_server(model_args, split_args, training_args, remote_args, federation_args)
+    context = multiprocessing.get_context("spawn")
+    clients = []
+    for client_id in range(federation_args.num_clients):
+        client_training = replace(training_args, output_dir=f"{training_args.output_dir}/client-{client_id}")
+        client_federation = replace(federation_args, client_id=client_id)
+        args = (model_args, split_args, data_args, client_training, None, remote_args, client_federation)
+        clients.append(context.Process(target=_client, args=(client_id, *args), name=f"hf_adc-client-{client_id}"))
+        clients[-1].start()
+    for process in [*clients, server]:
+        process.join(timeout=remote_args.timeout * 4)
+        if process.is_alive():
+            process.terminate()
+    path = Path(training_args.output_dir) / "server_results.json"
+    if not path.exists():
+        raise RuntimeError(f"the server wrote no {path}: see its log above.")
+    results = json.loads(path.read_text())
+    print(federation_table(results))
+    return results
+
+
+def federation_table(results: dict) -> str:
+    lines = [
+        f"{results['schedule']}, {results['num_clients']} clients: {results['detail']}",
+        "| client | shard | test accuracy | local accuracy | sent (MB) | of which sync (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for client_id, client in results["clients"].items():
+        lines.append(
+            f"| {client_id} | {client['shard_size']} | {client.get('test_accuracy', float('nan')):.4f} | "
+            f"{client.get('local_accuracy', float('nan')):.4f} | {client.get('total_bytes', 0) / 1e6:.2f} | "
+            f"{client.get('sync_bytes', 0) / 1e6:.2f} |"
+        )
+    total = results["total"]
+    lines.append(f"| all | | | | {total['total_bytes'] / 1e6:.2f} | {total['sync_bytes'] / 1e6:.2f} |")
+    return "\n".join(lines)
+
+
+def start_local_server(model_args, split_args, training_args, remote_args, federation_args=None):
     """Starts the server half in a process of its own on 127.0.0.1 (a free port, a fresh join token); returns
     the client's remote arguments pointing at it, and the process."""
     with socket.socket() as probe:
@@ -137,7 +206,7 @@ def start_local_server(model_args, split_args, training_args, remote_args):
     address = f"127.0.0.1:{port}"
     server_args = replace(remote_args, distributed=False, listen=address, join_token=token)
     process = multiprocessing.get_context("spawn").Process(
-        target=_serve, args=(model_args, split_args, training_args, server_args), name="hf_adc-server"
+        target=_serve, args=(model_args, split_args, training_args, server_args, federation_args), name="hf_adc-server"
     )
     process.start()
     return replace(remote_args, distributed=False, server=address, join_token=token), process

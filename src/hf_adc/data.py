@@ -197,6 +197,46 @@ def load_image_dataset(
     return dataset
 
 
+PARTITIONS = ("iid", "dirichlet")
+
+
+def partition_indices(
+    labels: Sequence[int], num_clients: int, partition: str = "iid", alpha: float = 0.5, seed: int = 0
+) -> list[np.ndarray]:
+    """Disjoint shards of row indices covering all rows, one per client, determined by the labels, the number of
+    clients, the partition and the seed alone (so each client computes its own shard without seeing another's
+    rows).
+
+    `iid`: a seeded permutation cut into near-equal parts. `dirichlet`: each class's rows are dealt to the clients
+    in proportions drawn from Dirichlet(alpha) (smaller alpha, more skew), redrawn until every client has a row.
+    """
+    if num_clients < 1:
+        raise ValueError(f"num_clients={num_clients} is out of range: it must be >= 1.")
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition={partition!r} is unknown: choose one of {', '.join(PARTITIONS)}.")
+    if partition == "dirichlet" and not alpha > 0:
+        raise ValueError(f"alpha={alpha} is out of range: the Dirichlet concentration must be > 0.")
+    labels = np.asarray(labels)
+    if len(labels) < num_clients:
+        raise ValueError(f"{len(labels)} rows cannot give each of num_clients={num_clients} clients a row.")
+    generator = np.random.default_rng(seed)
+    if partition == "iid":
+        return [np.sort(part) for part in np.array_split(generator.permutation(len(labels)), num_clients)]
+    for _ in range(1000):
+        shards = [[] for _ in range(num_clients)]
+        for label in np.unique(labels):
+            rows = generator.permutation(np.flatnonzero(labels == label))
+            cuts = (np.cumsum(generator.dirichlet(np.full(num_clients, alpha)))[:-1] * len(rows)).astype(int)
+            for shard, part in zip(shards, np.split(rows, cuts), strict=True):
+                shard.extend(part.tolist())
+        if all(shards):
+            return [np.sort(np.asarray(shard, dtype=np.int64)) for shard in shards]
+    raise ValueError(
+        f"Dirichlet(alpha={alpha}) left a client without rows in 1000 draws of {len(labels)} rows over "
+        f"{num_clients} clients: raise alpha or use fewer clients."
+    )
+
+
 def image_processor_for(config: ViTConfig) -> BaseImageProcessor:
     """An image processor matching a ViT built from a config: RGB, resized to its image size, scaled to [-1, 1]."""
     size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2

@@ -27,7 +27,15 @@ from transformers import (
 )
 
 from .bridges import CONFIGS, BridgeConfig, ComposedConfig
-from .data import DEFAULT_DATASET, ImageTransform, image_processor_for, load_image_dataset
+from .data import (
+    DEFAULT_DATASET,
+    PARTITIONS,
+    ImageTransform,
+    image_processor_for,
+    load_image_dataset,
+    partition_indices,
+)
+from .federation import SCHEDULES, FederatedLink, FederatedServer
 from .hub import load_pretrained
 from .link import WIRE_DTYPES, ChannelConfig, resolve_wire_dtype
 from .remote import RemoteLink, RemoteSplitViT, SplitServer, session_settings
@@ -237,6 +245,58 @@ class RemoteArguments:
         return timedelta(seconds=self.timeout)
 
 
+@dataclass
+class FederationArguments:
+    """Several clients against one server (see `hf_adc.federation`)."""
+
+    num_clients: int | None = field(
+        default=None,
+        metadata={"help": "Clients in the federation (serve.py, and every client). Absent: one client, no sync."},
+    )
+    client_id: int | None = field(default=None, metadata={"help": "Client: this client's id, 0 .. num_clients - 1."})
+    schedule: str = field(
+        default="splitfed",
+        metadata={"help": f"serve.py: {' or '.join(SCHEDULES)} (clients in turn, or in parallel with FedAvg)."},
+    )
+    sync_every: int = field(
+        default=10, metadata={"help": "serve.py: optimizer steps per turn (sequential) or between averagings."}
+    )
+    partition: str = field(
+        default="iid", metadata={"help": f"Client: how the training rows are dealt ({', '.join(PARTITIONS)})."}
+    )
+    alpha: float = field(default=0.5, metadata={"help": "Client: Dirichlet concentration (--partition dirichlet)."})
+    round_timeout: float = field(
+        default=120.0, metadata={"help": "serve.py: seconds a round or a turn waits for a client before dropping it."}
+    )
+    min_clients: int = field(default=1, metadata={"help": "serve.py: fewest live clients the federation goes on with."})
+
+    def __post_init__(self):
+        if self.num_clients is not None and self.num_clients < 1:
+            raise ValueError(f"num_clients={self.num_clients} is out of range: it must be >= 1.")
+        if self.client_id is not None:
+            if self.num_clients is None:
+                raise ValueError(f"client_id={self.client_id} needs --num_clients (the same on every client).")
+            if not 0 <= self.client_id < self.num_clients:
+                raise ValueError(f"client_id={self.client_id} is out of range: 0 .. {self.num_clients - 1}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}.")
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"partition={self.partition!r} is unknown: choose one of {', '.join(PARTITIONS)}.")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha={self.alpha} is out of range: it must be > 0.")
+        if self.sync_every < 1:
+            raise ValueError(f"sync_every={self.sync_every} is out of range: it must be >= 1.")
+        if not self.round_timeout > 0:
+            raise ValueError(f"round_timeout={self.round_timeout} is out of range: it must be > 0 seconds.")
+        if self.num_clients is not None and not 1 <= self.min_clients <= self.num_clients:
+            raise ValueError(f"min_clients={self.min_clients} is out of range: 1 .. {self.num_clients}.")
+
+    def shared_settings(self, training_args: ADCTrainingArguments) -> dict:
+        """What every client of one federation must give alike (the server checks)."""
+        budget = {name: getattr(training_args, name) for name in ("communication_budget", "budget_epochs", "max_steps")}
+        return {"num_clients": self.num_clients, "partition": self.partition, "alpha": self.alpha, **budget}
+
+
 def with_defaults(argv: list[str], defaults: dict[str, str]) -> list[str]:
     """`argv` with `--name value` prepended for each default the user did not set. Without a GPU the default
     is also `--use_cpu true`: without it, accelerate's multi-process launch on CPUs runs each process alone."""
@@ -440,6 +500,7 @@ def train_split(
         "test_top5_accuracy": metrics.get("eval_top5_accuracy"),
         "uplink_bytes": spent["uplink_bytes"],
         "downlink_bytes": spent["downlink_bytes"],
+        "sync_bytes": spent["sync_bytes"],
         "total_bytes": spent["total_bytes"],
         "uncompressed_bytes": spent["uncompressed_bytes"],
         "ratio": spent["total_bytes"] / spent["uncompressed_bytes"] if spent["uncompressed_bytes"] else 1.0,
@@ -477,6 +538,7 @@ def run_split_training(
     training_args: ADCTrainingArguments,
     resume_from_checkpoint: str | bool | None = None,
     remote_args: RemoteArguments | None = None,
+    federation_args: FederationArguments | None = None,
 ) -> dict:
     """Fine-tunes a split ViT through the chosen bridge; writes `client/`, `server/`, the image processor,
     `results.json` and `accuracy_vs_bytes.png` into `output_dir`, and returns the results.
@@ -486,7 +548,10 @@ def run_split_training(
 
     With `remote_args.server`, the server half lives in a server process (`recipes/serve.py`): this process
     trains the client half through the wire, writes and pushes the client's side only, and `results` gain the
-    transport's byte counts (tensor payload and header framing, both ways).
+    transport's byte counts (tensor payload and header framing, both ways). With `federation_args.client_id`
+    too, this process is one client of a federation: it trains on its shard of the training rows, keeps its half
+    in step with the others' (sync bytes charged), and `results["federation"]` gives its plan, shard and the
+    accuracy on test rows weighted like its shard's classes (`local_accuracy`).
     """
     hub_model_id = None
     if training_args.push_to_hub:
@@ -494,19 +559,41 @@ def run_split_training(
             raise ValueError("--push_to_hub needs --hub_model_id: the halves go to <id>-client and <id>-server.")
         hub_model_id = training_args.hub_model_id
         training_args.push_to_hub = False  # the Trainer would push the wrapper; the halves are pushed below
+    federated = federation_args is not None and federation_args.client_id is not None
+    if federated and not (remote_args and remote_args.server):
+        raise ValueError(f"--client_id {federation_args.client_id} joins a federation: give --server HOST:PORT too.")
     dataset = load_data(data_args, training_args.seed)
     split, image_processor = build_split(
         model_args, split_args, dataset["train"].features["label"].names, training_args.seed
     )
+    if federated:
+        shards = partition_indices(
+            list(dataset["train"]["label"]), federation_args.num_clients, federation_args.partition,
+            federation_args.alpha, training_args.seed,
+        )  # fmt: skip
+        dataset["train"] = dataset["train"].select(shards[federation_args.client_id])
+        shard_labels = list(dataset["train"]["label"])
     if remote_args is not None and remote_args.server:
         peer = connect(remote_args.server, remote_args.timeout_delta())
-        link = RemoteLink(peer, split.link.channel, split.link.wire_dtype)
+        if federated:
+            link = FederatedLink(peer, federation_args.client_id, split.link.channel, split.link.wire_dtype)
+        else:
+            link = RemoteLink(peer, split.link.channel, split.link.wire_dtype)
         split = RemoteSplitViT(split, link)
-        link.join(session_settings(split, training_args), remote_args.token())
+        settings = session_settings(split, training_args)
+        if federated:
+            settings["federation"] = federation_args.shared_settings(training_args)
+            link.attach(split)
+        link.join(settings, remote_args.token())
     dataset = _with_transforms(dataset, image_processor, data_args.augment)
     trainer, results = train_split(split, training_args, dataset["train"], dataset["test"], resume_from_checkpoint)
-    if isinstance(split, RemoteSplitViT):
+    if federated:
+        results["federation"] = _federation_results(trainer, split.link, federation_args, shard_labels, dataset)
+        results["local_accuracy"] = results["federation"]["local_accuracy"]
+        split.link.finish(results)
+    elif isinstance(split, RemoteSplitViT):
         split.link.finish()
+    if isinstance(split, RemoteSplitViT):
         results["transport"] = {**vars(split.link.peer.traffic), "server": remote_args.server}
     results["args"] = {
         "model": asdict(model_args),
@@ -531,6 +618,30 @@ def run_split_training(
                 token=training_args.hub_token,
             )
     return results
+
+
+def _federation_results(trainer: ADCTrainer, link: FederatedLink, federation_args, shard_labels, dataset) -> dict:
+    """The client's plan and shard, and its test accuracy per class weighted by its shard's class frequencies."""
+    num_labels = len(dataset["train"].features["label"].names)
+    prediction = trainer.predict(dataset["test"])
+    predicted = torch.as_tensor(prediction.predictions).argmax(-1)
+    truth = torch.as_tensor(prediction.label_ids)
+    correct = torch.zeros(num_labels).index_add_(0, truth, (predicted == truth).float())
+    per_class = correct / torch.bincount(truth, minlength=num_labels).clamp(min=1)
+    shard = torch.bincount(torch.as_tensor(shard_labels), minlength=num_labels).float()
+    return {
+        "client_id": federation_args.client_id,
+        "partition": federation_args.partition,
+        "alpha": federation_args.alpha,
+        "shard_size": len(shard_labels),
+        "shard_classes": shard.long().tolist(),
+        "plan": vars(link.plan_),
+        "sync_bytes": link.ledger.sync_bytes,
+        "sync_transfers": link.sync_transfers,
+        "half_bytes": link.half_bytes,
+        "per_class_accuracy": per_class.tolist(),
+        "local_accuracy": float(per_class @ (shard / shard.sum())),
+    }
 
 
 def save_split(
@@ -569,6 +680,7 @@ def run_server(
     split_args: SplitArguments,
     training_args: ADCTrainingArguments,
     remote_args: RemoteArguments,
+    federation_args: FederationArguments | None = None,
 ) -> dict:
     """Serves the server half at `remote_args.listen` until a client has trained to the end (or is lost), then
     writes `server/` (and the bridge's server-side weights) and `server_results.json` into `output_dir`, and with
@@ -579,12 +691,18 @@ def run_server(
         raise ValueError("--push_to_hub needs --hub_model_id: the server half goes to <id>-server.")
     split_args.compression_config(seed=training_args.seed)
     split_args.channel_config()
-    server = SplitServer(
-        lambda labels: build_split(model_args, split_args, labels, training_args.seed)[0].to(training_args.device),
-        training_args,
-        training_args.output_dir,
-        join_token=remote_args.token(),
-    )
+
+    def build(labels):
+        return build_split(model_args, split_args, labels, training_args.seed)[0].to(training_args.device)
+
+    if federation_args is not None and federation_args.num_clients is not None:
+        server = FederatedServer(
+            build, training_args, training_args.output_dir, federation_args.num_clients, federation_args.schedule,
+            federation_args.sync_every, federation_args.round_timeout, federation_args.min_clients,
+            join_token=remote_args.token(),
+        )  # fmt: skip
+    else:
+        server = SplitServer(build, training_args, training_args.output_dir, join_token=remote_args.token())
     if remote_args.token() is None:
         logger.warning("No join token (--join_token or $%s): any client that reaches this address can join.",
                        JOIN_TOKEN_VARIABLE)  # fmt: skip

@@ -90,26 +90,30 @@ class CommunicationRecord:
 
 class Ledger:
     """Running totals of the bytes that crossed the cut, both ways, and what an uncompressed split would
-    have sent for the same batches. `ratio` is sent over uncompressed, both directions together."""
+    have sent for the same batches. `ratio` is sent over uncompressed, both directions together.
 
-    FIELDS = ("uplink_bytes", "downlink_bytes", "uncompressed_uplink_bytes", "uncompressed_downlink_bytes")
+    With several clients, `sync_bytes` counts the client halves sent to and from the server to keep them in
+    step (both ways); the uncompressed split would send them too, so they count on both sides of the ratio.
+    """
+
+    FIELDS = (
+        "uplink_bytes", "downlink_bytes", "uncompressed_uplink_bytes", "uncompressed_downlink_bytes", "sync_bytes",
+    )  # fmt: skip
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.uplink_bytes = 0
-        self.downlink_bytes = 0
-        self.uncompressed_uplink_bytes = 0
-        self.uncompressed_downlink_bytes = 0
+        for name in self.FIELDS:
+            setattr(self, name, 0)
 
     @property
     def total_bytes(self) -> int:
-        return self.uplink_bytes + self.downlink_bytes
+        return self.uplink_bytes + self.downlink_bytes + self.sync_bytes
 
     @property
     def uncompressed_bytes(self) -> int:
-        return self.uncompressed_uplink_bytes + self.uncompressed_downlink_bytes
+        return self.uncompressed_uplink_bytes + self.uncompressed_downlink_bytes + self.sync_bytes
 
     @property
     def ratio(self) -> float:
@@ -120,7 +124,7 @@ class Ledger:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         for name in self.FIELDS:
-            setattr(self, name, int(state[name]))
+            setattr(self, name, int(state.get(name, 0)))  # checkpoints from before sync_bytes lack it
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)}" for name in self.FIELDS)

@@ -78,7 +78,7 @@ def differing_settings(client: dict, server: dict) -> list[str]:
     return [
         f"{name}: client {client.get(name)!r}, server {server.get(name)!r}"
         for name in sorted(set(client) | set(server))
-        if name != "token" and client.get(name) != server.get(name)
+        if name not in ("token", "federation") and client.get(name) != server.get(name)
     ]
 
 
@@ -291,10 +291,24 @@ class SplitServer:
                 return {"status": "client lost", "error": str(error), "steps": self.steps, "traffic": traffic}
 
     def _handshake(self, channel: Channel) -> None:
+        self._accept_settings(self._hello(channel))
+        channel.send(Kind.WELCOME)
+
+    def _hello(self, channel: Channel) -> dict:
+        """The client's settings, once its join token checks out."""
         settings = tensor_json(channel.recv(Kind.HELLO).tensors["settings"])
         token = settings.get("token")
         if self.join_token is not None and not hmac.compare_digest(str(token), self.join_token):
             raise Refused("wrong join token.")
+        return settings
+
+    def _accept_settings(self, settings: dict) -> None:
+        """Refuses settings that differ from this server's; adopts the split the first client's labels describe."""
+        if settings.get("federation"):
+            raise Refused(
+                f"the client expects a federation of {settings['federation'].get('num_clients')} clients; this "
+                "server serves one (start it with --num_clients)."
+            )
         labels = settings.get("labels")
         if not isinstance(labels, list) or not labels or not all(isinstance(name, str) for name in labels):
             raise Refused(f"the client's labels {labels!r} are not a list of class names.")
@@ -303,10 +317,13 @@ class SplitServer:
         if differences:
             raise Refused("the split settings differ: " + "; ".join(differences))
         if self.split is None:
-            split.client = None
-            drop_modules(split.bridge, split.bridge.client_modules)
-            self.split = split
-        channel.send(Kind.WELCOME)
+            self._adopt(split)
+
+    def _adopt(self, split: SplitViTForImageClassification) -> None:
+        """Keeps the server's side of the split (the server half and its side of the bridge)."""
+        split.client = None
+        drop_modules(split.bridge, split.bridge.client_modules)
+        self.split = split
 
     def _make_optimizer(self, max_steps: int) -> None:
         model = nn.ModuleDict({"server": self.split.server, "bridge": self.split.bridge})
@@ -367,7 +384,7 @@ class SplitServer:
             elif message.kind == Kind.FORWARD:
                 wire = {name: tensor.to(device) for name, tensor in tensors.items()}
                 pending = self._forward(wire, message.value, dtype)
-                channel.send(Kind.LOSS, value=float(pending[2]))
+                channel.send(Kind.LOSS, value=float(pending[2].detach()))
             elif message.kind == Kind.BACKWARD:
                 if pending is None:
                     raise WireError("a BACKWARD message came before any FORWARD.")

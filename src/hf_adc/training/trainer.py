@@ -116,6 +116,11 @@ class ADCTrainer(Trainer):
         self.add_callback(_CommunicationCallback(self))
         if self._peer_link is not None:
             self.add_callback(_PeerCallback(self._peer_link))
+        if self.federation is not None:
+            from ..federation import FederationCallback
+
+            batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+            self.add_callback(FederationCallback(self.model.link, batch))
 
     @property
     def ledger(self) -> Ledger:
@@ -175,12 +180,20 @@ class ADCTrainer(Trainer):
         self.step_bytes = micro_batch_bytes * micro_batches + step_control
         full_step_bytes = sum(self.model.wire_bytes(args.per_device_train_batch_size)) * micro_batches + step_control
         self.budget_bytes = None
-        if not args.has_budget:
+        self.federation = None
+        federated = hasattr(self.model.link, "plan")
+        if not args.has_budget and not federated:
             return
         if self.train_dataset is None:
             raise ValueError("A communication budget needs a train_dataset to plan against.")
         per_sample = sum(self.model.wire_bytes(1, compressed=False)) - sum(self.model.link.control_bytes)
         epoch_bytes = per_sample * len(self.train_dataset)
+        if federated:
+            # One client of several: the server plans the steps so that all clients and their sync fit the budget.
+            self.federation = self.model.link.plan(len(self.train_dataset), self.step_bytes, epoch_bytes)
+            args.max_steps = self.federation.max_steps
+            logger.info("Federation plan: %s", self.federation)
+            return
         self.budget_bytes = args.budget_bytes(epoch_bytes)
         if self.budget_bytes < self.step_bytes:
             raise ValueError(

@@ -29,7 +29,7 @@ from enum import IntEnum
 
 import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = 0x48464144  # "HFAD"
 MAX_TENSORS = 8
 MAX_RANK = 4
@@ -43,7 +43,7 @@ MAX_TEXT_BYTES = 2**16
 NAMES = (
     "activations", "gradients", "labels", "values", "indices", "codes", "minimum", "step",
     "gradient_codes", "gradient_minimum", "gradient_step", "loss", "seed", "norm", "logits",
-    "settings", "reason", "scalars", "shape",
+    "settings", "reason", "scalars", "shape", "weights",
 )  # fmt: skip
 DTYPES = (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8, torch.int32, torch.int64,
@@ -53,7 +53,9 @@ DTYPES = (
 
 class Kind(IntEnum):
     """What a message is. Client to server: HELLO, BEGIN, FORWARD, BACKWARD, STEP, EVAL, SAVE, END;
-    server to client: WELCOME, REFUSE, LOSS, GRADIENT, NORM, LOGITS, DONE."""
+    server to client: WELCOME, REFUSE, LOSS, GRADIENT, NORM, LOGITS, DONE. Several clients (`hf_adc.federation`)
+    also exchange PLAN (the client's shard and step cost; the server's schedule back), SYNC (a client half up;
+    the average back), TURN (a request; the current client half back) and HANDOFF (a client half up)."""
 
     HELLO = 1
     WELCOME = 2
@@ -70,6 +72,10 @@ class Kind(IntEnum):
     SAVE = 13
     END = 14
     DONE = 15
+    PLAN = 16
+    SYNC = 17
+    TURN = 18
+    HANDOFF = 19
 
 
 class WireError(ValueError):

@@ -1,0 +1,213 @@
+"""Several clients against one server, as real processes: both schedules end to end, sync bytes charged exactly,
+SplitFed with one client equal to the one-client run, a killed client dropped, disjoint reproducible shards."""
+
+import json
+import signal
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_recipes import ROOT, launch
+from test_remote import (
+    TIMEOUT,
+    _signal,
+    _wait_for,
+    data_args,
+    finish,
+    free_address,
+    model_args,
+    spawn,
+    start_server,
+    wait_output,
+)
+
+import hf_adc
+from hf_adc.data import partition_indices
+
+
+def start_client(address: str, checkpoint: str, digits: str, output_dir, client_id: int, *extra: str):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(ROOT / "recipes" / "accelerate_configs" / "cpu.yaml"), str(ROOT / "recipes" / "train.py"),
+        *model_args(checkpoint), *data_args(digits, output_dir), "--server", address, "--join_token", "secret",
+        "--timeout", TIMEOUT, "--client_id", str(client_id), *extra,
+    ]  # fmt: skip
+    return spawn(command, start_new_session=True)
+
+
+def federation(tmp_path, checkpoint, digits, schedule, num_clients, steps, *extra, client_extra=()):
+    """Starts a server and `num_clients` clients; returns the server, the clients and the output folder."""
+    address, output_dir = free_address(), tmp_path / schedule
+    shared = ("--num_clients", str(num_clients), "--max_steps", str(steps), *extra)
+    server = start_server(
+        address, output_dir / "server", *model_args(checkpoint), *shared, "--schedule", schedule, "--sync_every", "2",
+        "--round_timeout", "30",
+    )  # fmt: skip
+    clients = [
+        start_client(address, checkpoint, digits, output_dir / f"client-{i}", i, *shared, *client_extra)
+        for i in range(num_clients)
+    ]
+    return server, clients, output_dir
+
+
+def finish_all(server, clients) -> tuple[str, list[str]]:
+    logs = [wait_output(client, 300) for client in clients]
+    server_log = finish(server, timeout=120)
+    return server_log, logs
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "splitfed"])
+def test_three_clients_train_and_sync_bytes_are_the_half_times_its_transfers(tiny_vit_path, digits_dir, tmp_path,
+                                                                             schedule):  # fmt: skip
+    server, clients, output_dir = federation(tmp_path, tiny_vit_path, digits_dir, schedule, 3, 4)
+    server_log, logs = finish_all(server, clients)
+    for client, log in zip(clients, logs, strict=True):
+        assert client.returncode == 0, log[-3000:] + server_log[-3000:]
+    assert server.returncode == 0, server_log[-3000:]
+
+    report = json.loads((output_dir / "server" / "server_results.json").read_text())
+    assert report["status"] == "finished" and report["dropped"] == [], report
+    assert report["plan"]["max_steps"] == 4 and report["plan"]["rounds"] == 2
+    half = report["half_bytes"]
+    per_client = []
+    for i in range(3):
+        results = json.loads((output_dir / f"client-{i}" / "results.json").read_text())
+        assert results["steps"] == 4
+        federation_record = results["federation"]
+        assert federation_record["half_bytes"] == half
+        # SplitFed: each of 2 rounds sends the half up and gets the average back. Sequential: each of 2 turns gets
+        # the current half (except the very first turn: the checkpoint itself) and hands it back, and at the end
+        # every client gets the final half.
+        expected = 2 * 2 if schedule == "splitfed" else 2 * 2 - (i == 0) + 1
+        assert federation_record["sync_transfers"] == expected
+        assert federation_record["sync_bytes"] == half * expected
+        assert report["clients"][str(i)]["sync_bytes"] == half * expected
+        per_client.append(results)
+    assert report["total"]["sync_bytes"] == sum(r["federation"]["sync_bytes"] for r in per_client)
+    assert report["total"]["total_bytes"] == sum(r["total_bytes"] for r in per_client)
+
+    # Every client ends with the same client half, which the server saved with its own as one split model.
+    final = load_file(output_dir / "server" / "client" / "model.safetensors")
+    for i in range(3):
+        mine = load_file(output_dir / f"client-{i}" / "client" / "model.safetensors")
+        for name, tensor in final.items():
+            torch.testing.assert_close(mine[name], tensor, atol=0, rtol=0, msg=name)
+    split = hf_adc.SplitViTForImageClassification.from_pretrained(output_dir / "server")
+    assert split.client.config.federation["schedule"] == schedule
+    assert split.server.config.federation["num_clients"] == 3
+    accuracies = {results["test_accuracy"] for results in per_client}
+    assert len(accuracies) == 1, "the clients evaluated different final models"
+
+
+def test_splitfed_with_one_client_averaging_every_step_equals_the_one_client_run(tiny_vit_path, digits_dir, tmp_path):
+    shared = model_args(tiny_vit_path, "--compression", "adc", "--xi", "0.25", "--max_steps", "6")
+    alone = launch("train.py", [*shared, *data_args(digits_dir, tmp_path / "alone")])
+    assert alone.returncode == 0, alone.stderr[-3000:]
+
+    address = free_address()
+    federated = ("--num_clients", "1")
+    server = start_server(address, tmp_path / "server", *shared, *federated, "--sync_every", "1")
+    client = launch(
+        "train.py",
+        [*shared, *data_args(digits_dir, tmp_path / "client"), "--server", address, "--join_token", "secret",
+         "--timeout", TIMEOUT, *federated, "--client_id", "0"],
+    )  # fmt: skip
+    server_log = finish(server)
+    assert client.returncode == 0, client.stderr[-3000:] + server_log[-3000:]
+
+    one = json.loads((tmp_path / "alone" / "results.json").read_text())
+    fed = json.loads((tmp_path / "client" / "results.json").read_text())
+    losses = [[entry["loss"] for entry in run["log_history"] if "loss" in entry] for run in (one, fed)]
+    assert len(losses[0]) == 6
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+    assert fed["test_accuracy"] == one["test_accuracy"]
+    assert fed["federation"]["sync_transfers"] == 12
+    expected = load_file(tmp_path / "alone" / "client" / "model.safetensors")
+    actual = load_file(tmp_path / "server" / "client" / "model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_killed_client_is_dropped_the_others_finish_and_strangers_are_refused(tiny_vit_path, digits_dir, tmp_path):
+    server, clients, output_dir = federation(
+        tmp_path, tiny_vit_path, digits_dir, "splitfed", 3, 40, client_extra=("--save_strategy", "no")
+    )
+    _wait_for(lambda: "'loss'" in clients[2].log_path.read_text(), 180, "client 2's first logged step")
+    _signal(clients[2], signal.SIGKILL)
+    killed = time.monotonic()
+    # A client with a wrong token, and one with a different split, are refused without disturbing the others.
+    address = next(arg for arg in server.args if arg.startswith("127.0.0.1:"))
+    strangers = [
+        start_client(address, tiny_vit_path, digits_dir, tmp_path / "wrong-token", 1, "--num_clients", "3",
+                     "--max_steps", "40", "--join_token", "guess"),
+        start_client(address, tiny_vit_path, digits_dir, tmp_path / "other-split", 1, "--num_clients", "3",
+                     "--max_steps", "40", "--split_layer", "1"),
+    ]  # fmt: skip
+    for stranger in strangers:
+        log = wait_output(stranger, 120)
+        assert stranger.returncode != 0 and "refused" in log, log[-2000:]
+    server_log, logs = finish_all(server, clients[:2])
+    for client, log in zip(clients[:2], logs, strict=True):
+        assert client.returncode == 0, log[-3000:] + server_log[-3000:]
+    assert time.monotonic() - killed < 200
+    report = json.loads((output_dir / "server" / "server_results.json").read_text())
+    assert report["dropped"] == [2], report
+    assert "Client 2 dropped" in server_log, server_log[-3000:]
+    for i in range(2):
+        assert json.loads((output_dir / f"client-{i}" / "results.json").read_text())["steps"] == 40
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_shards_are_disjoint_cover_the_rows_and_follow_the_seed(partition):
+    labels = np.random.default_rng(0).integers(0, 10, size=997)
+    shards = partition_indices(labels, 5, partition, alpha=0.5, seed=3)
+    joined = np.concatenate(shards)
+    assert len(joined) == len(labels) and set(joined.tolist()) == set(range(len(labels)))
+    again = partition_indices(labels, 5, partition, alpha=0.5, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(shards, again, strict=True))
+    other = partition_indices(labels, 5, partition, alpha=0.5, seed=4)
+    assert not all(np.array_equal(a, b) for a, b in zip(shards, other, strict=True))
+
+
+def test_dirichlet_shards_are_skewed_and_iid_shards_are_not():
+    labels = np.repeat(np.arange(10), 100)
+    spread = {}
+    for partition in ("iid", "dirichlet"):
+        shards = partition_indices(labels, 4, partition, alpha=0.1, seed=0)
+        shares = np.stack([np.bincount(labels[shard], minlength=10) / len(shard) for shard in shards])
+        spread[partition] = np.abs(shares - 0.1).sum(axis=1).mean()
+    assert spread["iid"] < 0.3 < spread["dirichlet"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_clients": 0}, r"num_clients=0 is out of range"),
+        ({"partition": "shards"}, r"partition='shards' is unknown"),
+        ({"partition": "dirichlet", "alpha": 0.0}, r"alpha=0.0 is out of range"),
+        ({"num_clients": 2000}, r"cannot give each of num_clients=2000"),
+    ],
+)
+def test_bad_partitions_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        partition_indices(np.zeros(1000, dtype=int), **{"num_clients": 3, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"client_id": 3, "num_clients": 3}, r"client_id=3 is out of range: 0 \.\. 2"),
+        ({"client_id": 0}, r"client_id=0 needs --num_clients"),
+        ({"schedule": "gossip"}, r"schedule='gossip' is unknown"),
+        ({"num_clients": 3, "min_clients": 4}, r"min_clients=4 is out of range: 1 \.\. 3"),
+        ({"sync_every": 0}, r"sync_every=0 is out of range"),
+    ],
+)
+def test_bad_federation_arguments_are_refused(kwargs, message):
+    from hf_adc.experiment import FederationArguments
+
+    with pytest.raises(ValueError, match=message):
+        FederationArguments(**kwargs)
