@@ -373,6 +373,8 @@ class FederatedServer(SplitServer):
             if self.plan is None:
                 self._make_plan()
             plan = self.plan
+            if existing is not None:  # a rejoining client trains the rounds that are left
+                plan = FederationPlan(**{**vars(plan), "max_steps": max(plan.rounds - self.round, 1) * self.sync_every})
             scalars = [plan.max_steps, plan.sync_every, SCHEDULES.index(plan.schedule), plan.num_clients, plan.rounds]
             tensors = {"scalars": torch.tensor([*scalars, plan.budget_bytes if plan.budget_bytes else -1])}
             if self.half is not None:
@@ -518,7 +520,7 @@ class FederatedServer(SplitServer):
                 self.condition.notify_all()
                 deadline = time.monotonic() + self.round_timeout
                 while self.round < target and not self.failure:
-                    waiting = [m for m in self._live() if m.synced_round < target]
+                    waiting = [m for m in self._live() if m.synced_round < target and not m.finished]
                     if not waiting:
                         self._average(target)
                         break
@@ -581,6 +583,8 @@ class FederatedServer(SplitServer):
         """The next live client (in id order, cyclically) that still has turns to take."""
         candidates = sorted(m.client_id for m in self._live() if not m.finished_turns)
         after = [cid for cid in candidates if cid > (self.turn if self.turn is not None else -1)]
+        if not after:
+            self.round += 1  # every live client has had its turn of this round
         self.turn = (after or candidates or [None])[0]
         self.turn_started = time.monotonic()
         self.condition.notify_all()
