@@ -26,6 +26,7 @@ from test_remote import (
 
 import hf_adc
 from hf_adc.data import partition_indices
+from hf_adc.federation import PLAN_BYTES
 
 
 def start_client(address: str, checkpoint: str, digits: str, output_dir, client_id: int, *extra: str):
@@ -100,6 +101,23 @@ def test_three_clients_train_and_sync_bytes_are_the_half_times_its_transfers(tin
     assert split.server.config.federation["num_clients"] == 3
     accuracies = {results["test_accuracy"] for results in per_client}
     assert len(accuracies) == 1, "the clients evaluated different final models"
+
+
+def test_the_budget_covers_every_client_and_the_sync(tiny_vit_path, digits_dir, tmp_path):
+    server, clients, output_dir = federation(
+        tmp_path, tiny_vit_path, digits_dir, "splitfed", 2, 0, "--compression", "adc", "--xi", "0.25",
+        "--budget_epochs", "3",
+    )  # fmt: skip
+    server_log, logs = finish_all(server, clients)
+    for client, log in zip(clients, logs, strict=True):
+        assert client.returncode == 0, log[-3000:] + server_log[-3000:]
+    report = json.loads((output_dir / "server" / "server_results.json").read_text())
+    plan, total = report["plan"], report["total"]["total_bytes"]
+    assert plan["rounds"] >= 2
+    # Whole batches (48 rows a shard, batch 16): every round sends exactly what the plan counted, so the budget is
+    # spent to within one round, and never exceeded.
+    assert total == plan["rounds"] * plan["round_bytes"] + 2 * PLAN_BYTES
+    assert total <= plan["budget_bytes"] < total + plan["round_bytes"]
 
 
 def test_splitfed_with_one_client_averaging_every_step_equals_the_one_client_run(tiny_vit_path, digits_dir, tmp_path):

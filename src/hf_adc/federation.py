@@ -38,7 +38,7 @@ from .transport import Channel, Kind, PeerLost, Refused, WireError
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("sequential", "splitfed")
-PLAN_BYTES = 5 * 8 + 6 * 8  # the PLAN scalars, up and down (int64)
+PLAN_BYTES = 5 * 8 + 7 * 8  # the PLAN scalars, up and down (int64)
 
 
 def client_side_tensors(split) -> list[torch.Tensor]:
@@ -78,6 +78,7 @@ class FederationPlan:
     num_clients: int
     rounds: int
     budget_bytes: int | None
+    round_bytes: int  # the most one round can send: every client's steps and halves
 
 
 class FederatedLink(RemoteLink):
@@ -117,7 +118,7 @@ class FederatedLink(RemoteLink):
         scalars = torch.tensor([self.client_id, shard_size, step_bytes, self.half_bytes, epoch_bytes])
         self.peer.send(Kind.PLAN, {"scalars": scalars})
         message = self.peer.recv(Kind.PLAN)
-        max_steps, sync_every, schedule, num_clients, rounds, budget = message.tensors["scalars"].tolist()
+        max_steps, sync_every, schedule, num_clients, rounds, budget, round_bytes = message.tensors["scalars"].tolist()
         self.ledger.uplink_bytes += nbytes(scalars)
         self.ledger.uncompressed_uplink_bytes += nbytes(scalars)
         self.ledger.downlink_bytes += nbytes(message.tensors["scalars"])
@@ -125,8 +126,9 @@ class FederatedLink(RemoteLink):
         if self._receive_half(message):
             self.ledger.sync_bytes += self.half_bytes
             self.sync_transfers += 1
+        budget = budget if budget >= 0 else None
         self.plan_ = FederationPlan(
-            max_steps, sync_every, SCHEDULES[schedule], num_clients, rounds, budget if budget >= 0 else None
+            max_steps, sync_every, SCHEDULES[schedule], num_clients, rounds, budget, round_bytes
         )
         return self.plan_
 
@@ -376,7 +378,8 @@ class FederatedServer(SplitServer):
             if existing is not None:  # a rejoining client trains the rounds that are left
                 plan = FederationPlan(**{**vars(plan), "max_steps": max(plan.rounds - self.round, 1) * self.sync_every})
             scalars = [plan.max_steps, plan.sync_every, SCHEDULES.index(plan.schedule), plan.num_clients, plan.rounds]
-            tensors = {"scalars": torch.tensor([*scalars, plan.budget_bytes if plan.budget_bytes else -1])}
+            budget = plan.budget_bytes if plan.budget_bytes is not None else -1
+            tensors = {"scalars": torch.tensor([*scalars, budget, plan.round_bytes])}
             if self.half is not None:
                 tensors["weights"] = self.half
                 self.sync_transfers += 1
@@ -390,7 +393,8 @@ class FederatedServer(SplitServer):
             self.failure = f"only {len(live)} of {self.num_clients} clients joined (min_clients={self.min_clients})."
             raise Refused(self.failure)
         half = live[0].half_bytes
-        round_bytes = sum(m.step_bytes for m in live) * self.sync_every + 2 * len(live) * (half + 8)
+        # A round: every client's steps, and each half up with its sample or step count (float64) and back down.
+        round_bytes = sum(m.step_bytes for m in live) * self.sync_every + len(live) * (2 * half + 8)
         final_bytes = len(live) * (PLAN_BYTES + (half + 8 if self.schedule == "sequential" else 0))
         budget_bytes = self.args.budget_bytes(sum(m.epoch_bytes for m in live)) if self.args.has_budget else None
         if budget_bytes is not None:
@@ -405,8 +409,9 @@ class FederatedServer(SplitServer):
         else:
             raise Refused("the server has no budget and no max_steps: give --budget_epochs, --communication_budget or "
                           "--max_steps.")  # fmt: skip
+        steps = rounds * self.sync_every
         self.plan = FederationPlan(
-            rounds * self.sync_every, self.sync_every, self.schedule, self.num_clients, rounds, budget_bytes
+            steps, self.sync_every, self.schedule, self.num_clients, rounds, budget_bytes, round_bytes
         )
         self._make_optimizer(rounds * self.sync_every * len(live))
         self.turn = min(m.client_id for m in live)
