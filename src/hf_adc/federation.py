@@ -387,28 +387,34 @@ class FederatedServer(SplitServer):
         return member
 
     def _make_plan(self) -> None:
-        """Rounds R such that every client's R * sync_every steps and every half crossing fit the budget."""
+        """Rounds R such that every client's R * sync_every steps and every half crossing fit the budget. A plan
+        that cannot be made ends the federation (every waiting client is refused with the reason)."""
         live = list(self.members.values())
-        if len(live) < self.min_clients:
-            self.failure = f"only {len(live)} of {self.num_clients} clients joined (min_clients={self.min_clients})."
-            raise Refused(self.failure)
         half = live[0].half_bytes
         # A round: every client's steps, and each half up with its sample or step count (float64) and back down.
         round_bytes = sum(m.step_bytes for m in live) * self.sync_every + len(live) * (2 * half + 8)
         final_bytes = len(live) * (PLAN_BYTES + (half + 8 if self.schedule == "sequential" else 0))
         budget_bytes = self.args.budget_bytes(sum(m.epoch_bytes for m in live)) if self.args.has_budget else None
-        if budget_bytes is not None:
+        rounds, problem = 0, None
+        if len(live) < self.min_clients:
+            problem = f"only {len(live)} of {self.num_clients} clients joined (min_clients={self.min_clients})."
+        elif budget_bytes is not None:
             rounds = (budget_bytes - final_bytes) // round_bytes
             if rounds < 1:
-                raise Refused(
+                problem = (
                     f"the budget of {budget_bytes} bytes is smaller than one round ({round_bytes + final_bytes} bytes: "
                     f"{len(live)} clients x {self.sync_every} steps, and their halves both ways)."
                 )
         elif self.args.max_steps > 0:
-            rounds = max(self.args.max_steps // self.sync_every, 1)
+            rounds = self.args.max_steps // self.sync_every
+            if rounds < 1 or self.args.max_steps % self.sync_every:
+                problem = f"max_steps={self.args.max_steps} must be a multiple of sync_every={self.sync_every}."
         else:
-            raise Refused("the server has no budget and no max_steps: give --budget_epochs, --communication_budget or "
-                          "--max_steps.")  # fmt: skip
+            problem = "the server has no budget and no max_steps: give --budget_epochs, --communication_budget or "
+            problem += "--max_steps."
+        if problem:
+            self.failure = problem
+            raise Refused(problem)
         steps = rounds * self.sync_every
         self.plan = FederationPlan(
             steps, self.sync_every, self.schedule, self.num_clients, rounds, budget_bytes, round_bytes
@@ -446,6 +452,8 @@ class FederatedServer(SplitServer):
                 raise Refused(f"client {member.client_id} was dropped from the federation.")
             tensors = message.tensors
             if message.kind == Kind.BEGIN:
+                if tensors["scalars"][1]:
+                    raise Refused("resuming a federation from a checkpoint is not supported yet: start it afresh.")
                 channel.send(Kind.DONE)
             elif message.kind == Kind.FORWARD:
                 self._own_step(member)
