@@ -229,3 +229,20 @@ def test_bad_federation_arguments_are_refused(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         FederationArguments(**kwargs)
+
+
+def test_model_cards_record_the_federation(tiny_vit):
+    from hf_adc.hub import model_card
+
+    split = hf_adc.split_vit(tiny_vit, 2, compression=hf_adc.ADCConfig(xi=0.25))
+    total = {"sync_bytes": 4_000_000, "total_bytes": 10_000_000}
+    split.server.config.federation = {"schedule": "splitfed", "num_clients": 3, "sync_every": 5, "dropped": [2],
+                                      "total": total}  # fmt: skip
+    split.server.config.communication = {
+        "uplink_bytes": 3_000_000, "downlink_bytes": 3_000_000, "sync_bytes": 4_000_000,
+        "uncompressed_bytes": 40_000_000, "ratio": 0.25,
+    }  # fmt: skip
+    text = str(model_card(split.server, "server", "me/run-server"))
+    assert "trained by 3 clients on their own shards, schedule `splitfed`" in text
+    assert "4.0 MB\n  of the 10.0 MB sent" in text and "clients\n  dropped: 2" in text
+    assert "10.0 MB sent (both ways)" in text

@@ -713,7 +713,11 @@ def run_server(
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "server_results.json").write_text(json.dumps(results, indent=2))
     if results["status"] == "finished" and training_args.push_to_hub:
-        results["hub_url"] = str(server.split.server.push_to_hub(f"{training_args.hub_model_id}-server"))
-        if isinstance(server, FederatedServer):  # the averaged client half, which only the server holds
-            results["client_hub_url"] = str(server.split.client.push_to_hub(f"{training_args.hub_model_id}-client"))
+        if isinstance(server, FederatedServer):  # the server holds both halves (the client's averaged)
+            results["hub_urls"] = server.split.push_to_hub(
+                f"{training_args.hub_model_id}-client", f"{training_args.hub_model_id}-server",
+                private=training_args.hub_private_repo, token=training_args.hub_token,
+            )  # fmt: skip
+        else:
+            results["hub_url"] = str(server.split.server.push_to_hub(f"{training_args.hub_model_id}-server"))
     return results

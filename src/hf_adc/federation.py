@@ -609,8 +609,19 @@ class FederatedServer(SplitServer):
             return
         results = self.results()
         record = {key: results[key] for key in ("schedule", "num_clients", "sync_every", "dropped", "total")}
-        self.split.server.config.federation = record
-        self.split.client.config.federation = record
+        total = results["total"]
+        communication = {
+            "uplink_bytes": total["uplink_bytes"],
+            "downlink_bytes": total["downlink_bytes"],
+            "sync_bytes": total["sync_bytes"],
+            "uncompressed_bytes": total["uncompressed_bytes"],
+            "ratio": total["total_bytes"] / total["uncompressed_bytes"] if total["uncompressed_bytes"] else 1.0,
+            "steps": self.steps,
+            "test_accuracy": next((c["test_accuracy"] for c in results["clients"].values() if c.get("finished")), None),
+        }
+        for half in (self.split.client, self.split.server):
+            half.config.federation = record
+            half.config.communication = communication
         self.split.save_pretrained(self.output_dir)
 
 

@@ -28,6 +28,12 @@ Transformers extension): the model is cut after encoder layer {{ split_layer }};
   {{ "%.1f" | format(uncompressed_mb) }} MB for the uncompressed split over the same steps: ratio
   {{ "%.4f" | format(communication.ratio) }}, {{ "%.1f" | format(saved_mb) }} MB saved
 {%- endif %}
+{%- if federation %}
+- trained by {{ federation.num_clients }} clients on their own shards, schedule `{{ federation.schedule }}` (halves
+  synchronised every {{ federation.sync_every }} steps: {{ "%.1f" | format(federation.total.sync_bytes / 1e6) }} MB
+  of the {{ "%.1f" | format(federation.total.total_bytes / 1e6) }} MB sent){% if federation.dropped %}; clients
+  dropped: {{ federation.dropped | join(", ") }}{% endif %}
+{%- endif %}
 {%- if accuracy is not none %}
 - test accuracy (uncompressed evaluation): {{ "%.4f" | format(accuracy) }}
 {%- endif %}
@@ -74,7 +80,7 @@ def model_card(half, role: str, repo_id: str, dataset: str | None = None) -> Mod
         model_name=repo_id,
         tags=["split-learning", "hf-adc", "vision-transformer", f"split-{role}", compression.get("method", "none")],
     )
-    sent = communication.get("uplink_bytes", 0) + communication.get("downlink_bytes", 0)
+    sent = sum(communication.get(key, 0) for key in ("uplink_bytes", "downlink_bytes", "sync_bytes"))
     uncompressed = communication.get("uncompressed_bytes", 0)
     return ModelCard.from_template(
         card_data,
@@ -86,6 +92,7 @@ def model_card(half, role: str, repo_id: str, dataset: str | None = None) -> Mod
         base_model=config.base_model_name_or_path,
         compression=compression,
         communication=communication,
+        federation=getattr(config, "federation", None),
         accuracy=accuracy,
         sent_mb=sent / 1e6,
         uncompressed_mb=uncompressed / 1e6,
