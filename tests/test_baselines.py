@@ -173,6 +173,15 @@ def test_config_for_ratio_names_the_split_exponent(method, exponent):
     assert clusters == round(0.1**exponent * 64)
 
 
+def test_the_recipe_takes_the_split_exponent_for_adc_only():
+    from hf_adc.experiment import SplitArguments
+
+    config = SplitArguments(compression="adc", xi=0.1, split_exponent=0.25).compression_config()
+    assert (config.xi, config.split_exponent) == (0.1, 0.25)
+    with pytest.raises(ValueError, match="split_exponent do not apply to --compression topk"):
+        SplitArguments(compression="topk", rate=0.1, split_exponent=0.25).compression_config()
+
+
 @pytest.mark.parametrize(("method", "message"), [("adc_ahalf", "must be a number"), ("adc_a1.5", r"\[0, 1\]")])
 def test_config_for_ratio_refuses_a_bad_split_exponent(method, message):
     with pytest.raises(ValueError, match=message):

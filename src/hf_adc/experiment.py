@@ -50,7 +50,7 @@ REDUCER_METHODS = ("adc", "topk", "randomtopk")
 CODEC_METHODS = ("quantize", "bottlenet")
 METHOD_KNOBS = {
     "none": (),
-    "adc": ("xi", "batch_ratio", "token_ratio", "kmeans_iters"),
+    "adc": ("xi", "batch_ratio", "token_ratio", "split_exponent", "kmeans_iters"),
     "topk": ("rate",),
     "randomtopk": ("rate", "random_portion"),
     "bottlenet": ("ratio",),
@@ -137,6 +137,10 @@ class SplitArguments:
     xi: float | None = field(default=None, metadata={"help": "adc: total ratio in (0, 1] (default 0.1)."})
     batch_ratio: float | None = field(default=None, metadata={"help": "adc: clusters per sample, instead of xi."})
     token_ratio: float | None = field(default=None, metadata={"help": "adc: kept tokens per token, instead of xi."})
+    split_exponent: float | None = field(
+        default=None,
+        metadata={"help": "adc: T/B = xi**a, k/n = xi**(1 - a) (default 0.5; 0 is token selection alone)."},
+    )
     kmeans_iters: int | None = field(default=None, metadata={"help": "adc: most k-means iterations (default 20)."})
     rate: float | None = field(default=None, metadata={"help": "topk, randomtopk: fraction of values sent."})
     random_portion: float | None = field(default=None, metadata={"help": "randomtopk: mass on non-top entries."})
