@@ -392,6 +392,8 @@ def plot(rows: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     budgets = sorted({row["budget"] for row in rows})
+    methods = list(dict.fromkeys(row["method"] for row in rows if row["method"] != "none"))
+    colors = {method: plt.get_cmap("tab20")(index % 20) for index, method in enumerate(methods)}  # one per method
     figure, axes = plt.subplots(1, len(budgets), figsize=(7.5 * len(budgets), 4.8), squeeze=False)
     for axis, budget in zip(axes[0], budgets, strict=True):
         members = [row for row in rows if row["budget"] == budget]
@@ -400,7 +402,8 @@ def plot(rows: list, path: Path) -> None:
                             if row["method"] == method)  # fmt: skip
             ratio, mean, std = zip(*points, strict=True)
             style = "-" if method == "adc" else "-." if "+" in method else "--" if method.startswith("adc") else ":"
-            axis.errorbar(ratio, mean, yerr=std, marker="o", linestyle=style, capsize=3, label=method)
+            axis.errorbar(ratio, mean, yerr=std, marker="o", linestyle=style, capsize=3, label=method,
+                          color=colors[method])  # fmt: skip
         baseline = [row for row in members if row["method"] == "none"]
         if baseline:
             axis.axhline(baseline[0]["accuracy_mean"], color="black", linewidth=1, label="uncompressed split")
