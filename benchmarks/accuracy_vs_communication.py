@@ -20,11 +20,12 @@ other methods or budgets can add to the same folder. At the end: `summary.csv`, 
 an advice table, also printed) and `accuracy_vs_ratio.png`. The committed results came from:
 
     python benchmarks/accuracy_vs_communication.py --preset quick --budgets 1 --output-dir docs/results/quick
-    python benchmarks/accuracy_vs_communication.py --preset quick --budgets 5 --output-dir docs/results/quick \
-        --methods none adc_tokens adc_a0.25 adc adc_a0.75 bottlenet c3sl quantize adc+quantize8 adc_tokens+quantize8
+    python benchmarks/accuracy_vs_communication.py --preset quick --budgets 5 --levels 0.1 \
+        --output-dir docs/results/quick \
+        --methods none adc_tokens adc_a0.25 adc adc_a0.75 bottlenet adc+quantize8 adc_tokens+quantize8
     python benchmarks/accuracy_vs_communication.py --preset cifar10 --data-path ../shared/data/cifar10 \
-        --output-dir docs/results/cifar10 --methods none adc_tokens adc_a0.25 adc adc_a0.75 bottlenet c3sl \
-        quantize adc+quantize8 adc_tokens+quantize8
+        --output-dir docs/results/cifar10 --methods none adc_tokens adc_a0.25 adc bottlenet c3sl adc+quantize8 \
+        adc_tokens+quantize8 adc_a0.75
 
 and on a GPU, from a DeiT-Tiny checkpoint:
 
