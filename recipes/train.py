@@ -162,7 +162,9 @@ def run_federation_here(model_args, split_args, data_args, training_args, remote
     context = multiprocessing.get_context("spawn")
     clients = []
     for client_id in range(federation_args.num_clients):
-        client_training = replace(training_args, output_dir=f"{training_args.output_dir}/client-{client_id}")
+        # The server holds the final halves and pushes both; the clients push nothing.
+        client_output = f"{training_args.output_dir}/client-{client_id}"
+        client_training = replace(training_args, output_dir=client_output, push_to_hub=False)
         client_federation = replace(federation_args, client_id=client_id)
         args = (model_args, split_args, data_args, client_training, None, remote_args, client_federation)
         clients.append(context.Process(target=_client, args=(client_id, *args), name=f"hf_adc-client-{client_id}"))

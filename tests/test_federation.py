@@ -246,3 +246,31 @@ def test_model_cards_record_the_federation(tiny_vit):
     assert "trained by 3 clients on their own shards, schedule `splitfed`" in text
     assert "4.0 MB\n  of the 10.0 MB sent" in text and "clients\n  dropped: 2" in text
     assert "10.0 MB sent (both ways)" in text
+
+
+def test_a_federation_client_refuses_to_push_before_any_work(tmp_path):
+    from hf_adc import experiment
+
+    training = hf_adc.ADCTrainingArguments(
+        output_dir=str(tmp_path), push_to_hub=True, hub_model_id="me/run", use_cpu=True, report_to="none"
+    )
+    with pytest.raises(ValueError, match="the server holds the final halves and pushes both"):
+        experiment.run_split_training(
+            experiment.ModelArguments(), experiment.SplitArguments(), experiment.DataArguments(), training, None,
+            experiment.RemoteArguments(server="127.0.0.1:1"),
+            experiment.FederationArguments(num_clients=2, client_id=0),
+        )  # fmt: skip
+
+
+def test_the_one_machine_command_starts_the_server_and_every_client(tiny_vit_path, digits_dir, tmp_path):
+    done = launch(
+        "train.py",
+        [*model_args(tiny_vit_path), *data_args(digits_dir, tmp_path / "run"), "--distributed", "--num_clients", "2",
+         "--schedule", "sequential", "--sync_every", "2", "--max_steps", "4", "--partition", "dirichlet"],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "sequential, 2 clients: finished" in done.stdout
+    report = json.loads((tmp_path / "run" / "server_results.json").read_text())
+    assert report["dropped"] == [] and set(report["clients"]) == {"0", "1"}
+    for i in range(2):
+        assert json.loads((tmp_path / "run" / f"client-{i}" / "results.json").read_text())["steps"] == 4

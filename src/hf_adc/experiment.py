@@ -557,13 +557,16 @@ def run_split_training(
     in step with the others' (sync bytes charged), and `results["federation"]` gives its plan, shard and the
     accuracy on test rows weighted like its shard's classes (`local_accuracy`).
     """
+    federated = federation_args is not None and federation_args.client_id is not None
+    if federated and training_args.push_to_hub:
+        raise ValueError("--push_to_hub on a federation's client: the server holds the final halves and pushes both "
+                         "(give --push_to_hub --hub_model_id to serve.py).")  # fmt: skip
     hub_model_id = None
     if training_args.push_to_hub:
         if not training_args.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id: the halves go to <id>-client and <id>-server.")
         hub_model_id = training_args.hub_model_id
         training_args.push_to_hub = False  # the Trainer would push the wrapper; the halves are pushed below
-    federated = federation_args is not None and federation_args.client_id is not None
     if federated and not (remote_args and remote_args.server):
         raise ValueError(f"--client_id {federation_args.client_id} joins a federation: give --server HOST:PORT too.")
     dataset = load_data(data_args, training_args.seed)
