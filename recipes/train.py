@@ -157,16 +157,26 @@ def _client(client_id: int, *args) -> None:
 
 def run_federation_here(model_args, split_args, data_args, training_args, remote_args, federation_args) -> dict:
     """The server and `num_clients` clients as processes on this machine; returns the server's results (per-client
-    and total bytes, accuracies) and prints them as a table."""
+    and total bytes, accuracies) and prints them as a table. `--resume_from_checkpoint OUTPUT_DIR/checkpoint-N`
+    (the server's) resumes the whole federation: each client from its own `OUTPUT_DIR/client-i/checkpoint-N`."""
+    resume = training_args.resume_from_checkpoint
+    if resume and Path(resume).parent != Path(training_args.output_dir):
+        raise ValueError(
+            f"--resume_from_checkpoint {resume}: give the server's checkpoint-N in --output_dir "
+            f"{training_args.output_dir}; each client resumes from its client-i/checkpoint-N there."
+        )
     remote_args, server = start_local_server(model_args, split_args, training_args, remote_args, federation_args)
     context = multiprocessing.get_context("spawn")
     clients = []
     for client_id in range(federation_args.num_clients):
         # The server holds the final halves and pushes both; the clients push nothing.
         client_output = f"{training_args.output_dir}/client-{client_id}"
-        client_training = replace(training_args, output_dir=client_output, push_to_hub=False)
+        client_resume = f"{client_output}/{Path(resume).name}" if resume else None
+        client_training = replace(
+            training_args, output_dir=client_output, push_to_hub=False, resume_from_checkpoint=client_resume
+        )
         client_federation = replace(federation_args, client_id=client_id)
-        args = (model_args, split_args, data_args, client_training, None, remote_args, client_federation)
+        args = (model_args, split_args, data_args, client_training, client_resume, remote_args, client_federation)
         clients.append(context.Process(target=_client, args=(client_id, *args), name=f"hf_adc-client-{client_id}"))
         clients[-1].start()
     for process in [*clients, server]:

@@ -4,7 +4,6 @@ SplitFed with one client equal to the one-client run, a killed client dropped, d
 import json
 import signal
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -39,13 +38,13 @@ def start_client(address: str, checkpoint: str, digits: str, output_dir, client_
     return spawn(command, start_new_session=True)
 
 
-def federation(tmp_path, checkpoint, digits, schedule, num_clients, steps, *extra, client_extra=()):
+def federation(tmp_path, checkpoint, digits, schedule, num_clients, steps, *extra, client_extra=(), server_extra=()):
     """Starts a server and `num_clients` clients; returns the server, the clients and the output folder."""
     address, output_dir = free_address(), tmp_path / schedule
     shared = ("--num_clients", str(num_clients), "--max_steps", str(steps), *extra)
     server = start_server(
         address, output_dir / "server", *model_args(checkpoint), *shared, "--schedule", schedule, "--sync_every", "2",
-        "--round_timeout", "30",
+        "--round_timeout", "30", *server_extra,
     )  # fmt: skip
     clients = [
         start_client(address, checkpoint, digits, output_dir / f"client-{i}", i, *shared, *client_extra)
@@ -60,20 +59,38 @@ def finish_all(server, clients) -> tuple[str, list[str]]:
     return server_log, logs
 
 
-@pytest.mark.parametrize("schedule", ["sequential", "splitfed"])
-def test_three_clients_train_and_sync_bytes_are_the_half_times_its_transfers(tiny_vit_path, digits_dir, tmp_path,
-                                                                             schedule):  # fmt: skip
-    server, clients, output_dir = federation(tmp_path, tiny_vit_path, digits_dir, schedule, 3, 4)
+CHECKPOINTED = ("--save_strategy", "steps", "--save_steps", "2")
+
+
+def three_clients(tmp_path, checkpoint, digits, schedule):
+    """Three clients for 4 steps (2 rounds), every side checkpointing at steps 2 and 4; returns the output folder."""
+    server, clients, output_dir = federation(tmp_path, checkpoint, digits, schedule, 3, 4, *CHECKPOINTED)
     server_log, logs = finish_all(server, clients)
     for client, log in zip(clients, logs, strict=True):
         assert client.returncode == 0, log[-3000:] + server_log[-3000:]
     assert server.returncode == 0, server_log[-3000:]
+    return output_dir
 
+
+@pytest.fixture(scope="module")
+def sequential_run(tiny_vit_path, digits_dir, tmp_path_factory):
+    return three_clients(tmp_path_factory.mktemp("sequential"), tiny_vit_path, digits_dir, "sequential")
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "splitfed"])
+def test_three_clients_train_and_sync_bytes_are_the_half_times_its_transfers(request, tiny_vit_path, digits_dir,
+                                                                             tmp_path, schedule):  # fmt: skip
+    if schedule == "sequential":
+        output_dir = request.getfixturevalue("sequential_run")
+    else:
+        output_dir = three_clients(tmp_path, tiny_vit_path, digits_dir, schedule)
     report = json.loads((output_dir / "server" / "server_results.json").read_text())
     assert report["status"] == "finished" and report["dropped"] == [], report
     assert report["plan"]["max_steps"] == 4 and report["plan"]["rounds"] == 2
     half = report["half_bytes"]
     per_client = []
+    saved = json.loads((output_dir / "server" / "checkpoint-2" / "federation.json").read_text())
+    assert saved["step"] == 2 and saved["round"] == 1 and saved["schedule"] == schedule
     for i in range(3):
         results = json.loads((output_dir / f"client-{i}" / "results.json").read_text())
         assert results["steps"] == 4
@@ -149,10 +166,13 @@ def test_splitfed_with_one_client_averaging_every_step_equals_the_one_client_run
         torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=0, msg=name)
 
 
-def test_a_killed_client_is_dropped_the_others_finish_and_strangers_are_refused(tiny_vit_path, digits_dir, tmp_path):
+def test_a_killed_client_is_dropped_the_others_go_on_and_it_rejoins_with_the_current_half(tiny_vit_path, digits_dir,
+                                                                                         tmp_path):  # fmt: skip
+    patient = ("--timeout", "120", "--save_strategy", "no")  # the others wait, stopped, while client 2 restarts
     server, clients, output_dir = federation(
-        tmp_path, tiny_vit_path, digits_dir, "splitfed", 3, 60, client_extra=("--save_strategy", "no")
-    )
+        tmp_path, tiny_vit_path, digits_dir, "splitfed", 3, 60, server_extra=(*patient, "--round_timeout", "120"),
+        client_extra=patient,
+    )  # fmt: skip
     # While the three join and train, a client with a wrong token and one with another split are refused.
     address = next(arg for arg in server.args if arg.startswith("127.0.0.1:"))
     strangers = [
@@ -163,19 +183,119 @@ def test_a_killed_client_is_dropped_the_others_finish_and_strangers_are_refused(
     ]  # fmt: skip
     _wait_for(lambda: "'loss'" in clients[2].log_path.read_text(), 180, "client 2's first logged step")
     _signal(clients[2], signal.SIGKILL)
-    killed = time.monotonic()
-    server_log, logs = finish_all(server, clients[:2])
-    for client, log in zip(clients[:2], logs, strict=True):
+    _wait_for(lambda: "Client 2 dropped" in server.log_path.read_text(), 30, "the server dropping client 2")
+    # The other two go on; they are stopped (and so wait) while client 2 restarts, so that it rejoins mid-way.
+    for client in clients[:2]:
+        _signal(client, signal.SIGSTOP)
+    again = start_client(address, tiny_vit_path, digits_dir, output_dir / "client-2", 2, "--num_clients", "3",
+                         "--max_steps", "60", *patient)  # fmt: skip
+    _wait_for(lambda: "Client 2 rejoined at round" in server.log_path.read_text(), 120, "client 2 rejoining")
+    for client in clients[:2]:
+        _signal(client, signal.SIGCONT)
+    server_log, logs = finish_all(server, [*clients[:2], again])
+    for client, log in zip([*clients[:2], again], logs, strict=True):
         assert client.returncode == 0, log[-3000:] + server_log[-3000:]
-    assert time.monotonic() - killed < 200
     for stranger, reason in zip(strangers, ("wrong join token", "split settings differ"), strict=True):
         log = wait_output(stranger, 120)
         assert stranger.returncode != 0 and reason in log, log[-2000:]
+
     report = json.loads((output_dir / "server" / "server_results.json").read_text())
-    assert report["dropped"] == [2], report
-    assert "Client 2 dropped" in server_log, server_log[-3000:]
+    assert report["status"] == "finished" and report["drops"] == [2] and report["rejoined"] == [2], report
+    assert report["dropped"] == [], report
     for i in range(2):
         assert json.loads((output_dir / f"client-{i}" / "results.json").read_text())["steps"] == 60
+    rounds_left = 30 - int(server_log.split("Client 2 rejoined at round ")[1].split(".")[0])
+    rejoined = json.loads((output_dir / "client-2" / "results.json").read_text())
+    assert rejoined["steps"] == rejoined["federation"]["plan"]["max_steps"] == 2 * rounds_left
+    # The current half came with the plan, then each round sent it up and got the average back.
+    assert rejoined["federation"]["sync_transfers"] == 1 + 2 * rounds_left
+    final = load_file(output_dir / "server" / "client" / "model.safetensors")
+    for i in range(3):
+        mine = load_file(output_dir / f"client-{i}" / "client" / "model.safetensors")
+        for name, tensor in final.items():
+            torch.testing.assert_close(mine[name], tensor, atol=0, rtol=0, msg=name)
+
+
+def test_a_hung_client_is_dropped_at_the_timeout_and_the_others_finish(tiny_vit_path, digits_dir, tmp_path):
+    server, clients, output_dir = federation(
+        tmp_path, tiny_vit_path, digits_dir, "splitfed", 3, 40, client_extra=("--save_strategy", "no")
+    )
+    try:
+        _wait_for(lambda: "'loss'" in clients[1].log_path.read_text(), 180, "client 1's first logged step")
+        _signal(clients[1], signal.SIGSTOP)
+        server_log, logs = finish_all(server, [clients[0], clients[2]])
+    finally:
+        _signal(clients[1], signal.SIGKILL)
+    for client, log in zip([clients[0], clients[2]], logs, strict=True):
+        assert client.returncode == 0, log[-3000:] + server_log[-3000:]
+    report = json.loads((output_dir / "server" / "server_results.json").read_text())
+    assert report["dropped"] == [1] and report["drops"] == [1], report
+    # Its session's wait ends at --timeout (20 s), or the round's at --round_timeout (30 s), whichever comes first.
+    assert "Client 1 dropped" in server_log or "Client 1 missed the round" in server_log, server_log[-3000:]
+    for i in (0, 2):
+        assert json.loads((output_dir / f"client-{i}" / "results.json").read_text())["steps"] == 40
+
+
+def test_the_federation_resumes_from_the_servers_checkpoint_as_if_never_stopped(
+    tiny_vit_path, digits_dir, tmp_path, sequential_run
+):
+    whole = sequential_run
+    # As if everything had stopped after step 2: the server resumes from its checkpoint-2...
+    address, resumed = free_address(), tmp_path / "resumed"
+    shared = ("--num_clients", "3", "--max_steps", "4", *CHECKPOINTED)
+    server = start_server(
+        address, resumed / "server", *model_args(tiny_vit_path), *shared, "--schedule", "sequential", "--sync_every",
+        "2", "--round_timeout", "30", "--resume_from_checkpoint", str(whole / "server" / "checkpoint-2"),
+    )  # fmt: skip
+    # ...a client resuming from another step is refused, and the federation waits for the right one...
+    wrong = start_client(address, tiny_vit_path, digits_dir, tmp_path / "wrong", 0, *shared,
+                         "--resume_from_checkpoint", str(whole / "client-0" / "checkpoint-4"))  # fmt: skip
+    log = wait_output(wrong, 300)
+    assert wrong.returncode != 0 and "resume every client from its checkpoint-2" in log, log[-3000:]
+    # ...and every client resumes from its own checkpoint-2.
+    clients = [
+        start_client(address, tiny_vit_path, digits_dir, resumed / f"client-{i}", i, *shared,
+                     "--resume_from_checkpoint", str(whole / f"client-{i}" / "checkpoint-2"))
+        for i in range(3)
+    ]  # fmt: skip
+    server_log, logs = finish_all(server, clients)
+    for client, log in zip(clients, logs, strict=True):
+        assert client.returncode == 0, log[-3000:] + server_log[-3000:]
+    assert "Resumed the federation at step 2 (round 1)" in server_log, server_log[-3000:]
+    report = json.loads((resumed / "server" / "server_results.json").read_text())
+    assert report["status"] == "finished" and report["resumed_from"] == 2, report
+    uninterrupted = json.loads((whole / "server" / "server_results.json").read_text())
+    assert report["sync_transfers"] == uninterrupted["sync_transfers"]
+    for half in ("client", "server"):
+        expected = load_file(whole / "server" / half / "model.safetensors")
+        actual = load_file(resumed / "server" / half / "model.safetensors")
+        for name, tensor in expected.items():
+            torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=0, msg=f"{half}: {name}")
+    for i in range(3):
+        one, two = (json.loads((run / f"client-{i}" / "results.json").read_text()) for run in (whole, resumed))
+        assert two["steps"] == 4
+        losses = [[entry["loss"] for entry in run["log_history"] if "loss" in entry] for run in (one, two)]
+        assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], abs=1e-6)
+        # The same bytes, plus the resumed session's one more plan exchange.
+        assert two["total_bytes"] == one["total_bytes"] + PLAN_BYTES
+        assert two["sync_bytes"] == one["sync_bytes"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"save_strategy": "epoch"}, r"save_strategy='epoch': a federation checkpoints at the end of rounds"),
+        ({"save_strategy": "steps", "save_steps": 5}, r"save_steps=5 is out of range: .* multiple of sync_every=2"),
+        ({"resume_from_checkpoint": "."}, r"resume_from_checkpoint='\.' is not a federation checkpoint"),
+    ],
+)
+def test_checkpoint_settings_a_federation_cannot_honour_are_refused(kwargs, message, tmp_path):
+    from hf_adc.federation import FederatedServer
+
+    resume = kwargs.pop("resume_from_checkpoint", None)
+    args = hf_adc.ADCTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+    with pytest.raises(ValueError, match=message):
+        FederatedServer(None, args, tmp_path, num_clients=2, sync_every=2, resume_from=resume)
 
 
 @pytest.mark.parametrize("partition", ["iid", "dirichlet"])

@@ -35,10 +35,10 @@ from .data import (
     load_image_dataset,
     partition_indices,
 )
-from .federation import SCHEDULES, FederatedLink, FederatedServer
+from .federation import FEDERATION_ARGS, SCHEDULES, FederatedLink, FederatedServer
 from .hub import load_pretrained
 from .link import WIRE_DTYPES, ChannelConfig, resolve_wire_dtype
-from .remote import RemoteLink, RemoteSplitViT, SplitServer, session_settings
+from .remote import RemoteLink, RemoteSplitViT, SplitServer, plain, session_settings
 from .split import SplitViTForImageClassification, split_vit
 from .training import ADCTrainer, ADCTrainingArguments, classification_metrics
 from .transport import Listener, connect, parse_address
@@ -297,8 +297,8 @@ class FederationArguments:
 
     def shared_settings(self, training_args: ADCTrainingArguments) -> dict:
         """What every client of one federation must give alike (the server checks)."""
-        budget = {name: getattr(training_args, name) for name in ("communication_budget", "budget_epochs", "max_steps")}
-        return {"num_clients": self.num_clients, "partition": self.partition, "alpha": self.alpha, **budget}
+        run = {name: plain(getattr(training_args, name)) for name in FEDERATION_ARGS}  # budget and checkpoints
+        return {"num_clients": self.num_clients, "partition": self.partition, "alpha": self.alpha, **run}
 
 
 def with_defaults(argv: list[str], defaults: dict[str, str]) -> list[str]:
@@ -706,10 +706,13 @@ def run_server(
         server = FederatedServer(
             build, training_args, training_args.output_dir, federation_args.num_clients, federation_args.schedule,
             federation_args.sync_every, federation_args.round_timeout, federation_args.min_clients,
-            join_token=remote_args.token(),
+            join_token=remote_args.token(), resume_from=training_args.resume_from_checkpoint,
         )  # fmt: skip
     else:
-        server = SplitServer(build, training_args, training_args.output_dir, join_token=remote_args.token())
+        server = SplitServer(
+            build, training_args, training_args.output_dir, join_token=remote_args.token(),
+            resume_from=training_args.resume_from_checkpoint,
+        )  # fmt: skip
     if remote_args.token() is None:
         logger.warning("No join token (--join_token or $%s): any client that reaches this address can join.",
                        JOIN_TOKEN_VARIABLE)  # fmt: skip

@@ -23,22 +23,28 @@ current client half with its plan. Fewer than `min_clients` left ends the federa
 averaged client half (`client/`) next to its own (`server/`), so the output folder loads as one split model.
 """
 
+import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from .link import nbytes
-from .remote import RemoteLink, SplitServer, differing_settings
+from .remote import RemoteLink, SplitServer, checkpoint_every, differing_settings, plain
 from .transport import Channel, Kind, PeerLost, Refused, WireError
 
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("sequential", "splitfed")
-PLAN_BYTES = 5 * 8 + 7 * 8  # the PLAN scalars, up and down (int64)
+PLAN_BYTES = 6 * 8 + 7 * 8  # the PLAN scalars, up and down (int64)
+FEDERATION_STATE_NAME = "federation.json"
+CLIENT_HALF_NAME = "client_half.safetensors"
 
 
 def client_side_tensors(split) -> list[torch.Tensor]:
@@ -82,14 +88,22 @@ class FederationPlan:
 
 
 class FederatedLink(RemoteLink):
-    """A client's `RemoteLink` that also synchronises its client half with the other clients' through the server."""
+    """A client's `RemoteLink` that also synchronises its client half with the other clients' through the server.
+
+    A reply that waits on the other clients (the plan, a round's average, a turn, the server half taken by another
+    client's step) is awaited for the channel's timeout plus the server's round timeout (it comes with WELCOME): by
+    then the server has dropped the client everyone waited for, and answered."""
 
     def __init__(self, peer: Channel, client_id: int, channel=None, wire_dtype="float32"):
         super().__init__(peer, channel, wire_dtype)
         self.client_id = client_id
         self.tensors: list[torch.Tensor] = []
         self.plan_: FederationPlan | None = None
-        self.sync_transfers = 0
+
+    def join(self, settings: dict, token: str | None) -> float:
+        round_timeout = super().join(settings, token)
+        self.reply_timeout = self.peer.timeout + timedelta(seconds=round_timeout)
+        return round_timeout
 
     def attach(self, split) -> None:
         self.tensors = client_side_tensors(split)
@@ -98,11 +112,14 @@ class FederatedLink(RemoteLink):
     def half_bytes(self) -> int:
         return sum(tensor.numel() for tensor in self.tensors) * 4
 
+    @property
+    def sync_transfers(self) -> int:
+        """Client halves sent or received so far (a resumed checkpoint's included: they are in the ledger)."""
+        return self.ledger.sync_bytes // self.half_bytes if self.half_bytes else 0
+
     def _charge_sync(self, up: bool, down: bool, value: bool = True) -> None:
         """Each half that crossed under `sync`; the value sent with it (samples, steps: float64) under control."""
-        transfers = int(up) + int(down)
-        self.sync_transfers += transfers
-        self.ledger.sync_bytes += transfers * self.half_bytes
+        self.ledger.sync_bytes += (int(up) + int(down)) * self.half_bytes
         self.ledger.uplink_bytes += 8 * value
         self.ledger.uncompressed_uplink_bytes += 8 * value
 
@@ -112,12 +129,12 @@ class FederatedLink(RemoteLink):
         load_half_vector(self.tensors, message.tensors["weights"])
         return True
 
-    def plan(self, shard_size: int, step_bytes: int, epoch_bytes: int) -> FederationPlan:
-        """Announces this client's shard and costs; returns the server's plan (and loads the current client half if
-        the federation already has one: a rejoining client)."""
-        scalars = torch.tensor([self.client_id, shard_size, step_bytes, self.half_bytes, epoch_bytes])
+    def plan(self, shard_size: int, step_bytes: int, epoch_bytes: int, resume_step: int = 0) -> FederationPlan:
+        """Announces this client's shard, costs, and the step of the checkpoint it resumes from (0: none); returns
+        the server's plan, and loads the current client half if one comes with it (a client that rejoins afresh)."""
+        scalars = torch.tensor([self.client_id, shard_size, step_bytes, self.half_bytes, epoch_bytes, resume_step])
         self.peer.send(Kind.PLAN, {"scalars": scalars})
-        message = self.peer.recv(Kind.PLAN)
+        message = self.peer.recv(Kind.PLAN, timeout=self.reply_timeout)
         max_steps, sync_every, schedule, num_clients, rounds, budget, round_bytes = message.tensors["scalars"].tolist()
         self.ledger.uplink_bytes += nbytes(scalars)
         self.ledger.uncompressed_uplink_bytes += nbytes(scalars)
@@ -125,7 +142,6 @@ class FederatedLink(RemoteLink):
         self.ledger.uncompressed_downlink_bytes += nbytes(message.tensors["scalars"])
         if self._receive_half(message):
             self.ledger.sync_bytes += self.half_bytes
-            self.sync_transfers += 1
         budget = budget if budget >= 0 else None
         self.plan_ = FederationPlan(
             max_steps, sync_every, SCHEDULES[schedule], num_clients, rounds, budget, round_bytes
@@ -137,7 +153,7 @@ class FederatedLink(RemoteLink):
         sequential = self.plan_.schedule == "sequential"
         tensors = {} if sequential else {"weights": half_vector(self.tensors)}
         self.peer.send(Kind.SYNC, tensors, value=float(samples))
-        received = self._receive_half(self.peer.recv(Kind.SYNC))
+        received = self._receive_half(self.peer.recv(Kind.SYNC, timeout=self.reply_timeout))
         self._charge_sync(up=not sequential, down=received)
 
     def finish(self, results: dict | None = None) -> None:
@@ -148,7 +164,7 @@ class FederatedLink(RemoteLink):
     def take_turn(self) -> None:
         """Sequential: waits for this client's turn; loads the current half (none before the first hand-off)."""
         self.peer.send(Kind.TURN)
-        received = self._receive_half(self.peer.recv(Kind.TURN))
+        received = self._receive_half(self.peer.recv(Kind.TURN, timeout=self.reply_timeout))
         self._charge_sync(up=False, down=received, value=False)
 
     def hand_off(self, steps: int) -> None:
@@ -197,6 +213,8 @@ class _Member:
     half_bytes: int = 0
     epoch_bytes: int = 0
     live: bool = True
+    joined: bool = True  # False: a client of a resumed checkpoint, expected back
+    resume_step: int = 0  # the step of the client's own checkpoint it resumed from
     finished: bool = False  # sent END
     finished_turns: bool = False  # sequential: took all its turns
     synced_round: int = 0
@@ -210,6 +228,12 @@ class FederatedServer(SplitServer):
     at most `round_timeout` seconds for a client before dropping it; fewer than `min_clients` ends the federation.
     The plan's byte budget is `args`' (`communication_budget`, or `budget_epochs` of uncompressed traffic over all
     the clients' shards); without one, `args.max_steps` steps per client.
+
+    Checkpoints: with `args.save_strategy="steps"` the server writes `checkpoint-N` at the end of every round whose
+    step N is a multiple of `save_steps` (which must be a multiple of `sync_every`), as the clients do: the server
+    half, its optimizer and schedule, the current client half, the plan and the round. `resume_from` (such a
+    folder) restores it; its clients resume from their own `checkpoint-N` (announced in PLAN), and the rounds wait
+    for them as for any client (`round_timeout`).
     """
 
     def __init__(
@@ -223,8 +247,9 @@ class FederatedServer(SplitServer):
         round_timeout: float = 120.0,
         min_clients: int = 1,
         join_token: str | None = None,
+        resume_from: str | Path | None = None,
     ):
-        super().__init__(build, args, output_dir, join_token)
+        super().__init__(build, args, output_dir, join_token, resume_from)
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}.")
         if num_clients < 1:
@@ -235,6 +260,16 @@ class FederatedServer(SplitServer):
             raise ValueError(f"sync_every={sync_every} is out of range: it must be >= 1 step.")
         if not round_timeout > 0:
             raise ValueError(f"round_timeout={round_timeout} is out of range: it must be > 0 seconds.")
+        if args.save_strategy not in ("no", "steps"):
+            raise ValueError(
+                f"save_strategy={plain(args.save_strategy)!r}: a federation checkpoints at the end of rounds, so give "
+                "'steps' (save_steps a multiple of sync_every) or 'no'."
+            )
+        if args.save_strategy == "steps" and (args.save_steps < 1 or args.save_steps % sync_every):
+            raise ValueError(
+                f"save_steps={args.save_steps} is out of range: a federation checkpoints at the end of rounds, so it "
+                f"must be a whole multiple of sync_every={sync_every} steps."
+            )
         self.num_clients, self.schedule, self.sync_every = num_clients, schedule, sync_every
         self.round_timeout, self.min_clients = round_timeout, min_clients
         self.condition = threading.Condition()
@@ -250,26 +285,36 @@ class FederatedServer(SplitServer):
         self.failure: str | None = None
         self.sync_transfers = 0
         self.federation_settings: dict | None = None
+        self.server_max_steps = 0  # the server's schedule: every client's steps
+        self.drops: list[int] = []  # every client dropped, in order (a rejoined client stays listed)
+        self.rejoined: list[int] = []  # clients that came back afresh after being dropped
         self._step_owner: int | None = None
+        self.resumed_state = None if self.resume_from is None else self._read_checkpoint(self.resume_from)
+        self.resumed_step = None if self.resumed_state is None else self.resumed_state["step"]
+        self.resumed_at: float | None = None
+        if self.resumed_state is not None:
+            self.federation_settings = self.resumed_state["federation_settings"]
 
     # -- sessions ---------------------------------------------------------------------------------------------
 
     def serve(self, listener, accept_seconds: float | None = None) -> dict:
         """Accepts sessions until every client has finished or been dropped (or none came in `accept_seconds`)."""
-        threads = []
+        threads, started = [], time.monotonic()
         while True:
             with self.condition:
+                if self.resumed_at is not None and time.monotonic() - self.resumed_at > self.round_timeout:
+                    self._drop_laggards(lambda m: not m.joined)  # a resumed checkpoint's client that never came
                 if self.plan is not None and all(not m.live or m.finished for m in self.members.values()):
                     break
                 if self.failure:
                     break
             try:
-                accepted = listener.accept(deadline=time.monotonic() + (accept_seconds or 1.0))
+                accepted = listener.accept(deadline=time.monotonic() + 1.0)  # then look again whether it is over
             except PeerLost as error:
                 logger.warning("%s; waiting for the next client.", error)
                 continue
             if accepted is None:
-                if accept_seconds is not None and not self.members:
+                if accept_seconds is not None and not self.members and time.monotonic() - started > accept_seconds:
                     return {"status": "no client", "steps": self.steps}
                 continue
             thread = threading.Thread(target=self._session, args=accepted, name=f"session-{accepted[0]}", daemon=True)
@@ -303,16 +348,80 @@ class FederatedServer(SplitServer):
             "plan": vars(self.plan) if self.plan else None,
             "steps": self.steps,
             "dropped": dropped,
+            "drops": self.drops,
+            "rejoined": self.rejoined,
             "clients": clients,
             "total": totals,
             "half_bytes": sum(t.numel() for t in self.client_tensors) * 4,
             "sync_transfers": self.sync_transfers,
+            "resumed_from": self.resumed_step,
         }
 
     def _adopt(self, split) -> None:
-        """Keeps the client half too: the server averages it and saves it next to its own."""
+        """Keeps the client half too: the server averages it and saves it next to its own (and restores a resumed
+        checkpoint into both)."""
         self.split = split
         self.client_tensors = client_side_tensors(split)
+        if self.resumed_state is not None:
+            self._resume(self.resumed_state)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+
+    def _read_checkpoint(self, folder: Path) -> dict:
+        """A federation checkpoint's state, once its settings are this server's."""
+        path = folder / FEDERATION_STATE_NAME
+        if not path.is_file():
+            raise ValueError(
+                f"resume_from_checkpoint={str(folder)!r} is not a federation checkpoint: it has no "
+                f"{FEDERATION_STATE_NAME} (the server writes one at the end of each round whose step is a save step)."
+            )
+        state = json.loads(path.read_text())
+        ours = {"schedule": self.schedule, "num_clients": self.num_clients, "sync_every": self.sync_every}
+        ours.update({name: plain(getattr(self.args, name)) for name in FEDERATION_ARGS})
+        theirs = {**state["federation_settings"], **{name: state[name] for name in ("schedule", "num_clients",
+                                                                                 "sync_every")}}  # fmt: skip
+        differences = [
+            f"{name}: checkpoint {theirs.get(name)!r}, server {value!r}"
+            for name, value in ours.items()
+            if theirs.get(name) != value
+        ]
+        if differences:
+            raise ValueError(f"the federation checkpoint {folder} has other settings: {'; '.join(differences)}")
+        return state
+
+    def _resume(self, state: dict) -> None:
+        """The federation as the checkpoint left it at a round's end: plan, round, the client half, the server half
+        with its optimizer and schedule. Its clients are expected back, as live members that have not joined."""
+        self.plan = FederationPlan(**state["plan"])
+        self.round, self.steps, self.turn = state["round"], state["steps"], state["turn"]
+        self.sync_transfers = state["sync_transfers"]
+        self.half = load_file(self.resume_from / CLIENT_HALF_NAME)["weights"]
+        expected = sum(tensor.numel() for tensor in self.client_tensors)
+        if self.half.shape != (expected,):
+            raise Refused(f"the checkpoint's client half has {self.half.numel()} values; this split's has {expected}.")
+        self.members = {m["client_id"]: _Member(**m, joined=False) for m in state["members"]}
+        self.server_max_steps = state["server_max_steps"]
+        self._make_optimizer(self.server_max_steps)
+        self._load_checkpoint(self.resume_from)
+        self.turn_started = self.resumed_at = time.monotonic()
+        logger.info("Resumed the federation at step %d (round %d).", self.resumed_step, self.round)
+
+    def _round_done(self) -> None:
+        """A round every live client completed: a checkpoint if its step is a save step (as the clients save)."""
+        step, every = self.round * self.sync_every, checkpoint_every(self.args, self.plan.max_steps)
+        if every is None or (step % every and step < self.plan.max_steps):
+            return
+        self._save_checkpoint(step)
+        folder = self._checkpoint_dir(step)
+        save_file({"weights": self.half.contiguous()}, folder / CLIENT_HALF_NAME)
+        members = [{name: getattr(m, name) for name in SAVED_MEMBER_FIELDS} for m in self.members.values()]
+        state = {
+            "step": step, "round": self.round, "steps": self.steps, "turn": self.turn, "plan": asdict(self.plan),
+            "schedule": self.schedule, "num_clients": self.num_clients, "sync_every": self.sync_every,
+            "sync_transfers": self.sync_transfers, "server_max_steps": self.server_max_steps, "members": members,
+            "federation_settings": self.federation_settings,
+        }  # fmt: skip
+        (folder / FEDERATION_STATE_NAME).write_text(json.dumps(state, indent=2))  # last: the checkpoint is whole
 
     def _accept_settings(self, settings: dict) -> None:
         """The split settings as for one client, and the federation's: the same number of clients, and the same
@@ -324,8 +433,7 @@ class FederatedServer(SplitServer):
             raise Refused(f"num_clients: client {federation.get('num_clients')!r}, server {self.num_clients}.")
         shared = {key: value for key, value in federation.items() if key != "client_id"}
         if self.federation_settings is None:
-            budget = ("communication_budget", "budget_epochs", "max_steps")
-            self.federation_settings = {**shared, **{name: getattr(self.args, name, None) for name in budget}}
+            self.federation_settings = {**shared, **{name: plain(getattr(self.args, name)) for name in FEDERATION_ARGS}}
         differences = differing_settings(shared, self.federation_settings)
         if differences:
             raise Refused("the federation settings differ from the first client's: " + "; ".join(differences))
@@ -349,23 +457,29 @@ class FederatedServer(SplitServer):
         settings = self._hello(channel)
         with self.condition:
             self._accept_settings(settings)
-        channel.send(Kind.WELCOME)
+        channel.send(Kind.WELCOME, value=self.round_timeout)  # how long the client may wait on the others
         message = channel.recv(Kind.PLAN)
-        client_id, shard_size, step_bytes, half_bytes, epoch_bytes = message.tensors["scalars"].tolist()
+        client_id, shard_size, step_bytes, half_bytes, epoch_bytes, resume_step = message.tensors["scalars"].tolist()
         with self.condition:
             if not 0 <= client_id < self.num_clients:
                 raise Refused(f"client_id={client_id} is out of range: 0 .. {self.num_clients - 1}.")
             existing = self.members.get(client_id)
-            if existing is not None and existing.live and not existing.finished:
+            if existing is not None and existing.joined and existing.live and not existing.finished:
                 raise Refused(f"client {client_id} is already training in this federation.")
             if self.plan is not None and existing is None:
                 raise Refused(f"the federation started without client {client_id}; only dropped clients rejoin.")
             expected = sum(t.numel() for t in self.client_tensors) * 4
             if half_bytes != expected:
                 raise Refused(f"the client half has {half_bytes} bytes; this server's has {expected}.")
-            member = _Member(client_id, shard_size, step_bytes, half_bytes, epoch_bytes)
+            if resume_step:
+                self._check_resume(client_id, existing, shard_size, resume_step)
+            member = _Member(client_id, shard_size, step_bytes, half_bytes, epoch_bytes, resume_step=resume_step)
             if existing is not None:
                 member.synced_round = self.round
+                if not resume_step:
+                    self.rejoined.append(client_id)
+                logger.info("Client %d %s at round %d.", client_id,
+                            f"resumed from step {resume_step}" if resume_step else "rejoined", self.round)  # fmt: skip
             self.members[client_id] = member
             self.condition.notify_all()
             deadline = time.monotonic() + self.round_timeout
@@ -375,16 +489,36 @@ class FederatedServer(SplitServer):
             if self.plan is None:
                 self._make_plan()
             plan = self.plan
-            if existing is not None:  # a rejoining client trains the rounds that are left
-                plan = FederationPlan(**{**vars(plan), "max_steps": max(plan.rounds - self.round, 1) * self.sync_every})
+            if existing is not None and not resume_step:  # a client rejoining afresh trains the rounds that are left
+                plan = replace(plan, max_steps=max(plan.rounds - self.round, 1) * self.sync_every)
             scalars = [plan.max_steps, plan.sync_every, SCHEDULES.index(plan.schedule), plan.num_clients, plan.rounds]
             budget = plan.budget_bytes if plan.budget_bytes is not None else -1
             tensors = {"scalars": torch.tensor([*scalars, budget, plan.round_bytes])}
-            if self.half is not None:
+            if self.half is not None and not resume_step:  # a resumed client's checkpoint holds the half already
                 tensors["weights"] = self.half
                 self.sync_transfers += 1
         channel.send(Kind.PLAN, tensors)
         return member
+
+    def _check_resume(self, client_id: int, existing: _Member | None, shard_size: int, resume_step: int) -> None:
+        """A client resuming from its checkpoint-N needs the server resumed from its own checkpoint-N."""
+        if self.resumed_step is None:
+            raise Refused(
+                f"client {client_id} resumes from step {resume_step}, but this server did not resume the federation: "
+                f"start serve.py with --resume_from_checkpoint .../checkpoint-{resume_step}."
+            )
+        if resume_step != self.resumed_step:
+            raise Refused(
+                f"client {client_id} resumes from step {resume_step}; the federation resumed from step "
+                f"{self.resumed_step}: resume every client from its checkpoint-{self.resumed_step}."
+            )
+        if existing is None or existing.joined:
+            raise Refused(f"client {client_id} was not in the federation at step {resume_step}, or resumed already.")
+        if shard_size != existing.shard_size:
+            raise Refused(
+                f"client {client_id} has a shard of {shard_size} rows; at step {resume_step} it had "
+                f"{existing.shard_size}: resume with the same data, partition and seed."
+            )
 
     def _make_plan(self) -> None:
         """Rounds R such that every client's R * sync_every steps and every half crossing fit the budget. A plan
@@ -419,7 +553,8 @@ class FederatedServer(SplitServer):
         self.plan = FederationPlan(
             steps, self.sync_every, self.schedule, self.num_clients, rounds, budget_bytes, round_bytes
         )
-        self._make_optimizer(rounds * self.sync_every * len(live))
+        self.server_max_steps = rounds * self.sync_every * len(live)
+        self._make_optimizer(self.server_max_steps)
         self.turn = min(m.client_id for m in live)
         self.turn_started = time.monotonic()
         logger.info("Federation plan: %s", self.plan)
@@ -434,6 +569,7 @@ class FederatedServer(SplitServer):
                 self.step_lock.release()
             if member.live:
                 member.live = False
+                self.drops.append(member.client_id)
                 if self.turn == member.client_id:
                     self._advance_turn()
                 if len(self._live()) < self.min_clients and self.plan is not None:
@@ -452,8 +588,9 @@ class FederatedServer(SplitServer):
                 raise Refused(f"client {member.client_id} was dropped from the federation.")
             tensors = message.tensors
             if message.kind == Kind.BEGIN:
-                if tensors["scalars"][1]:
-                    raise Refused("resuming a federation from a checkpoint is not supported yet: start it afresh.")
+                start = int(tensors["scalars"][1])
+                if start != member.resume_step:
+                    raise Refused(f"client {member.client_id} begins at step {start}; it planned {member.resume_step}.")
                 channel.send(Kind.DONE)
             elif message.kind == Kind.FORWARD:
                 self._own_step(member)
@@ -480,9 +617,7 @@ class FederatedServer(SplitServer):
                     with torch.no_grad():
                         logits = split.server(split.bridge.decode(tensors["activations"].to(device, dtype))).logits
                 channel.send(Kind.LOGITS, split.link.send({"logits": logits}))
-            elif message.kind == Kind.SAVE:
-                with self.step_lock:
-                    self._save_checkpoint(message.step)
+            elif message.kind == Kind.SAVE:  # the server checkpoints at the ends of rounds (`_round_done`)
                 channel.send(Kind.DONE)
             elif message.kind == Kind.SYNC:
                 channel.send(Kind.SYNC, self._sync(member, tensors.get("weights")))
@@ -554,12 +689,14 @@ class FederatedServer(SplitServer):
         self.half = (weights / weights.sum()) @ stacked
         self.round_halves.clear()
         self.round = round_number
+        self._round_done()
         self.condition.notify_all()
 
     def _drop_laggards(self, lagging) -> None:
         for laggard in [m for m in self._live() if lagging(m)]:
             logger.warning("Client %d missed the round by %.0f s: dropped.", laggard.client_id, self.round_timeout)
             laggard.live = False
+            self.drops.append(laggard.client_id)
             if self.turn == laggard.client_id:
                 self._advance_turn()
         if len(self._live()) < self.min_clients:
@@ -575,6 +712,7 @@ class FederatedServer(SplitServer):
                     logger.warning("Client %d held its turn over %.0f s: dropped.", holder.client_id,
                                    self.round_timeout)  # fmt: skip
                     holder.live = False
+                    self.drops.append(holder.client_id)
                     self._advance_turn()
             if self.failure:
                 raise Refused(self.failure)
@@ -590,7 +728,10 @@ class FederatedServer(SplitServer):
                 raise WireError(f"client {member.client_id} handed off outside its turn.")
             self.half = weights.float().clone()
             self.sync_transfers += 1
+            round_number = self.round
             self._advance_turn()
+            if self.round > round_number:
+                self._round_done()
 
     def _advance_turn(self) -> None:
         """The next live client (in id order, cyclically) that still has turns to take."""
@@ -625,6 +766,8 @@ class FederatedServer(SplitServer):
         self.split.save_pretrained(self.output_dir)
 
 
+SAVED_MEMBER_FIELDS = ("client_id", "shard_size", "step_bytes", "half_bytes", "epoch_bytes", "live")
+FEDERATION_ARGS = ("communication_budget", "budget_epochs", "max_steps", "save_strategy", "save_steps")
 RESULT_FIELDS = (
     "uplink_bytes", "downlink_bytes", "sync_bytes", "total_bytes", "uncompressed_bytes", "steps", "test_accuracy",
     "local_accuracy",

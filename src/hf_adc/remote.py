@@ -27,9 +27,11 @@ import hmac
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -65,12 +67,20 @@ def session_settings(split: SplitViTForImageClassification, args: TrainingArgume
         "compression": config.compression,
         "wire_dtype": wire_dtype_name(split.link.wire_dtype),
         "channel": asdict(split.link.channel) if split.link.channel else None,
-        **{name: _plain(getattr(args, name)) for name in TRAINING_SETTINGS},
+        **{name: plain(getattr(args, name)) for name in TRAINING_SETTINGS},
     }
 
 
-def _plain(value):
+def plain(value):
+    """`value` as JSON gives it back (enums as their strings), so that settings compare as they travel."""
     return json.loads(json.dumps(value, default=str))
+
+
+def checkpoint_every(args: TrainingArguments, max_steps: int) -> int | None:
+    """The Trainer's save interval in steps for a run of `max_steps` (None: it saves no checkpoints)."""
+    if args.save_strategy != "steps":
+        return None
+    return math.ceil(max_steps * args.save_steps) if args.save_steps < 1 else int(args.save_steps)
 
 
 def differing_settings(client: dict, server: dict) -> list[str]:
@@ -120,6 +130,7 @@ class RemoteLink(Link):
     """
 
     control_bytes = (16, 8)  # up: label smoothing, backward seed; down: the loss (float64 each)
+    reply_timeout: timedelta | None = None  # the wait for a reply that may queue behind others (None: the channel's)
 
     def __init__(self, peer: Channel, channel=None, wire_dtype: str | torch.dtype = "float32"):
         super().__init__(channel, wire_dtype)
@@ -131,10 +142,11 @@ class RemoteLink(Link):
         """Up: a float32 norm per client gradient and the float64 max norm; down: the float64 global norm."""
         return 4 * self.num_norms + 8, 8
 
-    def join(self, settings: dict, token: str | None) -> None:
-        """The handshake: sends the settings and the join token; raises `Refused` with the server's reason."""
+    def join(self, settings: dict, token: str | None) -> float:
+        """The handshake: sends the settings and the join token; raises `Refused` with the server's reason. Returns
+        the WELCOME's value (a federation's round timeout)."""
         self.peer.send(Kind.HELLO, {"settings": json_tensor({**settings, "token": token})})
-        self.peer.recv(Kind.WELCOME)
+        return self.peer.recv(Kind.WELCOME).value
 
     def begin(self, max_steps: int, global_step: int) -> None:
         """Tells the server the schedule's length and the step training starts from (a resumed checkpoint's)."""
@@ -159,7 +171,8 @@ class RemoteLink(Link):
         self.ledger.uplink_bytes += record.uplink_bytes
         self.ledger.uncompressed_uplink_bytes += record.uncompressed_uplink_bytes
         device = message.hidden_states.device
-        loss = torch.tensor(self.peer.recv(Kind.LOSS).value, dtype=torch.float32, device=device)
+        reply = self.peer.recv(Kind.LOSS, timeout=self.reply_timeout)
+        loss = torch.tensor(reply.value, dtype=torch.float32, device=device)
         return _RemoteLoss.apply(message.hidden_states, self, bridge, context, record, loss), record
 
     def optimizer_step(self, client_norms: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -182,7 +195,7 @@ class RemoteLink(Link):
         """The server's logits for (eval-mode) activations; charged in `inference_ledger`."""
         activations = self.send({"activations": hidden_states})["activations"]
         self.peer.send(Kind.EVAL, {"activations": activations})
-        logits = self.send(self.peer.recv(Kind.LOGITS).tensors)["logits"]
+        logits = self.send(self.peer.recv(Kind.LOGITS, timeout=self.reply_timeout).tensors)["logits"]
         for ledger_field, size in (("uplink_bytes", nbytes(activations)), ("downlink_bytes", nbytes(logits))):
             setattr(self.inference_ledger, ledger_field, getattr(self.inference_ledger, ledger_field) + size)
             uncompressed = f"uncompressed_{ledger_field}"
@@ -240,6 +253,9 @@ class SplitServer:
     split and `args` equal the client's, and the join token matches. Sessions refused at the handshake (a bad
     header, a wrong token, a mismatched split) leave the server waiting for the next client. `serve` returns once
     a client has trained to the end (END), or when the client training with it is lost (its last checkpoint kept).
+
+    A client that resumes from its `checkpoint-N` makes the server load its own `checkpoint-N` from `output_dir`,
+    or from `resume_from` when given (whose step must then be the client's).
     """
 
     def __init__(
@@ -248,11 +264,15 @@ class SplitServer:
         args: TrainingArguments,
         output_dir: str | Path,
         join_token: str | None = None,
+        resume_from: str | Path | None = None,
     ):
         self.build = build
         self.args = args
         self.output_dir = Path(output_dir)
         self.join_token = join_token
+        self.resume_from = None if resume_from is None else Path(resume_from)
+        if self.resume_from is not None and not self.resume_from.is_dir():
+            raise ValueError(f"resume_from_checkpoint={str(resume_from)!r} is not a folder.")
         self.split = None
         self.optimizer = None
         self.scheduler = None
@@ -355,13 +375,28 @@ class SplitServer:
         torch.save(self.optimizer.state_dict(), folder / "server_optimizer.pt")
         torch.save(self.scheduler.state_dict(), folder / "server_scheduler.pt")
 
-    def _load_checkpoint(self, step: int) -> None:
+    def _resume_folder(self, step: int) -> Path:
+        """The server checkpoint to resume from for a client resuming at `step` (0: starting afresh)."""
+        if self.resume_from is not None:
+            saved = re.fullmatch(r"checkpoint-(\d+)", self.resume_from.name)
+            if saved is None or int(saved.group(1)) != step:
+                raise Refused(
+                    f"the client resumes from step {step}, the server from {self.resume_from}: resume both sides from "
+                    "the same step's checkpoint-N."
+                )
+            return self.resume_from
         folder = self._checkpoint_dir(step)
         if not (folder / SERVER_WEIGHTS_NAME).exists():
             raise Refused(
                 f"the server has no checkpoint for step {step} in {self.output_dir}: resume both sides from a step "
                 "both saved."
             )
+        return folder
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        """The server half, its side of the bridge, the optimizer and the schedule saved in `folder`."""
+        if not (folder / SERVER_WEIGHTS_NAME).exists():
+            raise Refused(f"{folder} is not a server checkpoint: it has no {SERVER_WEIGHTS_NAME}.")
         state = load_file(folder / SERVER_WEIGHTS_NAME)
         self.split.server.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("server.")})
         self.split.bridge.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("bridge.")})
@@ -377,8 +412,8 @@ class SplitServer:
             if message.kind == Kind.BEGIN:
                 max_steps, global_step = tensors["scalars"].tolist()
                 self._make_optimizer(max_steps)
-                if global_step:
-                    self._load_checkpoint(global_step)
+                if global_step or self.resume_from is not None:
+                    self._load_checkpoint(self._resume_folder(global_step))
                 self.steps = global_step
                 channel.send(Kind.DONE)
             elif message.kind == Kind.FORWARD:

@@ -9,8 +9,9 @@ from functools import cache
 
 import evaluate
 import torch
-from transformers import EvalPrediction, Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import EvalPrediction, Trainer, TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..link import Ledger
 from ..metrics import load_accuracy
@@ -116,7 +117,7 @@ class ADCTrainer(Trainer):
         self.add_callback(_CommunicationCallback(self))
         if self._peer_link is not None:
             self.add_callback(_PeerCallback(self._peer_link))
-        if self.federation is not None:
+        if self._federated:
             from ..federation import FederationCallback
 
             batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
@@ -181,20 +182,16 @@ class ADCTrainer(Trainer):
         full_step_bytes = sum(self.model.wire_bytes(args.per_device_train_batch_size)) * micro_batches + step_control
         self.budget_bytes = None
         self.federation = None
-        federated = hasattr(self.model.link, "plan")
-        if not args.has_budget and not federated:
+        self._federated = hasattr(self.model.link, "plan")
+        if not args.has_budget and not self._federated:
             return
         if self.train_dataset is None:
             raise ValueError("A communication budget needs a train_dataset to plan against.")
         per_sample = sum(self.model.wire_bytes(1, compressed=False)) - sum(self.model.link.control_bytes)
-        epoch_bytes = per_sample * len(self.train_dataset)
-        if federated:
-            # One client of several: the server plans the steps so that all clients and their sync fit the budget.
-            self.federation = self.model.link.plan(len(self.train_dataset), self.step_bytes, epoch_bytes)
-            args.max_steps = self.federation.max_steps
-            logger.info("Federation plan: %s", self.federation)
-            return
-        self.budget_bytes = args.budget_bytes(epoch_bytes)
+        self.epoch_bytes = per_sample * len(self.train_dataset)
+        if self._federated:
+            return  # one client of several: the server plans the steps (see `train`)
+        self.budget_bytes = args.budget_bytes(self.epoch_bytes)
         if self.budget_bytes < self.step_bytes:
             raise ValueError(
                 f"The communication budget of {self.budget_bytes} bytes is smaller than one training step "
@@ -206,6 +203,16 @@ class ADCTrainer(Trainer):
             steps_per_epoch = max(len(self.train_dataset) // (args.per_device_train_batch_size * micro_batches), 1)
             args.max_steps = full_steps + math.ceil(full_steps / steps_per_epoch) + 1
             logger.info("Budget of %d bytes: training for up to %d steps.", self.budget_bytes, args.max_steps)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        """`Trainer.train`; one client of a federation first gets its plan from the server, which fixes the steps
+        so that all clients and their sync fit the budget, telling it the step it resumes from."""
+        if self._federated:
+            start = checkpoint_step(resume_from_checkpoint, self.args.output_dir)
+            self.federation = self.model.link.plan(len(self.train_dataset), self.step_bytes, self.epoch_bytes, start)
+            self.args.max_steps = self.federation.max_steps
+            logger.info("Federation plan: %s", self.federation)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
     @staticmethod
     def _summary(ledger: Ledger) -> dict[str, int]:
@@ -247,6 +254,7 @@ class ADCTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
+        self.sync_communication()  # callbacks after ours may have sent more this step (a federation's sync)
         if self.args.should_save:
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -261,7 +269,25 @@ class ADCTrainer(Trainer):
             raise FileNotFoundError(f"{resume_from_checkpoint} has no {LEDGER_FILE}: it was not written by ADCTrainer.")
         with open(path) as file:
             saved = json.load(file)["ledger"]
-        self.ledger.reset()
+        # The checkpoint's bytes, plus what this process sent before training began (a federation's plan).
+        before = self.ledger.state_dict()
+        restored = Ledger()
+        restored.load_state_dict({name: int(saved.get(name, 0)) + before[name] for name in Ledger.FIELDS})
         if self.args.process_index == 0:
-            self.ledger.load_state_dict(saved)
-        self.communication = {key: int(value) for key, value in saved.items()}
+            self.ledger.load_state_dict(restored.state_dict())
+        self.communication = self._summary(restored)
+
+
+def checkpoint_step(resume_from_checkpoint: str | bool | None, output_dir: str) -> int:
+    """The optimizer step a `resume_from_checkpoint` argument resumes from (0 for none; True: the last checkpoint
+    in `output_dir`)."""
+    if not resume_from_checkpoint:
+        return 0
+    if resume_from_checkpoint is True:
+        resume_from_checkpoint = get_last_checkpoint(output_dir)
+        if resume_from_checkpoint is None:
+            raise ValueError(f"resume_from_checkpoint=True, but {output_dir} holds no checkpoint-N folder.")
+    state = os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)
+    if not os.path.isfile(state):
+        raise FileNotFoundError(f"{resume_from_checkpoint} is not a Trainer checkpoint (no {TRAINER_STATE_NAME}).")
+    return TrainerState.load_from_json(state).global_step

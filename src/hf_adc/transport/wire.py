@@ -216,13 +216,15 @@ class Channel:
         self.max_tensor_bytes = max_tensor_bytes
         self.traffic = Traffic()
 
-    def _wait(self, start, what: str) -> None:
-        """Runs `start()` (a send or a receive of the group) to completion, or raises `PeerLost`."""
+    def _wait(self, start, what: str, timeout: timedelta | None = None) -> None:
+        """Runs `start()` (a send or a receive of the group) to completion within `timeout` (default: the
+        channel's), or raises `PeerLost`."""
+        timeout = timeout or self.timeout
         try:
-            start().wait()
+            start().wait(timeout)
         except RuntimeError as error:
             raise PeerLost(
-                f"lost the peer at {self.address} while {what} (timeout {self.timeout.total_seconds():.0f} s): {error}"
+                f"lost the peer at {self.address} while {what} (timeout {timeout.total_seconds():.0f} s): {error}"
             ) from error
 
     def send(
@@ -238,10 +240,11 @@ class Channel:
             self._wait(lambda: self.group.send([body], self.peer, 0), f"sending {kind.name}'s tensors")
             self.traffic.payload_sent += body.numel()
 
-    def recv(self, *expected: Kind) -> Message:
-        """The next message; one of `expected` kinds (a REFUSE raises `Refused`, anything else `WireError`)."""
+    def recv(self, *expected: Kind, timeout: timedelta | None = None) -> Message:
+        """The next message; one of `expected` kinds (a REFUSE raises `Refused`, anything else `WireError`).
+        `timeout` bounds the wait for it (default: the channel's)."""
         header = torch.empty(HEADER_LENGTH, dtype=torch.int64)
-        self._wait(lambda: self.group.recv([header], self.peer, 0), "waiting for a message")
+        self._wait(lambda: self.group.recv([header], self.peer, 0), "waiting for a message", timeout)
         self.traffic.framing_received += HEADER_BYTES
         kind, step, value, specs = decode_header(header, self.max_tensor_bytes)
         sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape in specs]
