@@ -160,7 +160,7 @@ def run_federation_here(model_args, split_args, data_args, training_args, remote
     and total bytes, accuracies) and prints them as a table. `--resume_from_checkpoint OUTPUT_DIR/checkpoint-N`
     (the server's) resumes the whole federation: each client from its own `OUTPUT_DIR/client-i/checkpoint-N`."""
     resume = training_args.resume_from_checkpoint
-    if resume and Path(resume).parent != Path(training_args.output_dir):
+    if resume and Path(resume).resolve().parent != Path(training_args.output_dir).resolve():
         raise ValueError(
             f"--resume_from_checkpoint {resume}: give the server's checkpoint-N in --output_dir "
             f"{training_args.output_dir}; each client resumes from its client-i/checkpoint-N there."

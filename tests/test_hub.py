@@ -36,8 +36,12 @@ print(json.dumps(report, default=str))
 """
 
 
-def test_push_both_halves_and_load_them_back_by_repo_id(tiny_vit, batch, tmp_path):
-    split = hf_adc.split_vit(tiny_vit, 2, compression=hf_adc.ADCConfig(xi=0.25)).train()
+COMPOSED = hf_adc.ComposedConfig(hf_adc.ADCConfig(xi=0.4), hf_adc.QuantizationConfig(bits=8))
+
+
+@pytest.mark.parametrize(("compression", "tag"), [(hf_adc.ADCConfig(xi=0.25), "adc"), (COMPOSED, "adc+quantize")])
+def test_push_both_halves_and_load_them_back_by_repo_id(tiny_vit, batch, tmp_path, compression, tag):
+    split = hf_adc.split_vit(tiny_vit, 2, compression=compression).train()
     split(*batch).loss.backward()
     split.client.config.communication = split.server.config.communication = {
         "uplink_bytes": split.ledger.uplink_bytes, "downlink_bytes": split.ledger.downlink_bytes,
@@ -66,7 +70,7 @@ def test_push_both_halves_and_load_them_back_by_repo_id(tiny_vit, batch, tmp_pat
     for role in ("client", "server"):
         assert report[role]["same_weights"] and report[role]["same_config"], role
         card = report[role]["card"]
-        assert "split-learning" in card["tags"] and "adc" in card["tags"]
+        assert "split-learning" in card["tags"] and tag in card["tags"]
         assert card["datasets"] == ["digits"]
         assert card["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.5
     assert report["processor_size"] == [16, 16]

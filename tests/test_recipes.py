@@ -102,6 +102,8 @@ def test_pretrain_recipe_saves_a_checkpoint_the_train_recipe_can_start_from(digi
         (["--compression", "none", "--xi", "0.1"], "xi do not apply to --compression none"),
         (["--compression", "topk", "--bits", "4"], "bits do not apply to --compression topk"),
         (["--channel", "awgn"], "--channel awgn needs --snr_db"),
+        (["--distributed", "--num_clients", "2", "--resume_from_checkpoint", "/elsewhere/checkpoint-2"],
+         "give the server's checkpoint-N in --output_dir"),
     ],
 )
 def test_bad_recipe_arguments_fail_before_training(tiny_vit_path, digits_dir, tmp_path, extra, message):
