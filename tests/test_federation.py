@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hub_server import LocalHub
 from safetensors.torch import load_file
 from test_recipes import ROOT, launch
 from test_remote import (
@@ -382,14 +383,22 @@ def test_a_federation_client_refuses_to_push_before_any_work(tmp_path):
         )  # fmt: skip
 
 
-def test_the_one_machine_command_starts_the_server_and_every_client(tiny_vit_path, digits_dir, tmp_path):
-    done = launch(
-        "train.py",
-        [*model_args(tiny_vit_path), *data_args(digits_dir, tmp_path / "run"), "--distributed", "--num_clients", "2",
-         "--schedule", "sequential", "--sync_every", "2", "--max_steps", "4", "--partition", "dirichlet"],
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+def test_the_one_machine_command_starts_the_server_and_every_client_and_pushes_both_halves(tiny_vit_path, digits_dir,
+                                                                                          tmp_path):  # fmt: skip
+    with LocalHub() as hub:
+        done = launch(
+            "train.py",
+            [*model_args(tiny_vit_path), *data_args(digits_dir, tmp_path / "run"), "--distributed", "--num_clients",
+             "2", "--schedule", "sequential", "--sync_every", "2", "--max_steps", "4", "--partition", "dirichlet",
+             "--push_to_hub", "--hub_model_id", "me/fed"],
+            HF_ENDPOINT=hub.endpoint, HF_TOKEN="hf_test_token", HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0",
+            HF_HOME=str(tmp_path / "hf_home"),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert set(hub.repos) == {"me/fed-client", "me/fed-server"}
+        card = hub.repos["me/fed-server"]["README.md"].decode()
     assert "sequential, 2 clients: finished" in done.stdout
+    assert "trained by 2 clients on their own shards, schedule `sequential`" in card
     report = json.loads((tmp_path / "run" / "server_results.json").read_text())
     assert report["dropped"] == [] and set(report["clients"]) == {"0", "1"}
     for i in range(2):
