@@ -18,9 +18,12 @@ R so that all clients' steps plus every half sent, both ways, fit the budget, an
 client's ledger as `sync` (the sample count and round number that travel with it are `control`).
 
 Faults: a client that dies, hangs past the timeout, or misses a round by more than `round_timeout` is dropped;
-the others go on (its sequential turn is skipped). A restarted client with the same id rejoins and receives the
-current client half with its plan. Fewer than `min_clients` left ends the federation. The server writes the
-averaged client half (`client/`) next to its own (`server/`), so the output folder loads as one split model.
+the others go on (its sequential turn is skipped), waiting on the server for their timeout plus `round_timeout`.
+A restarted client with the same id rejoins and receives the current client half with its plan. Fewer than
+`min_clients` left ends the federation. At the end of each round whose step is a save step the server writes a
+checkpoint from which the whole federation resumes (each client from its own checkpoint of that step). The server
+writes the averaged client half (`client/`) next to its own (`server/`), so the output folder loads as one split
+model.
 """
 
 import json
@@ -458,8 +461,10 @@ class FederatedServer(SplitServer):
         with self.condition:
             self._accept_settings(settings)
         channel.send(Kind.WELCOME, value=self.round_timeout)  # how long the client may wait on the others
-        message = channel.recv(Kind.PLAN)
-        client_id, shard_size, step_bytes, half_bytes, epoch_bytes, resume_step = message.tensors["scalars"].tolist()
+        scalars = channel.recv(Kind.PLAN).tensors.get("scalars")
+        if scalars is None or scalars.shape != (6,) or scalars.dtype != torch.int64:
+            raise WireError("a PLAN must carry 6 int64 scalars (id, shard size, step, half, epoch bytes, resume step).")
+        client_id, shard_size, step_bytes, half_bytes, epoch_bytes, resume_step = scalars.tolist()
         with self.condition:
             if not 0 <= client_id < self.num_clients:
                 raise Refused(f"client_id={client_id} is out of range: 0 .. {self.num_clients - 1}.")

@@ -385,18 +385,12 @@ class SplitServer:
                     "the same step's checkpoint-N."
                 )
             return self.resume_from
-        folder = self._checkpoint_dir(step)
-        if not (folder / SERVER_WEIGHTS_NAME).exists():
-            raise Refused(
-                f"the server has no checkpoint for step {step} in {self.output_dir}: resume both sides from a step "
-                "both saved."
-            )
-        return folder
+        return self._checkpoint_dir(step)
 
     def _load_checkpoint(self, folder: Path) -> None:
         """The server half, its side of the bridge, the optimizer and the schedule saved in `folder`."""
         if not (folder / SERVER_WEIGHTS_NAME).exists():
-            raise Refused(f"{folder} is not a server checkpoint: it has no {SERVER_WEIGHTS_NAME}.")
+            raise Refused(f"the server has no checkpoint in {folder}: resume both sides from a step both saved.")
         state = load_file(folder / SERVER_WEIGHTS_NAME)
         self.split.server.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("server.")})
         self.split.bridge.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("bridge.")})

@@ -29,7 +29,7 @@ from enum import IntEnum
 
 import torch
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = 0x48464144  # "HFAD"
 MAX_TENSORS = 8
 MAX_RANK = 4
