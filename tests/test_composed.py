@@ -144,3 +144,36 @@ def test_composed_bridges_decode_in_eval_like_their_codec(tiny_vit, batch):
         through = split.server(split.bridge.codec.decoder(split.bridge.codec.encoder(hidden))).logits
         torch.testing.assert_close(split(pixel_values).logits, through)
     assert split.num_labels == NUM_LABELS
+
+
+
+@pytest.mark.parametrize(("reducer", "codec"), PAIRS)
+def test_a_receiver_with_only_the_wire_unpacks_what_the_sender_packed(tiny_vit, batch, reducer, codec):
+    """What a server process does: it rebuilds the context from the wire and the activations' shape alone."""
+    pixel_values, labels = batch
+    split = hf_adc.split_vit(tiny_vit, 2, compression=hf_adc.ComposedConfig(REDUCERS[reducer], CODECS[codec])).train()
+    with torch.no_grad():
+        hidden, message = split._client_side(pixel_values, labels, False, 0.0)
+        wire, context = split.bridge.pack(message.hidden_states)
+        shape = (message.labels.shape[0], *hidden.shape[1:])
+        rebuilt = split.bridge.receiver_context(wire, shape, hidden.dtype)
+        received = split.bridge.unpack(wire, rebuilt)
+        torch.testing.assert_close(received, split.bridge.unpack(wire, context), atol=0, rtol=0)
+        gradient = torch.randn_like(received)
+        down, expected = split.bridge.pack_gradient(gradient, rebuilt), split.bridge.pack_gradient(gradient, context)
+    assert down.keys() == expected.keys()
+    for name in down:
+        torch.testing.assert_close(down[name], expected[name], atol=0, rtol=0, msg=name)
+
+
+def test_a_merged_shape_that_does_not_fit_the_activations_is_refused(tiny_vit, batch):
+    pixel_values, labels = batch
+    split = hf_adc.split_vit(tiny_vit, 2, compression=hf_adc.ComposedConfig(REDUCERS["adc"], CODECS["q8"])).train()
+    with torch.no_grad():
+        hidden, message = split._client_side(pixel_values, labels, False, 0.0)
+        wire, _ = split.bridge.pack(message.hidden_states)
+    shape = (message.labels.shape[0], *hidden.shape[1:])
+    for bad in ([shape[0], 10**6, shape[2]], [shape[0] + 1, 2, shape[2]], [shape[0], 2]):
+        wire["shape"] = torch.tensor(bad, dtype=torch.int32)
+        with pytest.raises(ValueError, match=r"the merged shape .* does not fit activations of shape"):
+            split.bridge.receiver_context(wire, shape, hidden.dtype)

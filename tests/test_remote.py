@@ -96,8 +96,12 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
         ("--compression", "bottlenet", "--ratio", "0.25", "--gradient_accumulation_steps", "2"),
         ("--compression", "topk", "--rate", "0.1"),
         ("--compression", "quantize", "--bits", "4"),
+        ("--compression", "adc+quantize", "--xi", "0.4", "--bits", "8"),
+        ("--compression", "topk+quantize", "--rate", "0.2", "--bits", "8"),
+        ("--compression", "adc+bottlenet", "--xi", "0.4", "--ratio", "0.5"),
     ],
-    ids=["none", "adc", "adc-accumulation", "bottlenet-accumulation", "topk", "quantize"],
+    ids=["none", "adc", "adc-accumulation", "bottlenet-accumulation", "topk", "quantize", "adc+quantize8",
+         "topk+quantize8", "adc+bottlenet"],  # fmt: skip
 )
 def test_two_processes_train_exactly_like_one(tiny_vit_path, digits_dir, tmp_path, extra):
     shared = model_args(tiny_vit_path, *extra, "--max_steps", "20")

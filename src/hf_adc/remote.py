@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments, get_scheduler
 
-from .bridges import Bridge, ComposedConfig
+from .bridges import Bridge
 from .link import CommunicationRecord, Link, nbytes, wire_dtype_name
 from .split import SERVER_BRIDGE_WEIGHTS_NAME, SplitViTForImageClassification, SplitViTOutput
 from .transport import Channel, Kind, PeerLost, Refused, WireError, json_tensor, tensor_json
@@ -222,11 +222,6 @@ class RemoteSplitViT(SplitViTForImageClassification):
     """
 
     def __init__(self, split: SplitViTForImageClassification, link: RemoteLink):
-        if isinstance(split.bridge.config, ComposedConfig):
-            raise ValueError(
-                f"compression {split.bridge.config.method} is a composed bridge: composed bridges run in one process "
-                "only for now (their receiver cannot rebuild the reducer's context from the wire yet)."
-            )
         bridge = drop_modules(split.bridge, split.bridge.server_modules)
         super().__init__(split.client, None, bridge, link)
         link.num_norms = sum(1 for parameter in self.parameters() if parameter.requires_grad)
@@ -449,8 +444,11 @@ class SplitServer:
         config = split.server.config
         batch = labels.shape[0]
         shape = (batch, (config.image_size // config.patch_size) ** 2 + 1, config.hidden_size)
-        context = split.bridge.receiver_context(tensors, shape, dtype)
-        received = split.bridge.unpack(tensors, context).to(dtype).requires_grad_()
+        try:
+            context = split.bridge.receiver_context(tensors, shape, dtype)
+            received = split.bridge.unpack(tensors, context).to(dtype).requires_grad_()
+        except (KeyError, ValueError, RuntimeError) as error:  # a missing tensor, a shape that does not fit
+            raise WireError(f"the activations do not fit the {type(split.bridge).__name__}: {error}") from error
         if labels.is_floating_point():
             targets = labels.float() / labels.float().sum(dim=1, keepdim=True)
         else:

@@ -11,6 +11,7 @@ alone do not tell a receiver.
     hf_adc.ComposedConfig(hf_adc.ADCConfig(xi=0.4), hf_adc.QuantizationConfig(bits=8))   # xi ~ 0.1 in all
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,23 @@ class ComposedBridge(Bridge):
     def _split(self, wire):
         codec_wire = {name: tensor for name, tensor in wire.items() if name not in ("indices", "shape")}
         return codec_wire, {name: tensor for name, tensor in wire.items() if name == "indices"}
+
+    def receiver_context(self, wire, shape, dtype):
+        """Both contexts from the wire alone: the values the reducer sent have ADC's merged shape (it travels with
+        the codes; it must fit `shape`: as many clusters as soft labels, at most every token, the hidden width or
+        BottleNet++'s) or Top-K's kept count (it follows from `shape`)."""
+        codec_wire, rest = self._split(wire)
+        if isinstance(self.reducer, ADCBridge):
+            values_shape = torch.Size(wire["shape"].tolist()) if "shape" in wire else None
+            width = self.codec.config.width(shape[2]) if isinstance(self.codec.config, BottleNetConfig) else shape[2]
+            fits = values_shape is not None and len(values_shape) == 3 and values_shape[0] == shape[0]
+            if not (fits and 1 <= values_shape[1] <= shape[1] and values_shape[2] == width):
+                raise ValueError(f"the merged shape {values_shape} does not fit activations of shape {tuple(shape)}.")
+            reducer_context = self.reducer.receiver_context(rest, shape, dtype)
+        else:
+            values_shape = torch.Size((shape[0], self.reducer.kept(math.prod(shape[1:]))))
+            reducer_context = self.reducer.receiver_context(rest, shape, dtype)
+        return reducer_context, self.codec.receiver_context(codec_wire, values_shape, dtype)
 
     def unpack(self, wire, context):
         reducer_context, codec_context = context

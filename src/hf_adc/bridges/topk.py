@@ -65,7 +65,7 @@ class TopKBridge(Bridge):
 
     def receiver_context(self, wire, shape, dtype):
         batch_size, per_sample = shape[0], math.prod(shape[1:])
-        kept = wire["values"].shape[1]
+        kept = self.kept(per_sample)
         bits = max(math.ceil(math.log2(per_sample)), 1)
         return shape, unpack_bits(wire["indices"], bits, batch_size * kept).view(batch_size, kept)
 
