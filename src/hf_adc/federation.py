@@ -584,8 +584,7 @@ class FederatedServer(SplitServer):
     # -- the message loop -------------------------------------------------------------------------------------
 
     def _run(self, channel: Channel, member: _Member) -> None:
-        split, pending = self.split, None
-        device, dtype = split.server.device, split.server.dtype
+        pending = None
         kinds = (Kind.BEGIN, Kind.FORWARD, Kind.BACKWARD, Kind.STEP, Kind.EVAL, Kind.SAVE, Kind.END)
         while True:
             message = channel.recv(*kinds, Kind.SYNC, Kind.TURN, Kind.HANDOFF)
@@ -599,16 +598,9 @@ class FederatedServer(SplitServer):
                 channel.send(Kind.DONE)
             elif message.kind == Kind.FORWARD:
                 self._own_step(member)
-                wire = {name: tensor.to(device) for name, tensor in tensors.items()}
-                pending = self._forward(wire, message.value, dtype)
-                channel.send(Kind.LOSS, value=float(pending[2].detach()))
+                pending = self._answer_forward(channel, message)
             elif message.kind == Kind.BACKWARD:
-                if pending is None:
-                    raise WireError("a BACKWARD message came before any FORWARD.")
-                received, context, loss = pending
-                loss.backward(torch.tensor(message.value, dtype=loss.dtype, device=loss.device))
-                channel.send(Kind.GRADIENT, split.link.send(split.bridge.pack_gradient(received.grad, context)))
-                pending = None
+                pending = self._answer_backward(channel, message, pending)
             elif message.kind == Kind.STEP:
                 self._own_step(member)
                 total = self._optimizer_step(tensors["norm"], message.value)
@@ -617,11 +609,8 @@ class FederatedServer(SplitServer):
                 channel.send(Kind.NORM, value=float(total))
             elif message.kind == Kind.EVAL:
                 with self.step_lock:
-                    split.server.eval()
-                    split.bridge.eval()
-                    with torch.no_grad():
-                        logits = split.server(split.bridge.decode(tensors["activations"].to(device, dtype))).logits
-                channel.send(Kind.LOGITS, split.link.send({"logits": logits}))
+                    logits = self._logits(tensors["activations"])
+                channel.send(Kind.LOGITS, logits)
             elif message.kind == Kind.SAVE:  # the server checkpoints at the ends of rounds (`_round_done`)
                 channel.send(Kind.DONE)
             elif message.kind == Kind.SYNC:

@@ -393,8 +393,7 @@ class SplitServer:
         self.scheduler.load_state_dict(torch.load(folder / "server_scheduler.pt", weights_only=True))
 
     def _train(self, channel: Channel) -> dict:
-        split, pending = self.split, None
-        device, dtype = split.server.device, split.server.dtype
+        pending = None
         while True:
             message = channel.recv(Kind.BEGIN, Kind.FORWARD, Kind.BACKWARD, Kind.STEP, Kind.EVAL, Kind.SAVE, Kind.END)
             tensors = message.tensors
@@ -406,26 +405,14 @@ class SplitServer:
                 self.steps = global_step
                 channel.send(Kind.DONE)
             elif message.kind == Kind.FORWARD:
-                wire = {name: tensor.to(device) for name, tensor in tensors.items()}
-                pending = self._forward(wire, message.value, dtype)
-                channel.send(Kind.LOSS, value=float(pending[2].detach()))
+                pending = self._answer_forward(channel, message)
             elif message.kind == Kind.BACKWARD:
-                if pending is None:
-                    raise WireError("a BACKWARD message came before any FORWARD.")
-                received, context, loss = pending
-                loss.backward(torch.tensor(message.value, dtype=loss.dtype, device=loss.device))
-                wire = split.bridge.pack_gradient(received.grad, context)
-                channel.send(Kind.GRADIENT, split.link.send(wire))
-                pending = None
+                pending = self._answer_backward(channel, message, pending)
             elif message.kind == Kind.STEP:
                 total = self._optimizer_step(tensors["norm"], message.value)
                 channel.send(Kind.NORM, value=float(total))
             elif message.kind == Kind.EVAL:
-                split.server.eval()
-                split.bridge.eval()
-                with torch.no_grad():
-                    logits = split.server(split.bridge.decode(tensors["activations"].to(device, dtype))).logits
-                channel.send(Kind.LOGITS, split.link.send({"logits": logits}))
+                channel.send(Kind.LOGITS, self._logits(tensors["activations"]))
             elif message.kind == Kind.SAVE:
                 self._save_checkpoint(message.step)
                 channel.send(Kind.DONE)
@@ -433,6 +420,30 @@ class SplitServer:
                 self._save_final()
                 channel.send(Kind.DONE)
                 return {"status": "finished", "steps": self.steps, "traffic": vars(channel.traffic)}
+
+    def _answer_forward(self, channel: Channel, message) -> tuple:
+        """FORWARD: the server half's loss on what came, sent back (LOSS); returns what BACKWARD needs."""
+        wire = {name: tensor.to(self.split.server.device) for name, tensor in message.tensors.items()}
+        pending = self._forward(wire, message.value, self.split.server.dtype)
+        channel.send(Kind.LOSS, value=float(pending[2].detach()))
+        return pending
+
+    def _answer_backward(self, channel: Channel, message, pending: tuple | None) -> None:
+        """BACKWARD: back-propagates the client's seed and sends the gradient of what came down (GRADIENT)."""
+        if pending is None:
+            raise WireError("a BACKWARD message came before any FORWARD.")
+        received, context, loss = pending
+        loss.backward(torch.tensor(message.value, dtype=loss.dtype, device=loss.device))
+        channel.send(Kind.GRADIENT, self.split.link.send(self.split.bridge.pack_gradient(received.grad, context)))
+
+    @torch.no_grad()
+    def _logits(self, activations: torch.Tensor) -> dict[str, torch.Tensor]:
+        """EVAL: the server half's logits for eval-mode activations, as they go down."""
+        split = self.split
+        split.server.eval()
+        split.bridge.eval()
+        hidden_states = activations.to(split.server.device, split.server.dtype)
+        return split.link.send({"logits": split.server(split.bridge.decode(hidden_states)).logits})
 
     def _forward(self, tensors: dict[str, torch.Tensor], smoothing: float, dtype: torch.dtype):
         split = self.split
