@@ -261,10 +261,11 @@ BAD_HEADERS = [
 
 def _refusal(address: str, send) -> str:
     """What the server answers to `send(channel)`; every send and receive ends at the channel's timeout."""
-    channel = connect(address, timedelta(seconds=float(TIMEOUT)))
+    timeout = timedelta(seconds=float(TIMEOUT))
+    channel = connect(address, timeout)
     send(channel)
     with pytest.raises(Refused) as refused:
-        channel.recv(Kind.WELCOME)
+        channel.recv(Kind.WELCOME, timeout=timeout)
     return str(refused.value)
 
 
@@ -278,7 +279,9 @@ def test_bad_headers_tokens_and_splits_are_refused_and_the_server_then_serves_a_
             header = _header(**fields)
             if fields.get("rank") == 2:
                 header[FIXED + 4] = 2**20
-            reason = _refusal(address, lambda channel, header=header: channel.group.send([header], 0, 0).wait())
+            reason = _refusal(address, lambda channel, header=header: channel.group.send([header], 0, 0).wait(
+                timedelta(seconds=float(TIMEOUT))
+            ))
             assert expected in reason, (fields, reason)
         names = [str(i) for i in range(5)]
         wrong_token = {"labels": names, "token": "guess"}

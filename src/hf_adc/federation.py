@@ -381,8 +381,8 @@ class FederatedServer(SplitServer):
         state = json.loads(path.read_text())
         ours = {"schedule": self.schedule, "num_clients": self.num_clients, "sync_every": self.sync_every}
         ours.update({name: plain(getattr(self.args, name)) for name in FEDERATION_ARGS})
-        theirs = {**state["federation_settings"], **{name: state[name] for name in ("schedule", "num_clients",
-                                                                                 "sync_every")}}  # fmt: skip
+        theirs = {**state["federation_settings"], **{name: state[name] for name in ("schedule", "num_clients")}}
+        theirs["sync_every"] = state["sync_every"]
         differences = [
             f"{name}: checkpoint {theirs.get(name)!r}, server {value!r}"
             for name, value in ours.items()

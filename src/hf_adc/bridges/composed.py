@@ -101,10 +101,9 @@ class ComposedBridge(Bridge):
             fits = values_shape is not None and len(values_shape) == 3 and values_shape[0] == shape[0]
             if not (fits and 1 <= values_shape[1] <= shape[1] and values_shape[2] == width):
                 raise ValueError(f"the merged shape {values_shape} does not fit activations of shape {tuple(shape)}.")
-            reducer_context = self.reducer.receiver_context(rest, shape, dtype)
         else:
             values_shape = torch.Size((shape[0], self.reducer.kept(math.prod(shape[1:]))))
-            reducer_context = self.reducer.receiver_context(rest, shape, dtype)
+        reducer_context = self.reducer.receiver_context(rest, shape, dtype)
         return reducer_context, self.codec.receiver_context(codec_wire, values_shape, dtype)
 
     def unpack(self, wire, context):
