@@ -642,7 +642,7 @@ def _federation_results(trainer: ADCTrainer, link: FederatedLink, federation_arg
         "alpha": federation_args.alpha,
         "shard_size": len(shard_labels),
         "shard_classes": shard.long().tolist(),
-        "plan": vars(link.plan_),
+        "plan": vars(link.plan),
         "sync_bytes": link.ledger.sync_bytes,
         "sync_transfers": link.sync_transfers,
         "half_bytes": link.half_bytes,

@@ -161,9 +161,28 @@ class Link(nn.Module):
     """
 
     # (up, down) bytes of the link's own control values per micro-batch and per optimizer step: none in one
-    # process; across processes, the loss, its backward seed, gradient norms (see `hf_adc.remote.RemoteLink`).
+    # process; across processes, the loss, its backward seed, gradient norms (`hf_adc.distributed.RemoteLink`).
     control_bytes: tuple[int, int] = (0, 0)
     step_control_bytes: tuple[int, int] = (0, 0)
+
+    # What the Trainer asks of its link (`ADCTrainer`); a link in one process answers no to each. A link whose
+    # other end runs elsewhere says yes where it must and implements the method that goes with it.
+    peer_steps: bool = False  # the other end holds parameters that step with ours: clipping spans both ends
+    plans_steps: bool = False  # the other end fixes how many optimizer steps this end takes (a federation)
+
+    def trainer_callbacks(self, args) -> list:
+        """`TrainerCallback`s that drive the other end (training begins, a checkpoint, a sync); none here."""
+        return []
+
+    def optimizer_step(self, client_norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+        """With `peer_steps`: sends the norm of each of this end's gradients; the other end clips by the global
+        norm (`max_norm`; inf: no clipping) and steps. Returns the global norm."""
+        raise NotImplementedError(f"{type(self).__name__} has no other end that steps with it (peer_steps=False).")
+
+    def plan_steps(self, shard_size: int, step_bytes: int, epoch_bytes: int, resume_step: int = 0) -> int:
+        """With `plans_steps`: announces this end's shard, step cost, epoch cost and resumed step; returns the
+        number of optimizer steps the other end planned for it."""
+        raise NotImplementedError(f"{type(self).__name__} has no other end that plans its steps (plans_steps=False).")
 
     def __init__(self, channel: ChannelConfig | None = None, wire_dtype: str | torch.dtype = "float32"):
         super().__init__()

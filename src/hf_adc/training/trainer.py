@@ -60,20 +60,6 @@ class _CommunicationCallback(TrainerCallback):
         return control
 
 
-class _PeerCallback(TrainerCallback):
-    """For a link whose other end holds parameters (a server process): tells it where training starts (the
-    schedule's length, a resumed step) and when to checkpoint, so both sides save the same steps."""
-
-    def __init__(self, link):
-        self.link = link
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.link.begin(state.max_steps, state.global_step)
-
-    def on_save(self, args, state, control, **kwargs):
-        self.link.checkpoint(state.global_step)
-
-
 class ADCTrainer(Trainer):
     """Trains a `SplitViTForImageClassification` and accounts for every byte that crosses its cut.
 
@@ -115,31 +101,20 @@ class ADCTrainer(Trainer):
         self.communication = self._summary(Ledger())
         self._plan_budget()
         self.add_callback(_CommunicationCallback(self))
-        if self._peer_link is not None:
-            self.add_callback(_PeerCallback(self._peer_link))
-        if self._federated:
-            from ..federation import FederationCallback
-
-            batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
-            self.add_callback(FederationCallback(self.model.link, batch))
+        for callback in self.model.link.trainer_callbacks(args):
+            self.add_callback(callback)
 
     @property
     def ledger(self) -> Ledger:
         return self.model.ledger
 
-    @property
-    def _peer_link(self):
-        """The model's link when its other end holds parameters that step with ours (a server process), else None."""
-        link = self.model.link
-        return link if hasattr(link, "optimizer_step") else None
-
     def _clip_grad_norm(self, model):
-        if self._peer_link is None:
+        if not self.model.link.peer_steps:
             return super()._clip_grad_norm(model)
         return self._step_with_peer(model, self.args.max_grad_norm)
 
     def _get_grad_norm(self, model, grad_norm=None):
-        if grad_norm is None and self._peer_link is not None:
+        if grad_norm is None and self.model.link.peer_steps:
             grad_norm = self._step_with_peer(model, float("inf"))
         return super()._get_grad_norm(model, grad_norm)
 
@@ -151,7 +126,7 @@ class ADCTrainer(Trainer):
             torch.nn.utils.get_total_norm([p.grad]) if p.grad is not None else p.new_zeros((), dtype=torch.float32)
             for p in trainable
         ])  # fmt: skip
-        total_norm = self._peer_link.optimizer_step(norms, max_norm).to(norms.device)
+        total_norm = self.model.link.optimizer_step(norms, max_norm).to(norms.device)
         parameters = [parameter for parameter in trainable if parameter.grad is not None]
         if math.isfinite(max_norm):
             torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
@@ -181,15 +156,14 @@ class ADCTrainer(Trainer):
         self.step_bytes = micro_batch_bytes * micro_batches + step_control
         full_step_bytes = sum(self.model.wire_bytes(args.per_device_train_batch_size)) * micro_batches + step_control
         self.budget_bytes = None
-        self.federation = None
-        self._federated = hasattr(self.model.link, "plan")
-        if not args.has_budget and not self._federated:
+        planned_by_peer = self.model.link.plans_steps
+        if not args.has_budget and not planned_by_peer:
             return
         if self.train_dataset is None:
             raise ValueError("A communication budget needs a train_dataset to plan against.")
         per_sample = sum(self.model.wire_bytes(1, compressed=False)) - sum(self.model.link.control_bytes)
         self.epoch_bytes = per_sample * len(self.train_dataset)
-        if self._federated:
+        if planned_by_peer:
             return  # one client of several: the server plans the steps (see `train`)
         self.budget_bytes = args.budget_bytes(self.epoch_bytes)
         if self.budget_bytes < self.step_bytes:
@@ -205,13 +179,15 @@ class ADCTrainer(Trainer):
             logger.info("Budget of %d bytes: training for up to %d steps.", self.budget_bytes, args.max_steps)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
-        """`Trainer.train`; one client of a federation first gets its plan from the server, which fixes the steps
-        so that all clients and their sync fit the budget, telling it the step it resumes from."""
-        if self._federated:
+        """`Trainer.train`; when the link's other end plans the steps (one client of a federation, whose server
+        fixes them so that all clients and their sync fit the budget), it first asks for them, telling it the step
+        it resumes from."""
+        if self.model.link.plans_steps:
             start = checkpoint_step(resume_from_checkpoint, self.args.output_dir)
-            self.federation = self.model.link.plan(len(self.train_dataset), self.step_bytes, self.epoch_bytes, start)
-            self.args.max_steps = self.federation.max_steps
-            logger.info("Federation plan: %s", self.federation)
+            self.args.max_steps = self.model.link.plan_steps(
+                len(self.train_dataset), self.step_bytes, self.epoch_bytes, start
+            )
+            logger.info("Steps planned by the server: %d.", self.args.max_steps)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
     @staticmethod

@@ -1,11 +1,13 @@
-"""Client and server in separate processes: the wire format and how the two ends join."""
+"""Moved to `hf_adc.distributed` (`distributed.wire`, `distributed.connect`; `Channel` is now `Connection`, the wire's
+`Message` is `Frame`). This package re-exports the old names for one release."""
 
-from .connect import Listener, connect, parse_address
-from .wire import (
+import warnings
+
+from ..distributed.connect import Connection, Listener, connect, parse_address
+from ..distributed.wire import (
     HEADER_BYTES,
-    Channel,
+    Frame,
     Kind,
-    Message,
     PeerLost,
     Refused,
     Traffic,
@@ -15,6 +17,12 @@ from .wire import (
     tensor_text,
     text_tensor,
 )
+
+Channel = Connection
+Message = Frame
+
+warnings.warn("hf_adc.transport moved to hf_adc.distributed; this alias goes in the next release.",
+              DeprecationWarning, stacklevel=2)  # fmt: skip
 
 __all__ = [
     "HEADER_BYTES",

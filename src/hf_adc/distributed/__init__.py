@@ -1,0 +1,41 @@
+"""Split learning across processes, by role.
+
+- `wire.py`: the wire format (a fixed integer header, then the tensors; no pickle) and its errors;
+- `connect.py`: the `Connection` that carries frames between two ends, the server's `Listener`, `connect`;
+- `settings.py`: what both ends must agree on (`session_settings`) and how settings compare;
+- `client.py`: the client's `RemoteLink` and `RemoteSplitViT` (trained by the unchanged `ADCTrainer`);
+- `server_half.py`: the `ServerHalf` both servers compose (compute, optimizer and schedule, checkpoint files);
+- `server.py`: the single-client `SplitServer` (accept, handshake, a table from message kind to handler);
+- `federation/`: several clients (membership, schedules, FedAvg, the round plan, checkpoints, the server);
+- `arguments.py`, `launch.py`: the command-line arguments and the code that starts servers and clients.
+"""
+
+from .client import PeerCallback, RemoteLink, RemoteSplitViT
+from .connect import Connection, Listener, connect, parse_address
+from .federation import FederatedLink, FederatedServer, FederationPlan
+from .server import SplitServer
+from .server_half import ServerHalf
+from .settings import session_settings
+from .wire import Frame, Kind, PeerLost, Refused, Traffic, WireError
+
+__all__ = [
+    "Connection",
+    "FederatedLink",
+    "FederatedServer",
+    "FederationPlan",
+    "Frame",
+    "Kind",
+    "Listener",
+    "PeerCallback",
+    "PeerLost",
+    "Refused",
+    "RemoteLink",
+    "RemoteSplitViT",
+    "ServerHalf",
+    "SplitServer",
+    "Traffic",
+    "WireError",
+    "connect",
+    "parse_address",
+    "session_settings",
+]

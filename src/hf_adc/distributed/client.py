@@ -1,0 +1,196 @@
+"""The client's end of a split whose server half runs in another process: its link and its split model.
+
+One training micro-batch is two round trips, so that the two processes compute exactly what one process does:
+
+    client                                              server
+    FORWARD  bridge's wire tensors, labels; smoothing   -> unpack, decode, server half, loss
+             the loss                                   <- LOSS
+    BACKWARD the seed autograd gives the loss            -> backward from that seed (1 / accumulation steps,
+             (the Trainer's scaling, exactly)                times a loss scale under fp16), keeps the
+             the gradient in the bridge's wire form     <- GRADIENT   server half's gradients
+    and per optimizer step:
+    STEP     the norm of each client gradient, max norm -> global norm, clip, optimizer and schedule step
+             the global norm (the client clips by it)   <- NORM
+
+The global norm is computed as one process computes it (the norm of all per-tensor norms, client's first), so
+clipping is identical too.
+
+Every value that crosses is charged: the bridge's tensors as in one process, and the link's own control values
+(smoothing, seed, loss, max and global norm as float64 in the message header; the client's norms as float32)
+under `control`. Evaluation sends the activations (EVAL) and gets the logits (LOGITS), charged apart in
+`link.inference_ledger`. The server keeps its own optimizer and schedule, made from the same `TrainingArguments`
+(the handshake checks that both sides agree on them), for the `max_steps` the client announces (BEGIN), and saves
+its half when the client checkpoints (SAVE) and at the end (END).
+"""
+
+from datetime import timedelta
+
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+from ..bridges import Bridge
+from ..link import CommunicationRecord, Link, nbytes
+from ..split import SplitViTForImageClassification, SplitViTOutput
+from .connect import Connection
+from .settings import drop_modules
+from .wire import Kind, json_tensor
+
+
+class _RemoteLoss(torch.autograd.Function):
+    """The server's loss as a function of what the client sent: backward asks the server for the gradient."""
+
+    @staticmethod
+    def forward(ctx, activations, link, bridge, context, record, loss):
+        ctx.link, ctx.bridge, ctx.context, ctx.record = link, bridge, context, record
+        ctx.device, ctx.dtype = activations.device, activations.dtype
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        link = ctx.link
+        link.peer.send(Kind.BACKWARD, value=float(grad_loss))
+        wire = link.send(link.peer.recv(Kind.GRADIENT).tensors)
+        ctx.record.downlink.update({name: nbytes(tensor) for name, tensor in wire.items()})
+        ctx.record.downlink["control"] = link.control_bytes[1]
+        link.ledger.downlink_bytes += ctx.record.downlink_bytes
+        link.ledger.uncompressed_downlink_bytes += ctx.record.uncompressed_downlink_bytes
+        gradient = ctx.bridge.unpack_gradient(wire, ctx.context).to(ctx.device, ctx.dtype)
+        return gradient, None, None, None, None, None
+
+
+class RemoteLink(Link):
+    """The client's end of a cut that crosses to a server process over `peer` (a `Connection`).
+
+    Like `Link` it casts floating-point tensors to the wire dtype and applies the channel (to what arrives, both
+    ways), and charges every tensor in `ledger`; the server half runs in the other process.
+    """
+
+    control_bytes = (16, 8)  # up: label smoothing, backward seed; down: the loss (float64 each)
+    peer_steps = True  # the server's half steps with ours: clipping spans both ends (`optimizer_step`)
+    reply_timeout: timedelta | None = None  # the wait for a reply that may queue behind others (None: the channel's)
+
+    def __init__(self, peer: Connection, channel=None, wire_dtype: str | torch.dtype = "float32"):
+        super().__init__(channel, wire_dtype)
+        self.peer = peer
+        self.num_norms = 0
+
+    @property
+    def step_control_bytes(self) -> tuple[int, int]:
+        """Up: a float32 norm per client gradient and the float64 max norm; down: the float64 global norm."""
+        return 4 * self.num_norms + 8, 8
+
+    def trainer_callbacks(self, args) -> list[TrainerCallback]:
+        """Tells the server where training starts and when to checkpoint (`PeerCallback`)."""
+        return [PeerCallback(self)]
+
+    def join(self, settings: dict, token: str | None) -> float:
+        """The handshake: sends the settings and the join token; raises `Refused` with the server's reason. Returns
+        the WELCOME's value (a federation's round timeout)."""
+        self.peer.send(Kind.HELLO, {"settings": json_tensor({**settings, "token": token})})
+        return self.peer.recv(Kind.WELCOME).value
+
+    def begin(self, max_steps: int, global_step: int) -> None:
+        """Tells the server the schedule's length and the step training starts from (a resumed checkpoint's)."""
+        self.peer.send(Kind.BEGIN, {"scalars": torch.tensor([max_steps, global_step])})
+        self.peer.recv(Kind.DONE)
+
+    def train_step(
+        self, message, bridge: Bridge, activations_numel: int, labels: torch.Tensor, label_smoothing: float
+    ) -> tuple[torch.Tensor, CommunicationRecord]:
+        """Sends `message` up; returns the server's loss (its backward fetches the gradient) and the record."""
+        uncompressed = self.activation_bytes(activations_numel)
+        record = CommunicationRecord(
+            uncompressed_uplink_bytes=uncompressed + nbytes(labels) + self.control_bytes[0],
+            uncompressed_downlink_bytes=uncompressed + self.control_bytes[1],
+        )
+        wire, context = bridge.pack(message.hidden_states.detach())
+        wire = self.send(wire)
+        sent_labels = message.labels.to(self.wire_dtype) if message.labels.is_floating_point() else message.labels
+        self.peer.send(Kind.FORWARD, {**wire, "labels": sent_labels}, value=label_smoothing)
+        record.uplink.update({name: nbytes(tensor) for name, tensor in wire.items()})
+        record.uplink.update(labels=nbytes(sent_labels), control=self.control_bytes[0])
+        self.ledger.uplink_bytes += record.uplink_bytes
+        self.ledger.uncompressed_uplink_bytes += record.uncompressed_uplink_bytes
+        device = message.hidden_states.device
+        reply = self.peer.recv(Kind.LOSS, timeout=self.reply_timeout)
+        loss = torch.tensor(reply.value, dtype=torch.float32, device=device)
+        return _RemoteLoss.apply(message.hidden_states, self, bridge, context, record, loss), record
+
+    def optimizer_step(self, client_norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+        """Sends the norm of each client gradient (in parameter order; `num_norms` of them); the server clips by
+        the global norm and steps. Returns that norm."""
+        if client_norms.numel() != self.num_norms:
+            raise ValueError(
+                f"expected {self.num_norms} gradient norms, one per client parameter; got {client_norms.numel()}."
+            )
+        self.peer.send(Kind.STEP, {"norm": client_norms.detach().float()}, value=max_norm)
+        total = torch.tensor(self.peer.recv(Kind.NORM).value, dtype=torch.float32)
+        up, down = self.step_control_bytes
+        self.ledger.uplink_bytes += up
+        self.ledger.downlink_bytes += down
+        self.ledger.uncompressed_uplink_bytes += up
+        self.ledger.uncompressed_downlink_bytes += down
+        return total
+
+    def evaluate(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The server's logits for (eval-mode) activations; charged in `inference_ledger`."""
+        activations = self.send({"activations": hidden_states})["activations"]
+        self.peer.send(Kind.EVAL, {"activations": activations})
+        logits = self.send(self.peer.recv(Kind.LOGITS, timeout=self.reply_timeout).tensors)["logits"]
+        for ledger_field, size in (("uplink_bytes", nbytes(activations)), ("downlink_bytes", nbytes(logits))):
+            setattr(self.inference_ledger, ledger_field, getattr(self.inference_ledger, ledger_field) + size)
+            uncompressed = f"uncompressed_{ledger_field}"
+            setattr(self.inference_ledger, uncompressed, getattr(self.inference_ledger, uncompressed) + size)
+        return logits.to(hidden_states.device)
+
+    def checkpoint(self, global_step: int) -> None:
+        """Asks the server to save its half, optimizer and schedule as of `global_step`."""
+        self.peer.send(Kind.SAVE, step=global_step)
+        self.peer.recv(Kind.DONE)
+
+    def finish(self) -> None:
+        """Ends the session: the server saves its final half and stops."""
+        self.peer.send(Kind.END)
+        self.peer.recv(Kind.DONE)
+
+
+class PeerCallback(TrainerCallback):
+    """Tells the server where training starts (the schedule's length, a resumed step) and when to checkpoint, so
+    both sides save the same steps."""
+
+    def __init__(self, link: RemoteLink):
+        self.link = link
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.link.begin(state.max_steps, state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.link.checkpoint(state.global_step)
+
+
+class RemoteSplitViT(SplitViTForImageClassification):
+    """The client's side of a split whose server half runs in another process, reached through a `RemoteLink`.
+
+    It holds the client half and the client's part of the bridge; `forward` is that of the one-process split
+    (training returns the server's loss, with the gradient coming back in backward; eval returns the server's
+    logits), so `ADCTrainer` trains it unchanged. `save_pretrained` writes the client's side only.
+    """
+
+    def __init__(self, split: SplitViTForImageClassification, link: RemoteLink):
+        bridge = drop_modules(split.bridge, split.bridge.server_modules)
+        super().__init__(split.client, None, bridge, link)
+        link.num_norms = sum(1 for parameter in self.parameters() if parameter.requires_grad)
+
+    def forward(self, pixel_values, labels=None, interpolate_pos_encoding=False, label_smoothing=0.0):
+        hidden_states, message = self._client_side(pixel_values, labels, interpolate_pos_encoding, label_smoothing)
+        if not self.training:
+            logits = self.link.evaluate(message.hidden_states)
+            loss = None if labels is None else F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            return SplitViTOutput(loss=loss, logits=logits)
+        if labels is None:
+            raise ValueError("A training step needs labels: the server computes the loss. Call .eval() to infer.")
+        loss, record = self.link.train_step(message, self.bridge, hidden_states.numel(), labels, label_smoothing)
+        return SplitViTOutput(
+            loss=loss, cluster_ids=message.cluster_ids, token_indices=message.token_indices, communication=record
+        )

@@ -1,0 +1,47 @@
+"""The client half as it crosses when clients synchronise: one float32 vector, and FedAvg over such vectors."""
+
+import torch
+
+from ..wire import WireError
+
+
+def client_side_tensors(split) -> list[torch.Tensor]:
+    """The client's trainable side in a fixed order: the client half's floating-point state, then the client-side
+    modules of the bridge (BottleNet++'s encoder). The same order on the client and on the server."""
+    tensors = [tensor for tensor in split.client.state_dict(keep_vars=True).values() if tensor.is_floating_point()]
+    prefixes = tuple(f"{module}." for module in split.bridge.client_modules)
+    bridge = split.bridge.state_dict(keep_vars=True)
+    names = [name for name in sorted(bridge) if name.startswith(prefixes) and bridge[name].is_floating_point()]
+    return tensors + [bridge[name] for name in names]
+
+
+def half_vector(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors as one float32 vector (what crosses when halves are synchronised)."""
+    return torch.cat([tensor.detach().float().reshape(-1).cpu() for tensor in tensors])
+
+
+def half_size(tensors: list[torch.Tensor]) -> int:
+    """Values in the half vector of `tensors`."""
+    return sum(tensor.numel() for tensor in tensors)
+
+
+@torch.no_grad()
+def load_half_vector(tensors: list[torch.Tensor], vector: torch.Tensor) -> None:
+    """Copies `vector` into the tensors in place (the optimizer keeps its references)."""
+    total = half_size(tensors)
+    if vector.shape != (total,):
+        raise WireError(f"a client half of {tuple(vector.shape)} values came; this split's has {total}.")
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(vector[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+
+
+def fedavg(halves: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """FedAvg: the mean of the half vectors weighted by `weights` (the clients' shard sizes)."""
+    if not halves or len(halves) != len(weights):
+        raise ValueError(f"fedavg needs one weight per half; got {len(halves)} halves and {len(weights)} weights.")
+    weights = torch.tensor([float(weight) for weight in weights])
+    if not bool((weights >= 0).all()) or not weights.sum() > 0:
+        raise ValueError(f"fedavg weights {weights.tolist()} must be >= 0 with a positive sum.")
+    return (weights / weights.sum()) @ torch.stack([half.float() for half in halves])

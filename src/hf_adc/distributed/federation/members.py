@@ -1,0 +1,135 @@
+"""Who is in a federation: the server's view of each client, the checks a joining client must pass, and drops."""
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..wire import Refused
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    """The server's view of one client."""
+
+    client_id: int
+    shard_size: int = 0
+    step_bytes: int = 0
+    half_bytes: int = 0
+    epoch_bytes: int = 0
+    live: bool = True
+    joined: bool = True  # False: a client of a resumed checkpoint, expected back
+    resume_step: int = 0  # the step of the client's own checkpoint it resumed from
+    finished: bool = False  # sent END
+    finished_turns: bool = False  # sequential: took all its turns
+    synced_round: int = 0
+    results: dict = field(default_factory=dict)
+
+
+SAVED_MEMBER_FIELDS = ("client_id", "shard_size", "step_bytes", "half_bytes", "epoch_bytes", "live")
+
+
+class Membership:
+    """The members, the condition every wait on the others goes through, and the drops.
+
+    `on_drop(member)` is called (with the condition held) for each member dropped, so that the schedule can pass
+    its turn on. Fewer than `min_clients` live members once `planned` sets `failure`, which ends the federation.
+    """
+
+    def __init__(self, num_clients: int, min_clients: int, round_timeout: float, on_drop: Callable = lambda m: None):
+        self.num_clients = num_clients
+        self.min_clients = min_clients
+        self.round_timeout = round_timeout
+        self.on_drop = on_drop
+        self.condition = threading.Condition()
+        self.members: dict[int, Member] = {}
+        self.drops: list[int] = []  # every client dropped, in order (a rejoined client stays listed)
+        self.rejoined: list[int] = []  # clients that came back afresh after being dropped
+        self.failure: str | None = None
+        self.planned = False
+
+    def get(self, client_id: int | None) -> Member | None:
+        return self.members.get(client_id)
+
+    def live(self) -> list[Member]:
+        return [m for m in self.members.values() if m.live]
+
+    def all_done(self) -> bool:
+        """Every member finished or was dropped (once training was planned)."""
+        return self.planned and all(not m.live or m.finished for m in self.members.values())
+
+    def drop(self, member: Member) -> None:
+        """Takes `member` out (once), tells the schedule, and fails the federation below `min_clients`."""
+        if member.live:
+            member.live = False
+            self.drops.append(member.client_id)
+            self.on_drop(member)
+        if len(self.live()) < self.min_clients and self.planned:
+            self.failure = f"fewer than min_clients={self.min_clients} clients left."
+        self.condition.notify_all()
+
+    def drop_laggards(self, lagging: Callable[[Member], bool]) -> None:
+        """Drops every live member for which `lagging` holds (it missed a round by `round_timeout`)."""
+        for laggard in [m for m in self.live() if lagging(m)]:
+            logger.warning("Client %d missed the round by %.0f s: dropped.", laggard.client_id, self.round_timeout)
+            self.drop(laggard)
+
+    def admit(
+        self,
+        client_id: int,
+        shard_size: int,
+        costs: tuple[int, int, int],
+        expected_half_bytes: int,
+        resume_step: int,
+        resumed_step: int | None,
+        federation_round: int,
+    ) -> tuple[Member, Member | None]:
+        """The member for a client's PLAN (`costs`: step, half and epoch bytes), refused with the reason when its id
+        is out of range or taken, it comes after the start without having been a member, its half has another size,
+        or it resumes from a step the federation did not (`resumed_step`: the server's, None if it did not resume).
+        Returns the member and the one it replaces (a rejoining or resuming client), if any."""
+        if not 0 <= client_id < self.num_clients:
+            raise Refused(f"client_id={client_id} is out of range: 0 .. {self.num_clients - 1}.")
+        existing = self.members.get(client_id)
+        if existing is not None and existing.joined and existing.live and not existing.finished:
+            raise Refused(f"client {client_id} is already training in this federation.")
+        if self.planned and existing is None:
+            raise Refused(f"the federation started without client {client_id}; only dropped clients rejoin.")
+        step_bytes, half_bytes, epoch_bytes = costs
+        if half_bytes != expected_half_bytes:
+            raise Refused(f"the client half has {half_bytes} bytes; this server's has {expected_half_bytes}.")
+        if resume_step:
+            self._check_resume(client_id, existing, shard_size, resume_step, resumed_step)
+        member = Member(client_id, shard_size, step_bytes, half_bytes, epoch_bytes, resume_step=resume_step)
+        if existing is not None:
+            member.synced_round = federation_round
+            if not resume_step:
+                self.rejoined.append(client_id)
+            how = f"resumed from step {resume_step}" if resume_step else "rejoined"
+            logger.info("Client %d %s at round %d.", client_id, how, federation_round)
+        self.members[client_id] = member
+        self.condition.notify_all()
+        return member, existing
+
+    @staticmethod
+    def _check_resume(client_id, existing: Member | None, shard_size: int, resume_step: int, resumed_step) -> None:
+        """A client resuming from its checkpoint-N needs the server resumed from its own checkpoint-N."""
+        if resumed_step is None:
+            raise Refused(
+                f"client {client_id} resumes from step {resume_step}, but this server did not resume the federation: "
+                f"start serve.py with --resume_from_checkpoint .../checkpoint-{resume_step}."
+            )
+        if resume_step != resumed_step:
+            raise Refused(
+                f"client {client_id} resumes from step {resume_step}; the federation resumed from step "
+                f"{resumed_step}: resume every client from its checkpoint-{resumed_step}."
+            )
+        if existing is None or existing.joined:
+            raise Refused(f"client {client_id} was not in the federation at step {resume_step}, or resumed already.")
+        if shard_size != existing.shard_size:
+            raise Refused(
+                f"client {client_id} has a shard of {shard_size} rows; at step {resume_step} it had "
+                f"{existing.shard_size}: resume with the same data, partition and seed."
+            )

@@ -1,0 +1,429 @@
+"""The federated server: one thread per client session around one server half, wired from small parts.
+
+`Membership` (who is in, joins, drops), a `Schedule` (SplitFed or sequential: SYNC, TURN, HANDOFF), the round plan
+(`plan_rounds`), FedAvg (`fedavg`), the checkpoint files (`checkpoint.py`) and the `ServerHalf` (the compute, the
+optimizer, the half's files) are composed here; the FORWARD / BACKWARD / STEP / EVAL answers are the single-client
+server's (`..server`). Every client's optimizer step (its micro-batches, then STEP) holds the server half alone.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from ..server import (
+    Session,
+    answer_backward,
+    answer_eval,
+    answer_forward,
+    check_split_settings,
+    read_hello,
+)
+from ..server_half import ServerHalf
+from ..settings import checkpoint_every, differing_settings, plain
+from ..wire import Frame, Kind, PeerLost, Refused, WireError
+from .checkpoint import read_client_half, read_federation_state, write_federation_state
+from .client import RESULT_FIELDS
+from .halves import client_side_tensors, half_size, load_half_vector
+from .members import SAVED_MEMBER_FIELDS, Member, Membership
+from .plan import PLAN_BYTES, FederationPlan, PlanError, plan_rounds, plan_scalars
+from .schedules import SCHEDULES, make_schedule
+
+logger = logging.getLogger(__name__)
+
+FEDERATION_ARGS = ("communication_budget", "budget_epochs", "max_steps", "save_strategy", "save_steps")
+
+
+class StepLock:
+    """The server half, held by one client for a whole optimizer step; a wait for it ends at `timeout`."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+
+    def take(self, client_id: int) -> None:
+        if self.owner == client_id:
+            return
+        if not self.lock.acquire(timeout=self.timeout):
+            raise PeerLost(f"client {client_id} waited over {self.timeout} s for the server half.")
+        self.owner = client_id
+
+    def give_back(self) -> None:
+        self.owner = None
+        self.lock.release()
+
+
+class FederatedServer:
+    """The server for `num_clients` clients on `schedule`; one thread per session, one server half.
+
+    `sync_every` optimizer steps make a turn (sequential) or an averaging round (SplitFed); a round or a turn waits
+    at most `round_timeout` seconds for a client before dropping it; fewer than `min_clients` ends the federation.
+    The plan's byte budget is `args`' (`communication_budget`, or `budget_epochs` of uncompressed traffic over all
+    the clients' shards); without one, `args.max_steps` steps per client.
+
+    Checkpoints: with `args.save_strategy="steps"` the server writes `checkpoint-N` at the end of every round whose
+    step N is a multiple of `save_steps` (which must be a multiple of `sync_every`), as the clients do: the server
+    half, its optimizer and schedule, the current client half, the plan and the round. `resume_from` (such a
+    folder) restores it; its clients resume from their own `checkpoint-N` (announced in PLAN), and the rounds wait
+    for them as for any client (`round_timeout`).
+    """
+
+    def __init__(
+        self,
+        build,
+        args,
+        output_dir,
+        num_clients: int,
+        schedule: str = "splitfed",
+        sync_every: int = 10,
+        round_timeout: float = 120.0,
+        min_clients: int = 1,
+        join_token: str | None = None,
+        resume_from: str | Path | None = None,
+    ):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}.")
+        if num_clients < 1:
+            raise ValueError(f"num_clients={num_clients} is out of range: it must be >= 1.")
+        if not 1 <= min_clients <= num_clients:
+            raise ValueError(f"min_clients={min_clients} is out of range: 1 .. num_clients ({num_clients}).")
+        if sync_every < 1:
+            raise ValueError(f"sync_every={sync_every} is out of range: it must be >= 1 step.")
+        if not round_timeout > 0:
+            raise ValueError(f"round_timeout={round_timeout} is out of range: it must be > 0 seconds.")
+        if args.save_strategy not in ("no", "steps"):
+            raise ValueError(
+                f"save_strategy={plain(args.save_strategy)!r}: a federation checkpoints at the end of rounds, so give "
+                "'steps' (save_steps a multiple of sync_every) or 'no'."
+            )
+        if args.save_strategy == "steps" and (args.save_steps < 1 or args.save_steps % sync_every):
+            raise ValueError(
+                f"save_steps={args.save_steps} is out of range: a federation checkpoints at the end of rounds, so it "
+                f"must be a whole multiple of sync_every={sync_every} steps."
+            )
+        self.build, self.args, self.output_dir, self.join_token = build, args, Path(output_dir), join_token
+        self.resume_from = None if resume_from is None else Path(resume_from)
+        if self.resume_from is not None and not self.resume_from.is_dir():
+            raise ValueError(f"resume_from_checkpoint={str(resume_from)!r} is not a folder.")
+        self.num_clients, self.sync_every = num_clients, sync_every
+        self.schedule = make_schedule(schedule, self)
+        self.members = Membership(num_clients, min_clients, round_timeout, on_drop=self.schedule.dropped)
+        self.step_lock = StepLock(round_timeout)  # one client's optimizer step (micro-batches and STEP) at a time
+        self.server_half: ServerHalf | None = None
+        self.plan: FederationPlan | None = None
+        self.client_tensors: list[torch.Tensor] = []
+        self.half: torch.Tensor | None = None  # the current client half (None until the first sync)
+        self.round = 0
+        self.sync_transfers = 0
+        self.federation_settings: dict | None = None
+        self.server_max_steps = 0  # the server's schedule: every client's steps
+        self.handlers = {
+            Kind.BEGIN: self._begin,
+            Kind.FORWARD: self._forward,
+            Kind.BACKWARD: lambda member, session, frame: answer_backward(self.server_half, session, frame),
+            Kind.STEP: self._step,
+            Kind.EVAL: self._eval,
+            Kind.SAVE: lambda member, session, frame: session.reply(Kind.DONE),  # saved at round ends instead
+            Kind.SYNC: self._sync,
+            Kind.TURN: self._turn,
+            Kind.HANDOFF: self._hand_off,
+            Kind.END: self._end,
+        }
+        settings = {"schedule": schedule, "num_clients": num_clients, "sync_every": sync_every}
+        settings.update({name: plain(getattr(args, name)) for name in FEDERATION_ARGS})
+        self.resumed_state = None if self.resume_from is None else read_federation_state(self.resume_from, settings)
+        self.resumed_step = None if self.resumed_state is None else self.resumed_state["step"]
+        self.resumed_at: float | None = None
+        if self.resumed_state is not None:
+            self.federation_settings = self.resumed_state["federation_settings"]
+
+    @property
+    def split(self):
+        """The whole split this server holds (both halves: the client's is the federation's current one)."""
+        return None if self.server_half is None else self.server_half.split
+
+    @property
+    def steps(self) -> int:
+        return 0 if self.server_half is None else self.server_half.steps
+
+    # -- sessions ---------------------------------------------------------------------------------------------
+
+    def serve(self, listener, accept_seconds: float | None = None) -> dict:
+        """Accepts sessions until every client has finished or been dropped (or none came in `accept_seconds`)."""
+        threads, started, members = [], time.monotonic(), self.members
+        while True:
+            with members.condition:
+                if self.resumed_at is not None and time.monotonic() - self.resumed_at > members.round_timeout:
+                    members.drop_laggards(lambda m: not m.joined)  # a resumed checkpoint's client that never came
+                if members.all_done() or members.failure:
+                    break
+            try:
+                accepted = listener.accept(deadline=time.monotonic() + 1.0)  # then look again whether it is over
+            except PeerLost as error:
+                logger.warning("%s; waiting for the next client.", error)
+                continue
+            if accepted is None:
+                if accept_seconds is not None and not members.members and time.monotonic() - started > accept_seconds:
+                    return {"status": "no client", "steps": self.steps}
+                continue
+            session = Session(*accepted)
+            thread = threading.Thread(target=self._session, args=(session,), name=f"session-{session.number}")
+            thread.daemon = True
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join(timeout=members.round_timeout)
+        if self.half is not None:
+            load_half_vector(self.client_tensors, self.half)
+        self._save_final()
+        return self.results()
+
+    def _session(self, session: Session) -> None:
+        member = None
+        try:
+            member = self._join(session)
+            logger.info("Session %d: client %d joined.", session.number, member.client_id)
+            while True:
+                frame = session.connection.recv(*self.handlers)
+                if not member.live:
+                    raise Refused(f"client {member.client_id} was dropped from the federation.")
+                if self.handlers[frame.kind](member, session, frame):
+                    return
+        except (WireError, Refused, PeerLost) as error:
+            if member is None:
+                logger.warning("Session %d refused: %s", session.number, error)
+            else:
+                logger.warning("Client %d dropped: %s", member.client_id, error)
+                self._drop(member)
+            session.connection.refuse(str(error))
+
+    def _drop(self, member: Member) -> None:
+        """Takes a lost client out: frees the server half if it was mid-step (its partial gradients discarded)."""
+        with self.members.condition:
+            if self.step_lock.owner == member.client_id:
+                self.server_half.discard_gradients()
+                self.step_lock.give_back()
+            self.members.drop(member)
+
+    def _join(self, session: Session) -> Member:
+        """HELLO (the settings), WELCOME, PLAN: admits the client, waits for the others (or `round_timeout`), and
+        answers with the plan (and the current client half for a client rejoining afresh)."""
+        connection, members = session.connection, self.members
+        settings = read_hello(connection, self.join_token)
+        with members.condition:
+            self._accept_settings(settings)
+        connection.send(Kind.WELCOME, value=members.round_timeout)  # how long the client may wait on the others
+        scalars = connection.recv(Kind.PLAN).tensors.get("scalars")
+        if scalars is None or scalars.shape != (6,) or scalars.dtype != torch.int64:
+            raise WireError("a PLAN must carry 6 int64 scalars (id, shard size, step, half, epoch bytes, resume step).")
+        client_id, shard_size, step_bytes, half_bytes, epoch_bytes, resume_step = scalars.tolist()
+        with members.condition:
+            member, existing = members.admit(
+                client_id, shard_size, (step_bytes, half_bytes, epoch_bytes), half_size(self.client_tensors) * 4,
+                resume_step, self.resumed_step, self.round,
+            )  # fmt: skip
+            deadline = time.monotonic() + members.round_timeout
+            while self.plan is None and len(members.members) < self.num_clients:
+                if not members.condition.wait(timeout=max(deadline - time.monotonic(), 0)):
+                    break
+            if self.plan is None:
+                self._make_plan()
+            plan = self.plan
+            if existing is not None and not resume_step:  # a client rejoining afresh trains the rounds that are left
+                plan = replace(plan, max_steps=max(plan.rounds - self.round, 1) * self.sync_every)
+            tensors = {"scalars": plan_scalars(plan)}
+            if self.half is not None and not resume_step:  # a resumed client's checkpoint holds the half already
+                tensors["weights"] = self.half
+                self.sync_transfers += 1
+        connection.send(Kind.PLAN, tensors)
+        return member
+
+    def _accept_settings(self, settings: dict) -> None:
+        """The federation's settings (the same number of clients, and the same partition and budget for every
+        client: the first to join sets them), then the split's, as for one client."""
+        federation = settings.pop("federation", None)
+        if not federation:
+            raise Refused(f"this server runs a federation of {self.num_clients} clients: join with --client_id.")
+        if federation.get("num_clients") != self.num_clients:
+            raise Refused(f"num_clients: client {federation.get('num_clients')!r}, server {self.num_clients}.")
+        shared = {key: value for key, value in federation.items() if key != "client_id"}
+        if self.federation_settings is None:
+            self.federation_settings = {**shared, **{name: plain(getattr(self.args, name)) for name in FEDERATION_ARGS}}
+        differences = differing_settings(shared, self.federation_settings)
+        if differences:
+            raise Refused("the federation settings differ from the first client's: " + "; ".join(differences))
+        split = check_split_settings(settings, self.args, self.build, self.server_half)
+        if self.server_half is None:
+            self._adopt(split)
+
+    def _adopt(self, split) -> None:
+        """Keeps the client half too: the server averages it and saves it next to its own (and restores a resumed
+        checkpoint into both)."""
+        self.server_half = ServerHalf(split, self.args, keep_client=True)
+        self.client_tensors = client_side_tensors(split)
+        if self.resumed_state is not None:
+            self._resume(self.resumed_state)
+
+    def _make_plan(self) -> None:
+        """The plan for the clients that joined; one that cannot be made ends the federation (every waiting client
+        is refused with the reason)."""
+        live = list(self.members.members.values())
+        half_bytes = live[0].half_bytes
+        try:
+            self.plan = plan_rounds(
+                [m.step_bytes for m in live], half_bytes, schedule=self.schedule.name, num_clients=self.num_clients,
+                min_clients=self.members.min_clients, sync_every=self.sync_every,
+                final_bytes_per_client=PLAN_BYTES + self.schedule.final_bytes(half_bytes),
+                budget_bytes=self.args.budget_bytes(sum(m.epoch_bytes for m in live)) if self.args.has_budget else None,
+                max_steps=self.args.max_steps,
+            )  # fmt: skip
+        except PlanError as error:
+            self.members.failure = str(error)
+            raise Refused(str(error)) from error
+        self.members.planned = True
+        self.server_max_steps = self.plan.rounds * self.sync_every * len(live)
+        self.server_half.make_optimizer(self.server_max_steps)
+        self.schedule.start([m.client_id for m in live])
+        logger.info("Federation plan: %s", self.plan)
+
+    # -- the message handlers: (member, session, frame) -> True when the session ends ----------------------------
+
+    def _begin(self, member: Member, session: Session, frame: Frame) -> None:
+        start = int(frame.tensors["scalars"][1])
+        if start != member.resume_step:
+            raise Refused(f"client {member.client_id} begins at step {start}; it planned {member.resume_step}.")
+        session.reply(Kind.DONE)
+
+    def _forward(self, member: Member, session: Session, frame: Frame) -> None:
+        self.step_lock.take(member.client_id)
+        answer_forward(self.server_half, session, frame)
+
+    def _step(self, member: Member, session: Session, frame: Frame) -> None:
+        self.step_lock.take(member.client_id)
+        total = self.server_half.optimizer_step(frame.tensors["norm"], frame.value)
+        self.step_lock.give_back()
+        session.reply(Kind.NORM, value=float(total))
+
+    def _eval(self, member: Member, session: Session, frame: Frame) -> None:
+        with self.step_lock.lock:
+            answer_eval(self.server_half, session, frame)
+
+    def _sync(self, member: Member, session: Session, frame: Frame) -> None:
+        with self.members.condition:
+            reply = self.schedule.sync(member, frame.tensors.get("weights"))
+        session.reply(Kind.SYNC, reply)
+
+    def _turn(self, member: Member, session: Session, frame: Frame) -> None:
+        with self.members.condition:
+            reply = self.schedule.take_turn(member)
+        session.reply(Kind.TURN, reply)
+
+    def _hand_off(self, member: Member, session: Session, frame: Frame) -> None:
+        with self.members.condition:
+            self.schedule.hand_off(member, frame.tensors["weights"])
+        session.reply(Kind.DONE)
+
+    def _end(self, member: Member, session: Session, frame: Frame) -> bool:
+        member.results = dict(zip(RESULT_FIELDS, frame.tensors["scalars"].tolist(), strict=True))
+        with self.members.condition:
+            member.finished = True
+            self.members.condition.notify_all()
+        session.reply(Kind.DONE)
+        return True
+
+    # -- checkpoints and results ------------------------------------------------------------------------------
+
+    def _checkpoint_dir(self, step: int) -> Path:
+        return self.output_dir / f"checkpoint-{step}"
+
+    def round_done(self) -> None:
+        """A round every live client completed: a checkpoint if its step is a save step (as the clients save)."""
+        step, every = self.round * self.sync_every, checkpoint_every(self.args, self.plan.max_steps)
+        if every is None or (step % every and step < self.plan.max_steps):
+            return
+        folder = self._checkpoint_dir(step)
+        self.server_half.save_checkpoint(folder)
+        members = [{name: getattr(m, name) for name in SAVED_MEMBER_FIELDS} for m in self.members.members.values()]
+        state = {
+            "step": step, "round": self.round, "steps": self.steps, **self.schedule.state(), "plan": asdict(self.plan),
+            "schedule": self.schedule.name, "num_clients": self.num_clients, "sync_every": self.sync_every,
+            "sync_transfers": self.sync_transfers, "server_max_steps": self.server_max_steps, "members": members,
+            "federation_settings": self.federation_settings,
+        }  # fmt: skip
+        write_federation_state(folder, self.half, state)
+
+    def _resume(self, state: dict) -> None:
+        """The federation as the checkpoint left it at a round's end: plan, round, the client half, the server half
+        with its optimizer and schedule. Its clients are expected back, as live members that have not joined."""
+        self.plan = FederationPlan(**state["plan"])
+        self.members.planned = True
+        self.round, self.sync_transfers = state["round"], state["sync_transfers"]
+        self.schedule.restore(state)
+        self.half = read_client_half(self.resume_from)
+        expected = half_size(self.client_tensors)
+        if self.half.shape != (expected,):
+            raise Refused(f"the checkpoint's client half has {self.half.numel()} values; this split's has {expected}.")
+        self.members.members = {m["client_id"]: Member(**m, joined=False) for m in state["members"]}
+        self.server_max_steps = state["server_max_steps"]
+        self.server_half.make_optimizer(self.server_max_steps)
+        self.server_half.load_checkpoint(self.resume_from)
+        self.server_half.steps = state["steps"]
+        self.resumed_at = time.monotonic()
+        logger.info("Resumed the federation at step %d (round %d).", self.resumed_step, self.round)
+
+    def results(self) -> dict:
+        members = dict(sorted(self.members.members.items()))
+        clients = {
+            str(cid): {"live": m.live, "finished": m.finished, "shard_size": m.shard_size, **m.results}
+            for cid, m in members.items()
+        }
+        totals = {
+            key: sum(client.get(key, 0) for client in clients.values())
+            for key in ("uplink_bytes", "downlink_bytes", "sync_bytes", "total_bytes", "uncompressed_bytes")
+        }
+        dropped = [cid for cid, m in members.items() if not m.live]
+        failure = self.members.failure
+        detail = failure or ("finished" if not dropped else "finished without " + ", ".join(map(str, dropped)))
+        return {
+            "status": "finished" if not failure else "failed",
+            "detail": detail,
+            "schedule": self.schedule.name,
+            "num_clients": self.num_clients,
+            "sync_every": self.sync_every,
+            "plan": vars(self.plan) if self.plan else None,
+            "steps": self.steps,
+            "dropped": dropped,
+            "drops": self.members.drops,
+            "rejoined": self.members.rejoined,
+            "clients": clients,
+            "total": totals,
+            "half_bytes": half_size(self.client_tensors) * 4,
+            "sync_transfers": self.sync_transfers,
+            "resumed_from": self.resumed_step,
+        }
+
+    def _save_final(self) -> None:
+        """The whole split (`client/` is the final averaged or handed-off client half, `server/` the server's), each
+        half's config recording the federation: schedule, clients, and the bytes every client and the sync sent."""
+        if self.split is None:
+            return
+        results = self.results()
+        record = {key: results[key] for key in ("schedule", "num_clients", "sync_every", "dropped", "total")}
+        total = results["total"]
+        communication = {
+            "uplink_bytes": total["uplink_bytes"],
+            "downlink_bytes": total["downlink_bytes"],
+            "sync_bytes": total["sync_bytes"],
+            "uncompressed_bytes": total["uncompressed_bytes"],
+            "ratio": total["total_bytes"] / total["uncompressed_bytes"] if total["uncompressed_bytes"] else 1.0,
+            "steps": self.steps,
+            "test_accuracy": next((c["test_accuracy"] for c in results["clients"].values() if c.get("finished")), None),
+        }
+        for half in (self.split.client, self.split.server):
+            half.config.federation = record
+            half.config.communication = communication
+        self.split.save_pretrained(self.output_dir)

@@ -1,0 +1,219 @@
+"""The server for one client: accepts sessions, checks the handshake, and answers each message kind from a table.
+
+`SplitServer.serve` waits for a client; a session refused at the handshake (a bad header, a wrong token, another
+split) leaves it waiting for the next. A session that trains to the end (END) ends the serving; a client lost
+mid-training ends it too, keeping the last checkpoint. The compute is the `ServerHalf`'s.
+"""
+
+import hmac
+import logging
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from transformers import TrainingArguments
+
+from ..split import SplitViTForImageClassification
+from .connect import Connection
+from .server_half import PendingBackward, ServerHalf
+from .settings import differing_settings, session_settings
+from .wire import Frame, Kind, PeerLost, Refused, WireError, tensor_json
+
+logger = logging.getLogger(__name__)
+
+
+def read_hello(connection: Connection, join_token: str | None) -> dict:
+    """The client's settings from its HELLO, once its join token checks out."""
+    settings = tensor_json(connection.recv(Kind.HELLO).tensors["settings"])
+    token = settings.get("token")
+    if join_token is not None and not hmac.compare_digest(str(token), join_token):
+        raise Refused("wrong join token.")
+    return settings
+
+
+def check_split_settings(
+    settings: dict, args: TrainingArguments, build: Callable, half: ServerHalf | None
+) -> SplitViTForImageClassification:
+    """The split a client's settings describe, refused with every difference from this server's (`args` and the
+    adopted half's split, or for the first client a new one built for the class names the client announces)."""
+    labels = settings.get("labels")
+    if not isinstance(labels, list) or not labels or not all(isinstance(name, str) for name in labels):
+        raise Refused(f"the client's labels {labels!r} are not a list of class names.")
+    split = half.split if half is not None else build(labels)
+    differences = differing_settings(settings, session_settings(split, args))
+    if differences:
+        raise Refused("the split settings differ: " + "; ".join(differences))
+    return split
+
+
+class Session:
+    """One client's session: its connection, and the FORWARD whose BACKWARD is still to come."""
+
+    def __init__(self, number: int, connection: Connection):
+        self.number = number
+        self.connection = connection
+        self.pending: PendingBackward | None = None
+
+    def reply(self, kind: Kind, tensors: dict | None = None, value: float = 0.0) -> None:
+        self.connection.send(kind, tensors, value=value)
+
+
+def answer_forward(half: ServerHalf, session: Session, frame: Frame) -> None:
+    """FORWARD: the server half's loss on what came, sent back (LOSS); the rest is kept for BACKWARD."""
+    session.pending = half.forward(frame.tensors, frame.value)
+    session.reply(Kind.LOSS, value=float(session.pending.loss.detach()))
+
+
+def answer_backward(half: ServerHalf, session: Session, frame: Frame) -> None:
+    """BACKWARD: back-propagates the client's seed and sends the gradient of what came down (GRADIENT)."""
+    if session.pending is None:
+        raise WireError("a BACKWARD message came before any FORWARD.")
+    session.reply(Kind.GRADIENT, half.backward(session.pending, frame.value))
+
+
+def answer_step(half: ServerHalf, session: Session, frame: Frame) -> None:
+    """STEP: clips by the global norm, steps, and sends the norm back (NORM)."""
+    session.reply(Kind.NORM, value=float(half.optimizer_step(frame.tensors["norm"], frame.value)))
+
+
+def answer_eval(half: ServerHalf, session: Session, frame: Frame) -> None:
+    """EVAL: the logits for eval-mode activations (LOGITS)."""
+    session.reply(Kind.LOGITS, half.logits(frame.tensors["activations"]))
+
+
+class SplitServer:
+    """The server's side for one client at a time, over a `Listener`.
+
+    `build(labels)` makes the split for the class names a client announces (the server keeps the server half and
+    the server's part of the bridge in a `ServerHalf`); the session goes on only if `session_settings` of that
+    split and `args` equal the client's, and the join token matches.
+
+    A client that resumes from its `checkpoint-N` makes the server load its own `checkpoint-N` from `output_dir`,
+    or from `resume_from` when given (whose step must then be the client's).
+    """
+
+    def __init__(
+        self,
+        build: Callable[[list[str]], SplitViTForImageClassification],
+        args: TrainingArguments,
+        output_dir: str | Path,
+        join_token: str | None = None,
+        resume_from: str | Path | None = None,
+    ):
+        self.build = build
+        self.args = args
+        self.output_dir = Path(output_dir)
+        self.join_token = join_token
+        self.resume_from = None if resume_from is None else Path(resume_from)
+        if self.resume_from is not None and not self.resume_from.is_dir():
+            raise ValueError(f"resume_from_checkpoint={str(resume_from)!r} is not a folder.")
+        self.server_half: ServerHalf | None = None
+        self.handlers = {
+            Kind.BEGIN: self._begin,
+            Kind.FORWARD: lambda session, frame: answer_forward(self.server_half, session, frame),
+            Kind.BACKWARD: lambda session, frame: answer_backward(self.server_half, session, frame),
+            Kind.STEP: lambda session, frame: answer_step(self.server_half, session, frame),
+            Kind.EVAL: lambda session, frame: answer_eval(self.server_half, session, frame),
+            Kind.SAVE: self._save,
+            Kind.END: self._end,
+        }
+
+    @property
+    def split(self) -> SplitViTForImageClassification | None:
+        """The split whose server side this server holds (None before the first client joined)."""
+        return None if self.server_half is None else self.server_half.split
+
+    @property
+    def steps(self) -> int:
+        return 0 if self.server_half is None else self.server_half.steps
+
+    def serve(self, listener, accept_seconds: float | None = None) -> dict:
+        """Serves clients from `listener` until one finishes training or is lost mid-training. `accept_seconds`
+        bounds the wait for each next client (None: wait for ever)."""
+        while True:
+            deadline = None if accept_seconds is None else time.monotonic() + accept_seconds
+            try:
+                accepted = listener.accept(deadline=deadline)
+            except PeerLost as error:
+                logger.warning("%s; waiting for the next client.", error)
+                continue
+            if accepted is None:
+                return {"status": "no client", "steps": self.steps}
+            session = Session(*accepted)
+            try:
+                self._handshake(session.connection)
+            except (WireError, Refused, PeerLost) as error:
+                logger.warning("Session %d refused: %s", session.number, error)
+                session.connection.refuse(str(error))
+                continue
+            logger.info("Session %d joined.", session.number)
+            try:
+                return self._train(session)
+            except Refused as error:
+                logger.warning("Session %d refused: %s", session.number, error)
+                session.connection.refuse(str(error))
+                continue
+            except (PeerLost, WireError) as error:
+                logger.error(
+                    "Session %d lost: %s. The last checkpoint in %s is kept.", session.number, error, self.output_dir
+                )
+                session.connection.refuse(str(error))
+                traffic = vars(session.connection.traffic)
+                return {"status": "client lost", "error": str(error), "steps": self.steps, "traffic": traffic}
+
+    def _handshake(self, connection: Connection) -> None:
+        settings = read_hello(connection, self.join_token)
+        if settings.get("federation"):
+            raise Refused(
+                f"the client expects a federation of {settings['federation'].get('num_clients')} clients; this "
+                "server serves one (start it with --num_clients)."
+            )
+        split = check_split_settings(settings, self.args, self.build, self.server_half)
+        if self.server_half is None:
+            self.server_half = ServerHalf(split, self.args)
+        connection.send(Kind.WELCOME)
+
+    def _train(self, session: Session) -> dict:
+        while True:
+            frame = session.connection.recv(*self.handlers)
+            if self.handlers[frame.kind](session, frame):
+                return {"status": "finished", "steps": self.steps, "traffic": vars(session.connection.traffic)}
+
+    def _checkpoint_dir(self, step: int) -> Path:
+        return self.output_dir / f"checkpoint-{step}"
+
+    def _resume_folder(self, step: int) -> Path:
+        """The server checkpoint to resume from for a client resuming at `step` (0: starting afresh)."""
+        if self.resume_from is not None:
+            saved = re.fullmatch(r"checkpoint-(\d+)", self.resume_from.name)
+            if saved is None or int(saved.group(1)) != step:
+                raise Refused(
+                    f"the client resumes from step {step}, the server from {self.resume_from}: resume both sides from "
+                    "the same step's checkpoint-N."
+                )
+            return self.resume_from
+        return self._checkpoint_dir(step)
+
+    def _begin(self, session: Session, frame: Frame) -> None:
+        """BEGIN: the schedule's length and the step the client starts from (a resumed checkpoint's)."""
+        max_steps, global_step = frame.tensors["scalars"].tolist()
+        self.server_half.make_optimizer(max_steps)
+        if global_step or self.resume_from is not None:
+            folder = self._resume_folder(global_step)
+            if not self.server_half.has_checkpoint(folder):
+                raise Refused(f"the server has no checkpoint in {folder}: resume both sides from a step both saved.")
+            self.server_half.load_checkpoint(folder)
+        self.server_half.steps = global_step
+        session.reply(Kind.DONE)
+
+    def _save(self, session: Session, frame: Frame) -> None:
+        """SAVE: the server's checkpoint of the client's step."""
+        self.server_half.save_checkpoint(self._checkpoint_dir(frame.step))
+        session.reply(Kind.DONE)
+
+    def _end(self, session: Session, frame: Frame) -> bool:
+        """END: the final half saved; the session (and the serving) ends."""
+        self.server_half.save_final(self.output_dir)
+        session.reply(Kind.DONE)
+        return True

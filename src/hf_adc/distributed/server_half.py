@@ -1,0 +1,171 @@
+"""The server's half of a split, as both servers (one client, a federation) hold it: the compute, the optimizer and
+schedule, and the files it is saved in. It knows nothing of sessions or of the wire's framing."""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer, TrainingArguments, get_scheduler
+
+from ..split import SERVER_BRIDGE_WEIGHTS_NAME, SplitViTForImageClassification
+from .settings import drop_modules
+from .wire import WireError
+
+SERVER_WEIGHTS_NAME = "server_state.safetensors"
+OPTIMIZER_NAME = "server_optimizer.pt"
+SCHEDULER_NAME = "server_scheduler.pt"
+
+
+@dataclass
+class PendingBackward:
+    """What a FORWARD leaves for its BACKWARD: the activations as received (with their gradient to come), the
+    bridge's context for packing that gradient, and the loss."""
+
+    received: torch.Tensor
+    context: object
+    loss: torch.Tensor
+
+
+class ServerHalf:
+    """The server half and the server's side of the bridge, with their optimizer and learning-rate schedule.
+
+    Made from a whole split: the client half and the bridge's client-side modules are dropped, unless `keep_client`
+    (a federation's server averages them and saves them next to its own). `steps` counts the optimizer steps
+    taken (a resumed checkpoint's included).
+    """
+
+    def __init__(self, split: SplitViTForImageClassification, args: TrainingArguments, keep_client: bool = False):
+        if not keep_client:
+            split.client = None
+            drop_modules(split.bridge, split.bridge.client_modules)
+        self.split = split
+        self.args = args
+        self.optimizer = None
+        self.scheduler = None
+        self.steps = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.split.server.device
+
+    def make_optimizer(self, max_steps: int) -> None:
+        """The optimizer and schedule the client's `Trainer` would make from the same arguments, for `max_steps`."""
+        model = nn.ModuleDict({"server": self.split.server, "bridge": self.split.bridge})
+        decay = set(Trainer.get_decay_parameter_names(None, model))
+        named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_class(groups, **optimizer_kwargs)
+        self.scheduler = get_scheduler(
+            self.args.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=self.args.get_warmup_steps(max_steps),
+            num_training_steps=max_steps,
+            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+        )
+
+    def forward(self, tensors: dict[str, torch.Tensor], smoothing: float) -> PendingBackward:
+        """The loss of the server half on what a FORWARD carried (the bridge's tensors and the labels)."""
+        split = self.split
+        split.server.train()
+        split.bridge.train()
+        tensors = {name: tensor.to(self.device) for name, tensor in tensors.items()}
+        dtype = split.server.dtype
+        if "labels" not in tensors:
+            raise WireError("a FORWARD must carry the labels.")
+        labels = tensors.pop("labels")
+        if not 0 <= smoothing < 1:
+            raise WireError(f"label smoothing {smoothing} is out of range [0, 1).")
+        config = split.server.config
+        batch = labels.shape[0]
+        shape = (batch, (config.image_size // config.patch_size) ** 2 + 1, config.hidden_size)
+        try:
+            context = split.bridge.receiver_context(tensors, shape, dtype)
+            received = split.bridge.unpack(tensors, context).to(dtype).requires_grad_()
+        except (KeyError, ValueError, RuntimeError) as error:  # a missing tensor, a shape that does not fit
+            raise WireError(f"the activations do not fit the {type(split.bridge).__name__}: {error}") from error
+        if labels.is_floating_point():
+            targets = labels.float() / labels.float().sum(dim=1, keepdim=True)
+        else:
+            if int(labels.min()) < 0 or int(labels.max()) >= split.num_labels:
+                raise WireError(f"labels out of range [0, {split.num_labels}).")
+            targets = F.one_hot(labels, split.num_labels).float()
+        targets = targets * (1 - smoothing) + smoothing / split.num_labels
+        loss = split.server(split.bridge.decode(received), labels=targets).loss
+        return PendingBackward(received, context, loss)
+
+    def backward(self, pending: PendingBackward, seed: float) -> dict[str, torch.Tensor]:
+        """Back-propagates the client's seed through the server half; the gradient of what came, as it goes down."""
+        loss = pending.loss
+        loss.backward(torch.tensor(seed, dtype=loss.dtype, device=loss.device))
+        return self.split.link.send(self.split.bridge.pack_gradient(pending.received.grad, pending.context))
+
+    @torch.no_grad()
+    def logits(self, activations: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The server half's logits for eval-mode activations, as they go down."""
+        split = self.split
+        split.server.eval()
+        split.bridge.eval()
+        hidden_states = activations.to(split.server.device, split.server.dtype)
+        return split.link.send({"logits": split.server(split.bridge.decode(hidden_states)).logits})
+
+    def optimizer_step(self, client_norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+        """Clips by the global norm and steps; the norm is the norm of every per-tensor norm in the one-process
+        parameter order (client, bridge, server), as `torch.nn.utils.get_total_norm` forms it."""
+        order = [*self.split.bridge.parameters(), *self.split.server.parameters()]
+        parameters = [p for p in order if p.grad is not None]
+        norms = [torch.nn.utils.get_total_norm([p.grad]) for p in parameters]
+        total = torch.linalg.vector_norm(torch.stack([*client_norms.to(norms[0].device), *norms]))
+        if math.isfinite(max_norm):
+            torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+        if torch.isfinite(total):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def discard_gradients(self) -> None:
+        """Forgets the partial gradients of a step that will not be taken (its client was lost)."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def save_checkpoint(self, folder: Path) -> None:
+        """The server half, its side of the bridge, the optimizer and the schedule, into `folder`."""
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {f"server.{k}": v for k, v in self.split.server.state_dict().items()}
+        state.update({f"bridge.{k}": v for k, v in self.split.bridge.state_dict().items()})
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder / SERVER_WEIGHTS_NAME)
+        torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_NAME)
+        torch.save(self.scheduler.state_dict(), folder / SCHEDULER_NAME)
+
+    def has_checkpoint(self, folder: Path) -> bool:
+        return (folder / SERVER_WEIGHTS_NAME).exists()
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """What `save_checkpoint` wrote into `folder` (the optimizer must have been made)."""
+        state = load_file(folder / SERVER_WEIGHTS_NAME)
+        self.split.server.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("server.")})
+        self.split.bridge.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("bridge.")})
+        self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_NAME, weights_only=True))
+        self.scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
+
+    def save_final(self, output_dir: Path) -> None:
+        """`server/` and the server side of the bridge: next to the client's `client/`, `bridge.safetensors` and
+        `split_config.json`, a folder `SplitViTForImageClassification.from_pretrained` loads whole."""
+        bridge = self.split.bridge
+        self.split.server.save_pretrained(output_dir / "server")
+        state = {
+            name: tensor.detach().contiguous().cpu()
+            for name, tensor in bridge.state_dict().items()
+            if any(name.startswith(f"{module}.") for module in bridge.server_modules)
+        }
+        if state:
+            save_file(state, output_dir / SERVER_BRIDGE_WEIGHTS_NAME)

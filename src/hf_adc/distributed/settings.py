@@ -1,0 +1,62 @@
+"""What the two ends of a split must agree on before training, and how settings are compared as they travel."""
+
+import json
+import math
+from dataclasses import asdict
+
+from transformers import TrainingArguments
+
+from ..bridges import Bridge
+from ..link import wire_dtype_name
+from ..split import SplitViTForImageClassification
+
+TRAINING_SETTINGS = (
+    "learning_rate", "weight_decay", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "optim",
+    "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "seed",
+)  # fmt: skip
+
+
+def session_settings(split: SplitViTForImageClassification, args: TrainingArguments) -> dict:
+    """What client and server must agree on: the split, the compression, the wire, and the optimizer settings."""
+    config = (split.client or split.server).config
+    return {
+        "num_hidden_layers": config.num_hidden_layers,
+        "split_layer": config.split_layer,
+        "hidden_size": config.hidden_size,
+        "num_tokens": (config.image_size // config.patch_size) ** 2 + 1,
+        "num_labels": config.num_labels,
+        "labels": [config.id2label[i] for i in range(config.num_labels)],
+        "compression": config.compression,
+        "wire_dtype": wire_dtype_name(split.link.wire_dtype),
+        "channel": asdict(split.link.channel) if split.link.channel else None,
+        **{name: plain(getattr(args, name)) for name in TRAINING_SETTINGS},
+    }
+
+
+def plain(value):
+    """`value` as JSON gives it back (enums as their strings), so that settings compare as they travel."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def checkpoint_every(args: TrainingArguments, max_steps: int) -> int | None:
+    """The Trainer's save interval in steps for a run of `max_steps` (None: it saves no checkpoints)."""
+    if args.save_strategy != "steps":
+        return None
+    return math.ceil(max_steps * args.save_steps) if args.save_steps < 1 else int(args.save_steps)
+
+
+def differing_settings(client: dict, server: dict) -> list[str]:
+    """One line per setting on which the two sides disagree."""
+    return [
+        f"{name}: client {client.get(name)!r}, server {server.get(name)!r}"
+        for name in sorted(set(client) | set(server))
+        if name not in ("token", "federation") and client.get(name) != server.get(name)
+    ]
+
+
+def drop_modules(bridge: Bridge, names: tuple[str, ...]) -> Bridge:
+    """`bridge` without the submodules (dotted names) that run on the other side."""
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        delattr(bridge.get_submodule(parent), child)
+    return bridge
