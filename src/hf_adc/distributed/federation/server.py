@@ -1,9 +1,9 @@
 """The federated server: one thread per client session around one server half, wired from small parts.
 
 `Membership` (who is in, joins, drops), a `Schedule` (SplitFed or sequential: SYNC, TURN, HANDOFF), the round plan
-(`plan_rounds`), FedAvg (`fedavg`), the checkpoint files (`checkpoint.py`) and the `ServerHalf` (the compute, the
-optimizer, the half's files) are composed here; the FORWARD / BACKWARD / STEP / EVAL answers are the single-client
-server's (`..server`). Every client's optimizer step (its micro-batches, then STEP) holds the server half alone.
+(`plan_rounds`), FedAvg (`fedavg`), the checkpoint files (`checkpoint.py`), the results (`results.py`), each
+client's `FederatedSession` (its messages; the FORWARD / BACKWARD / EVAL answers are the single-client server's) and
+the `ServerHalf` (the compute, the optimizer, the half's files) are composed here.
 """
 
 import logging
@@ -14,47 +14,46 @@ from pathlib import Path
 
 import torch
 
-from ..server import (
-    Session,
-    answer_backward,
-    answer_eval,
-    answer_forward,
-    check_split_settings,
-    read_hello,
-)
+from ..server import Session, check_split_settings, read_hello
 from ..server_half import ServerHalf
 from ..settings import checkpoint_every, differing_settings, plain
-from ..wire import Frame, Kind, PeerLost, Refused, WireError
+from ..wire import Kind, PeerLost, Refused, WireError
 from .checkpoint import read_client_half, read_federation_state, write_federation_state
-from .client import RESULT_FIELDS
 from .halves import client_side_tensors, half_size, load_half_vector
 from .members import SAVED_MEMBER_FIELDS, Member, Membership
 from .plan import PLAN_BYTES, FederationPlan, PlanError, plan_rounds, plan_scalars
+from .results import federation_results, save_federation
 from .schedules import SCHEDULES, make_schedule
+from .session import FederatedSession, StepLock
 
 logger = logging.getLogger(__name__)
 
 FEDERATION_ARGS = ("communication_budget", "budget_epochs", "max_steps", "save_strategy", "save_steps")
 
 
-class StepLock:
-    """The server half, held by one client for a whole optimizer step; a wait for it ends at `timeout`."""
-
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self.lock = threading.Lock()
-        self.owner: int | None = None
-
-    def take(self, client_id: int) -> None:
-        if self.owner == client_id:
-            return
-        if not self.lock.acquire(timeout=self.timeout):
-            raise PeerLost(f"client {client_id} waited over {self.timeout} s for the server half.")
-        self.owner = client_id
-
-    def give_back(self) -> None:
-        self.owner = None
-        self.lock.release()
+def check_federation_settings(args, schedule: str, num_clients: int, min_clients: int, sync_every: int,
+                              round_timeout: float) -> None:  # fmt: skip
+    """Refuses, naming the value and its range, settings a federation cannot honour."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}.")
+    if num_clients < 1:
+        raise ValueError(f"num_clients={num_clients} is out of range: it must be >= 1.")
+    if not 1 <= min_clients <= num_clients:
+        raise ValueError(f"min_clients={min_clients} is out of range: 1 .. num_clients ({num_clients}).")
+    if sync_every < 1:
+        raise ValueError(f"sync_every={sync_every} is out of range: it must be >= 1 step.")
+    if not round_timeout > 0:
+        raise ValueError(f"round_timeout={round_timeout} is out of range: it must be > 0 seconds.")
+    if args.save_strategy not in ("no", "steps"):
+        raise ValueError(
+            f"save_strategy={plain(args.save_strategy)!r}: a federation checkpoints at the end of rounds, so give "
+            "'steps' (save_steps a multiple of sync_every) or 'no'."
+        )
+    if args.save_strategy == "steps" and (args.save_steps < 1 or args.save_steps % sync_every):
+        raise ValueError(
+            f"save_steps={args.save_steps} is out of range: a federation checkpoints at the end of rounds, so it "
+            f"must be a whole multiple of sync_every={sync_every} steps."
+        )
 
 
 class FederatedServer:
@@ -85,26 +84,7 @@ class FederatedServer:
         join_token: str | None = None,
         resume_from: str | Path | None = None,
     ):
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule={schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}.")
-        if num_clients < 1:
-            raise ValueError(f"num_clients={num_clients} is out of range: it must be >= 1.")
-        if not 1 <= min_clients <= num_clients:
-            raise ValueError(f"min_clients={min_clients} is out of range: 1 .. num_clients ({num_clients}).")
-        if sync_every < 1:
-            raise ValueError(f"sync_every={sync_every} is out of range: it must be >= 1 step.")
-        if not round_timeout > 0:
-            raise ValueError(f"round_timeout={round_timeout} is out of range: it must be > 0 seconds.")
-        if args.save_strategy not in ("no", "steps"):
-            raise ValueError(
-                f"save_strategy={plain(args.save_strategy)!r}: a federation checkpoints at the end of rounds, so give "
-                "'steps' (save_steps a multiple of sync_every) or 'no'."
-            )
-        if args.save_strategy == "steps" and (args.save_steps < 1 or args.save_steps % sync_every):
-            raise ValueError(
-                f"save_steps={args.save_steps} is out of range: a federation checkpoints at the end of rounds, so it "
-                f"must be a whole multiple of sync_every={sync_every} steps."
-            )
+        check_federation_settings(args, schedule, num_clients, min_clients, sync_every, round_timeout)
         self.build, self.args, self.output_dir, self.join_token = build, args, Path(output_dir), join_token
         self.resume_from = None if resume_from is None else Path(resume_from)
         if self.resume_from is not None and not self.resume_from.is_dir():
@@ -121,18 +101,6 @@ class FederatedServer:
         self.sync_transfers = 0
         self.federation_settings: dict | None = None
         self.server_max_steps = 0  # the server's schedule: every client's steps
-        self.handlers = {
-            Kind.BEGIN: self._begin,
-            Kind.FORWARD: self._forward,
-            Kind.BACKWARD: lambda member, session, frame: answer_backward(self.server_half, session, frame),
-            Kind.STEP: self._step,
-            Kind.EVAL: self._eval,
-            Kind.SAVE: lambda member, session, frame: session.reply(Kind.DONE),  # saved at round ends instead
-            Kind.SYNC: self._sync,
-            Kind.TURN: self._turn,
-            Kind.HANDOFF: self._hand_off,
-            Kind.END: self._end,
-        }
         settings = {"schedule": schedule, "num_clients": num_clients, "sync_every": sync_every}
         settings.update({name: plain(getattr(args, name)) for name in FEDERATION_ARGS})
         self.resumed_state = None if self.resume_from is None else read_federation_state(self.resume_from, settings)
@@ -187,12 +155,7 @@ class FederatedServer:
         try:
             member = self._join(session)
             logger.info("Session %d: client %d joined.", session.number, member.client_id)
-            while True:
-                frame = session.connection.recv(*self.handlers)
-                if not member.live:
-                    raise Refused(f"client {member.client_id} was dropped from the federation.")
-                if self.handlers[frame.kind](member, session, frame):
-                    return
+            FederatedSession(self, member, session).run()
         except (WireError, Refused, PeerLost) as error:
             if member is None:
                 logger.warning("Session %d refused: %s", session.number, error)
@@ -290,51 +253,6 @@ class FederatedServer:
         self.schedule.start([m.client_id for m in live])
         logger.info("Federation plan: %s", self.plan)
 
-    # -- the message handlers: (member, session, frame) -> True when the session ends ----------------------------
-
-    def _begin(self, member: Member, session: Session, frame: Frame) -> None:
-        start = int(frame.tensors["scalars"][1])
-        if start != member.resume_step:
-            raise Refused(f"client {member.client_id} begins at step {start}; it planned {member.resume_step}.")
-        session.reply(Kind.DONE)
-
-    def _forward(self, member: Member, session: Session, frame: Frame) -> None:
-        self.step_lock.take(member.client_id)
-        answer_forward(self.server_half, session, frame)
-
-    def _step(self, member: Member, session: Session, frame: Frame) -> None:
-        self.step_lock.take(member.client_id)
-        total = self.server_half.optimizer_step(frame.tensors["norm"], frame.value)
-        self.step_lock.give_back()
-        session.reply(Kind.NORM, value=float(total))
-
-    def _eval(self, member: Member, session: Session, frame: Frame) -> None:
-        with self.step_lock.lock:
-            answer_eval(self.server_half, session, frame)
-
-    def _sync(self, member: Member, session: Session, frame: Frame) -> None:
-        with self.members.condition:
-            reply = self.schedule.sync(member, frame.tensors.get("weights"))
-        session.reply(Kind.SYNC, reply)
-
-    def _turn(self, member: Member, session: Session, frame: Frame) -> None:
-        with self.members.condition:
-            reply = self.schedule.take_turn(member)
-        session.reply(Kind.TURN, reply)
-
-    def _hand_off(self, member: Member, session: Session, frame: Frame) -> None:
-        with self.members.condition:
-            self.schedule.hand_off(member, frame.tensors["weights"])
-        session.reply(Kind.DONE)
-
-    def _end(self, member: Member, session: Session, frame: Frame) -> bool:
-        member.results = dict(zip(RESULT_FIELDS, frame.tensors["scalars"].tolist(), strict=True))
-        with self.members.condition:
-            member.finished = True
-            self.members.condition.notify_all()
-        session.reply(Kind.DONE)
-        return True
-
     # -- checkpoints and results ------------------------------------------------------------------------------
 
     def _checkpoint_dir(self, step: int) -> Path:
@@ -376,54 +294,10 @@ class FederatedServer:
         logger.info("Resumed the federation at step %d (round %d).", self.resumed_step, self.round)
 
     def results(self) -> dict:
-        members = dict(sorted(self.members.members.items()))
-        clients = {
-            str(cid): {"live": m.live, "finished": m.finished, "shard_size": m.shard_size, **m.results}
-            for cid, m in members.items()
-        }
-        totals = {
-            key: sum(client.get(key, 0) for client in clients.values())
-            for key in ("uplink_bytes", "downlink_bytes", "sync_bytes", "total_bytes", "uncompressed_bytes")
-        }
-        dropped = [cid for cid, m in members.items() if not m.live]
-        failure = self.members.failure
-        detail = failure or ("finished" if not dropped else "finished without " + ", ".join(map(str, dropped)))
-        return {
-            "status": "finished" if not failure else "failed",
-            "detail": detail,
-            "schedule": self.schedule.name,
-            "num_clients": self.num_clients,
-            "sync_every": self.sync_every,
-            "plan": vars(self.plan) if self.plan else None,
-            "steps": self.steps,
-            "dropped": dropped,
-            "drops": self.members.drops,
-            "rejoined": self.members.rejoined,
-            "clients": clients,
-            "total": totals,
-            "half_bytes": half_size(self.client_tensors) * 4,
-            "sync_transfers": self.sync_transfers,
-            "resumed_from": self.resumed_step,
-        }
+        """Every client's bytes and accuracy, the totals, the plan, drops and rejoins (`server_results.json`)."""
+        return federation_results(self)
 
     def _save_final(self) -> None:
-        """The whole split (`client/` is the final averaged or handed-off client half, `server/` the server's), each
-        half's config recording the federation: schedule, clients, and the bytes every client and the sync sent."""
-        if self.split is None:
-            return
-        results = self.results()
-        record = {key: results[key] for key in ("schedule", "num_clients", "sync_every", "dropped", "total")}
-        total = results["total"]
-        communication = {
-            "uplink_bytes": total["uplink_bytes"],
-            "downlink_bytes": total["downlink_bytes"],
-            "sync_bytes": total["sync_bytes"],
-            "uncompressed_bytes": total["uncompressed_bytes"],
-            "ratio": total["total_bytes"] / total["uncompressed_bytes"] if total["uncompressed_bytes"] else 1.0,
-            "steps": self.steps,
-            "test_accuracy": next((c["test_accuracy"] for c in results["clients"].values() if c.get("finished")), None),
-        }
-        for half in (self.split.client, self.split.server):
-            half.config.federation = record
-            half.config.communication = communication
-        self.split.save_pretrained(self.output_dir)
+        """The whole split, each half's config recording the federation (`save_federation`)."""
+        if self.split is not None:
+            save_federation(self.split, self.results(), self.output_dir)

@@ -1,0 +1,110 @@
+"""One client's session with the federated server: a table from message kind to handler, around the server half
+that every client's optimizer step takes alone (`StepLock`)."""
+
+import threading
+
+from ..server import Session, answer_backward, answer_eval, answer_forward
+from ..server_half import ServerHalf
+from ..wire import Frame, Kind, PeerLost, Refused
+from .client import RESULT_FIELDS
+from .members import Member
+
+
+class StepLock:
+    """The server half, held by one client for a whole optimizer step; a wait for it ends at `timeout`."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+
+    def take(self, client_id: int) -> None:
+        if self.owner == client_id:
+            return
+        if not self.lock.acquire(timeout=self.timeout):
+            raise PeerLost(f"client {client_id} waited over {self.timeout} s for the server half.")
+        self.owner = client_id
+
+    def give_back(self) -> None:
+        self.owner = None
+        self.lock.release()
+
+
+class FederatedSession:
+    """Answers one member's messages until it ends its session (END) or breaks it (an error, raised).
+
+    `federation` gives the server half (`server_half`), the `step_lock`, the `members` and the `schedule`.
+    """
+
+    def __init__(self, federation, member: Member, session: Session):
+        self.federation = federation
+        self.member = member
+        self.session = session
+        self.handlers = {
+            Kind.BEGIN: self._begin,
+            Kind.FORWARD: self._forward,
+            Kind.BACKWARD: lambda frame: answer_backward(self.server_half, self.session, frame),
+            Kind.STEP: self._step,
+            Kind.EVAL: self._eval,
+            Kind.SAVE: lambda frame: self.session.reply(Kind.DONE),  # the server saves at the ends of rounds
+            Kind.SYNC: self._sync,
+            Kind.TURN: self._turn,
+            Kind.HANDOFF: self._hand_off,
+            Kind.END: self._end,
+        }
+
+    @property
+    def server_half(self) -> ServerHalf:
+        return self.federation.server_half
+
+    def run(self) -> None:
+        while True:
+            frame = self.session.connection.recv(*self.handlers)
+            if not self.member.live:
+                raise Refused(f"client {self.member.client_id} was dropped from the federation.")
+            if self.handlers[frame.kind](frame):
+                return
+
+    def _begin(self, frame: Frame) -> None:
+        start, planned = int(frame.tensors["scalars"][1]), self.member.resume_step
+        if start != planned:
+            raise Refused(f"client {self.member.client_id} begins at step {start}; it planned {planned}.")
+        self.session.reply(Kind.DONE)
+
+    def _forward(self, frame: Frame) -> None:
+        self.federation.step_lock.take(self.member.client_id)
+        answer_forward(self.server_half, self.session, frame)
+
+    def _step(self, frame: Frame) -> None:
+        step_lock = self.federation.step_lock
+        step_lock.take(self.member.client_id)
+        total = self.server_half.optimizer_step(frame.tensors["norm"], frame.value)
+        step_lock.give_back()
+        self.session.reply(Kind.NORM, value=float(total))
+
+    def _eval(self, frame: Frame) -> None:
+        with self.federation.step_lock.lock:
+            answer_eval(self.server_half, self.session, frame)
+
+    def _sync(self, frame: Frame) -> None:
+        with self.federation.members.condition:
+            reply = self.federation.schedule.sync(self.member, frame.tensors.get("weights"))
+        self.session.reply(Kind.SYNC, reply)
+
+    def _turn(self, frame: Frame) -> None:
+        with self.federation.members.condition:
+            reply = self.federation.schedule.take_turn(self.member)
+        self.session.reply(Kind.TURN, reply)
+
+    def _hand_off(self, frame: Frame) -> None:
+        with self.federation.members.condition:
+            self.federation.schedule.hand_off(self.member, frame.tensors["weights"])
+        self.session.reply(Kind.DONE)
+
+    def _end(self, frame: Frame) -> bool:
+        self.member.results = dict(zip(RESULT_FIELDS, frame.tensors["scalars"].tolist(), strict=True))
+        with self.federation.members.condition:
+            self.member.finished = True
+            self.federation.members.condition.notify_all()
+        self.session.reply(Kind.DONE)
+        return True

@@ -1,0 +1,113 @@
+"""The federation's pure parts, without processes: FedAvg, the round plan, the schedule table, the link's roles."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_adc import Link
+from hf_adc.distributed.federation import (
+    PLAN_BYTES,
+    SCHEDULE_NAMES,
+    SCHEDULES,
+    PlanError,
+    Sequential,
+    SplitFed,
+    fedavg,
+    make_schedule,
+    plan_rounds,
+)
+from hf_adc.distributed.federation.plan import plan_from_scalars, plan_scalars
+
+
+def test_fedavg_weights_each_half_by_its_shard_size():
+    halves = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([5.0, 0.0, -1.0]), torch.tensor([0.0, 4.0, 8.0])]
+    shards = [10, 30, 60]
+    expected = (10 * halves[0] + 30 * halves[1] + 60 * halves[2]) / 100
+    torch.testing.assert_close(fedavg(halves, shards), expected)
+    assert not torch.allclose(fedavg(halves, shards), torch.stack(halves).mean(0))  # unequal: not the plain mean
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"), [([1.0], "one weight per half"), ([-1.0, 2.0], ">= 0"), ([0.0, 0.0], "positive sum")]
+)
+def test_fedavg_refuses_weights_that_do_not_make_a_mean(weights, message):
+    with pytest.raises(ValueError, match=message):
+        fedavg([torch.zeros(2), torch.ones(2)], weights)
+
+
+def plan(**overrides):
+    settings = dict(
+        schedule="splitfed", num_clients=2, min_clients=1, sync_every=2, final_bytes_per_client=PLAN_BYTES,
+        budget_bytes=10_000, max_steps=0,
+    )  # fmt: skip
+    settings.update(overrides)
+    return plan_rounds([100, 120], 50, **settings)
+
+
+def test_the_plan_takes_as_many_whole_rounds_as_fit_the_budget():
+    # A round: both clients' 2 steps (100 + 120 bytes each), and each half up with its count and back down.
+    round_bytes = (100 + 120) * 2 + 2 * (2 * 50 + 8)
+    final = 2 * PLAN_BYTES
+    result = plan()
+    assert result.round_bytes == round_bytes
+    assert result.rounds == (10_000 - final) // round_bytes
+    assert result.rounds * round_bytes + final <= 10_000 < (result.rounds + 1) * round_bytes + final
+    assert result.max_steps == result.rounds * 2
+
+
+def test_the_sequential_final_half_is_in_the_plan():
+    per_client = PLAN_BYTES + Sequential().final_bytes(50)
+    assert per_client == PLAN_BYTES + 50 + 8
+    budget = 2 * per_client + 3 * plan().round_bytes
+    assert plan(schedule="sequential", final_bytes_per_client=per_client, budget_bytes=budget).rounds == 3
+    assert plan(schedule="sequential", final_bytes_per_client=per_client, budget_bytes=budget - 1).rounds == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"budget_bytes": 500}, "smaller than one round"),
+        ({"budget_bytes": None, "max_steps": 3}, "max_steps=3 must be a multiple of sync_every=2"),
+        ({"budget_bytes": None, "max_steps": 0}, "no budget and no max_steps"),
+        ({"min_clients": 3, "num_clients": 3}, "only 2 of 3 clients joined"),
+    ],
+)
+def test_a_plan_that_cannot_be_made_says_why(overrides, message):
+    with pytest.raises(PlanError, match=message):
+        plan(**overrides)
+
+
+def test_max_steps_in_whole_rounds_is_honoured_exactly():
+    result = plan(budget_bytes=None, max_steps=6)
+    assert (result.rounds, result.max_steps, result.budget_bytes) == (3, 6, None)
+
+
+def test_the_plan_crosses_the_wire_as_seven_scalars_and_back():
+    for original in (plan(), plan(budget_bytes=None, max_steps=4, schedule="sequential")):
+        scalars = plan_scalars(original)
+        assert scalars.shape == (7,) and scalars.dtype == torch.int64
+        assert plan_from_scalars(scalars) == original
+
+
+def test_every_schedule_has_its_place_in_the_wire_table():
+    assert tuple(SCHEDULES) == SCHEDULE_NAMES == ("sequential", "splitfed")
+    assert isinstance(make_schedule("splitfed"), SplitFed) and isinstance(make_schedule("sequential"), Sequential)
+    with pytest.raises(ValueError, match="schedule='ring' is unknown: choose one of sequential, splitfed"):
+        make_schedule("ring")
+
+
+def test_a_one_process_link_answers_no_to_every_role_the_trainer_asks():
+    link = Link()
+    assert (link.peer_steps, link.plans_steps, link.trainer_callbacks(None)) == (False, False, [])
+    with pytest.raises(NotImplementedError, match="Link has no other end that steps with it"):
+        link.optimizer_step(torch.zeros(1), 1.0)
+    with pytest.raises(NotImplementedError, match="Link has no other end that plans its steps"):
+        link.plan_steps(1, 1, 1)
+
+
+def test_training_imports_nothing_of_the_distributed_package():
+    code = "import sys, hf_adc.training; print(sorted(m for m in sys.modules if m.startswith('hf_adc.distributed')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
