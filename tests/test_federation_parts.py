@@ -111,3 +111,45 @@ def test_training_imports_nothing_of_the_distributed_package():
     code = "import sys, hf_adc.training; print(sorted(m for m in sys.modules if m.startswith('hf_adc.distributed')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_one_poisoned_half_among_three_moves_a_robust_rule_no_further_than_an_honest_one():
+    from hf_adc.distributed.federation.halves import AGGREGATIONS
+
+    generator = torch.Generator().manual_seed(0)
+    honest = [torch.randn(1000, generator=generator) for _ in range(3)]
+    poisoned = [honest[0], honest[1], torch.full((1000,), 1e6)]
+    shards = [100, 100, 10**9]  # the poisoner also claims a huge shard
+    for rule in ("median", "trimmed_mean"):
+        aggregate = AGGREGATIONS[rule]
+        clean = aggregate(honest, [100, 100, 100])
+        moved = (aggregate(poisoned, shards) - clean).abs().max()
+        honest_spread = (torch.stack(honest) - clean).abs().max()
+        assert moved <= honest_spread, rule
+    fedavg_moved = (AGGREGATIONS["fedavg"](poisoned, shards) - AGGREGATIONS["fedavg"](honest, [100] * 3)).abs().max()
+    assert fedavg_moved > 1e5  # FedAvg is owned by the poisoner: why the robust rules exist
+
+
+def test_trimmed_mean_drops_the_extremes_of_each_coordinate():
+    from hf_adc.distributed.federation.halves import trimmed_mean
+
+    halves = [torch.tensor([1.0, 10.0]), torch.tensor([2.0, -50.0]), torch.tensor([100.0, 20.0])]
+    torch.testing.assert_close(trimmed_mean(halves, [1, 1, 1]), torch.tensor([2.0, 10.0]))
+    with pytest.raises(ValueError, match="trim=2 is out of range for 3 halves: 0 .. 1"):
+        trimmed_mean(halves, [1, 1, 1], trim=2)
+
+
+@pytest.mark.parametrize(
+    ("vector", "message"),
+    [
+        (torch.zeros(4, dtype=torch.float64), "float64 \\(4,\\); this split's is float32 \\(4,\\)"),
+        (torch.zeros(5), "\\(5,\\); this split's is float32 \\(4,\\)"),
+        (torch.tensor([0.0, float("nan"), 0.0, 0.0]), "NaN or Inf"),
+    ],
+)
+def test_a_half_of_the_wrong_shape_dtype_or_not_finite_is_refused(vector, message):
+    from hf_adc.distributed.federation.halves import check_half
+    from hf_adc.distributed.wire import WireError
+
+    with pytest.raises(WireError, match=message):
+        check_half(vector, 4, client_id=2)

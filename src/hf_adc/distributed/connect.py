@@ -1,25 +1,33 @@
-"""The connection between client and server, and how the two ends join: a TCPStore the server hosts, and one
-two-rank gloo group per client.
+"""The connection between client and server: one gRPC bidirectional stream per session, over mutual TLS.
 
-The server opens `torch.distributed.TCPStore` at its address (`is_master`, not waiting for any fixed number of
-workers). A client connects to the store, takes the next session number from a counter in it, and both ends
-build `ProcessGroupGloo(PrefixStore(f"session{n}", store), rank, 2, timeout)`: server rank 0, client rank 1.
-There is no fixed world and no `init_process_group`, so clients can come and go while the server keeps running;
-every blocking call ends at the group's timeout.
+The client opens the stream (outbound only: it works behind NAT and firewalls); each message of the stream is one
+frame of the wire format (`wire.py`: the integer header, then the tensors' bytes). Both ends verify the other's
+certificate against the CA of their kit (`provision.py`); the client also checks that the server's certificate
+names the address it dialled, and the server reads the client's name and serial from its certificate (`peer_name`,
+`peer_serial`), refusing revoked ones before the session starts. Plaintext is only there when asked for
+(`insecure=True`, with a warning).
+
+gRPC bounds every message (`max_message_bytes`, derived from the agreed split by the caller) before it is
+allocated, and the header is checked again against the frame's length and the session's cap (`max_frame_bytes`,
+small until the handshake is done). Every send and receive ends at a timeout (`PeerLost`); a REFUSE from the peer
+becomes `Refused`. The server's `Listener` hands out a `Connection` per session; at most `max_sessions` streams
+are open at once and at most `max_pending` of them have not finished their handshake (more are refused at once).
 """
 
+import logging
 import math
-import socket
+import queue
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import grpc
 import torch
-import torch.distributed as dist
 
 from .wire import (
     DEFAULT_MAX_TENSOR_BYTES,
     HEADER_BYTES,
-    HEADER_LENGTH,
     MAX_TEXT_BYTES,
     Frame,
     Kind,
@@ -33,96 +41,12 @@ from .wire import (
     text_tensor,
 )
 
-SESSIONS_KEY = "sessions"
+logger = logging.getLogger(__name__)
 
-
-class Connection:
-    """Frames to and from one peer over a two-rank point-to-point group (this end `rank`, the peer the other).
-
-    `address` names the peer in errors. Any failure of the group (the peer died, closed, or did not answer within
-    the group's timeout) becomes `PeerLost`; a header out of limits becomes `WireError`; a REFUSE from the peer
-    becomes `Refused`.
-    """
-
-    def __init__(self, group, rank: int, address: str, timeout: timedelta, max_tensor_bytes=DEFAULT_MAX_TENSOR_BYTES):
-        self.group = group
-        self.peer = 1 - rank
-        self.address = address
-        self.timeout = timeout
-        self.max_tensor_bytes = max_tensor_bytes
-        self.traffic = Traffic()
-
-    def _wait(self, start, what: str, timeout: timedelta | None = None) -> None:
-        """Runs `start()` (a send or a receive of the group) to completion within `timeout` (default: the
-        channel's), or raises `PeerLost`."""
-        timeout = timeout or self.timeout
-        try:
-            start().wait(timeout)
-        except RuntimeError as error:
-            raise PeerLost(
-                f"lost the peer at {self.address} while {what} (timeout {timeout.total_seconds():.0f} s): {error}"
-            ) from error
-
-    def send(
-        self, kind: Kind, tensors: dict[str, torch.Tensor] | None = None, step: int = 0, value: float = 0.0
-    ) -> None:
-        tensors = {name: tensor.detach().cpu() for name, tensor in (tensors or {}).items()}
-        header = encode_header(kind, step, tensors, value)
-        self._wait(lambda: self.group.send([header], self.peer, 0), f"sending {kind.name}")
-        self.traffic.framing_sent += HEADER_BYTES
-        pieces = [tensor.reshape(-1).contiguous().view(torch.uint8) for tensor in tensors.values() if tensor.numel()]
-        if pieces:
-            body = torch.cat(pieces)
-            self._wait(lambda: self.group.send([body], self.peer, 0), f"sending {kind.name}'s tensors")
-            self.traffic.payload_sent += body.numel()
-
-    def recv(self, *expected: Kind, timeout: timedelta | None = None) -> Frame:
-        """The next message; one of `expected` kinds (a REFUSE raises `Refused`, anything else `WireError`).
-        `timeout` bounds the wait for it (default: the channel's)."""
-        header = torch.empty(HEADER_LENGTH, dtype=torch.int64)
-        self._wait(lambda: self.group.recv([header], self.peer, 0), "waiting for a message", timeout)
-        self.traffic.framing_received += HEADER_BYTES
-        kind, step, value, specs = decode_header(header, self.max_tensor_bytes)
-        sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape in specs]
-        body = torch.empty(sum(sizes), dtype=torch.uint8)
-        if body.numel():
-            self._wait(lambda: self.group.recv([body], self.peer, 0), f"receiving {kind.name}'s tensors")
-            self.traffic.payload_received += body.numel()
-        tensors, offset = {}, 0
-        for (name, dtype, shape), size in zip(specs, sizes, strict=True):
-            tensors[name] = body[offset : offset + size].clone().view(dtype).reshape(shape)
-            offset += size
-        if kind == Kind.REFUSE and Kind.REFUSE not in expected:
-            reason = tensor_text(tensors["reason"]) if "reason" in tensors else "no reason given"
-            raise Refused(f"{self.address} refused the session: {reason}")
-        if expected and kind not in expected:
-            raise WireError(f"expected a {' or '.join(k.name for k in expected)} message; got {kind.name}.")
-        return Frame(kind, step, tensors, value)
-
-    def refuse(self, reason: str) -> None:
-        """Tells the peer why its session ends, if it still listens."""
-        try:
-            self.send(Kind.REFUSE, {"reason": text_tensor(reason[:MAX_TEXT_BYTES])})
-        except PeerLost:
-            pass
-
-
-def _group(store, rank: int, timeout: timedelta, local_host: str | None) -> dist.ProcessGroupGloo:
-    """A two-rank gloo group whose connections use the interface of `local_host` (gloo would otherwise pick the
-    address its host name resolves to, which a private network or namespace may not reach)."""
-    options = dist.ProcessGroupGloo._Options()
-    options._timeout = timeout
-    device = dist.ProcessGroupGloo.create_device(hostname=local_host) if local_host else None
-    options._devices = [device or dist.ProcessGroupGloo.create_default_device()]
-    return dist.ProcessGroupGloo(store, rank, 2, options)
-
-
-def _local_address_towards(host: str, port: int) -> str:
-    """The local address this machine uses to reach `host` (a UDP connect sends nothing)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect((host, port))
-        return probe.getsockname()[0]
+METHOD = "/hfadc.Split/Session"
+HANDSHAKE_FRAME_BYTES = HEADER_BYTES + MAX_TEXT_BYTES  # a HELLO's settings, a REFUSE's reason
+QUEUE_FRAMES = 4  # frames buffered each way before a send waits (the peer's flow control does the rest)
+_CLOSED = object()
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -133,45 +57,337 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class Listener:
-    """The server's end: hosts the store and hands out a `Connection` per client session, in joining order."""
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000),  # a dead peer is noticed even while nothing is sent
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
-    def __init__(self, address: str, timeout: timedelta):
-        host, port = parse_address(address)
+
+class Connection:
+    """Frames to and from one peer over a stream: `send` puts a frame out, `recv` takes the next one in.
+
+    `address` names the peer in errors; `timeout` bounds every wait. `max_frame_bytes` caps what `recv` accepts
+    (the handshake's small cap until `open_up(cap)` after it); `max_tensor_bytes` caps each tensor.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        timeout: timedelta,
+        incoming: queue.Queue,
+        outgoing: queue.Queue,
+        peer_name: str | None = None,
+        peer_serial: int | None = None,
+        max_frame_bytes: int = HANDSHAKE_FRAME_BYTES,
+        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+        handshake_timeout: timedelta | None = None,
+        open_frame_bytes: int | None = None,
+    ):
         self.address = address
         self.timeout = timeout
-        self.local_host = None if host in ("0.0.0.0", "::", "") else host
+        self.incoming = incoming
+        self.outgoing = outgoing
+        self.peer_name = peer_name
+        self.peer_serial = peer_serial
+        self.max_frame_bytes = max_frame_bytes
+        self.max_tensor_bytes = max_tensor_bytes
+        self.handshake_timeout = handshake_timeout  # the wait for each frame until `open_up` (None: `timeout`)
+        self.open_frame_bytes = open_frame_bytes or max_frame_bytes
+        self.traffic = Traffic()
+        self.closed = False
+        self.on_open = None  # the listener's: called once by `open_up`
+
+    def open_up(self) -> None:
+        """The handshake is done: frames up to `open_frame_bytes` (the agreed split's largest) are accepted now, and
+        waits last the whole timeout."""
+        self.max_frame_bytes = self.open_frame_bytes
+        self.handshake_timeout = None
+        if self.on_open is not None:
+            self.on_open()
+            self.on_open = None
+
+    def send_bytes(self, data: bytes, what: str = "a frame") -> None:
+        """Puts `data` on the stream as one message, waiting at most the timeout for room."""
+        if self.closed:
+            raise PeerLost(f"the session with {self.address} is closed; cannot send {what}.")
         try:
-            self.store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timeout)
-        except RuntimeError as error:
-            raise OSError(f"cannot listen on {address}: {error}") from error
-        self.accepted = 0
+            self.outgoing.put(data, timeout=self.timeout.total_seconds())
+        except queue.Full:
+            raise PeerLost(
+                f"the peer at {self.address} took nothing for {self.timeout.total_seconds():.0f} s (sending {what})."
+            ) from None
 
-    def accept(self, poll_seconds: float = 0.05, deadline: float | None = None) -> tuple[int, Connection] | None:
-        """Waits for the next client (until `deadline`, a `time.monotonic()` value, if given) and returns its
-        session number and channel; None at the deadline. A client that takes a number but never builds its group
-        raises `PeerLost` after the timeout."""
-        while self.store.add(SESSIONS_KEY, 0) <= self.accepted:
-            if deadline is not None and time.monotonic() > deadline:
-                return None
-            time.sleep(poll_seconds)
-        self.accepted += 1
-        session = self.accepted
+    def send(
+        self, kind: Kind, tensors: dict[str, torch.Tensor] | None = None, step: int = 0, value: float = 0.0
+    ) -> None:
+        tensors = {name: tensor.detach().cpu() for name, tensor in (tensors or {}).items()}
+        header = encode_header(kind, step, tensors, value)
+        pieces = [tensor.reshape(-1).contiguous().view(torch.uint8) for tensor in tensors.values() if tensor.numel()]
+        body = torch.cat(pieces).numpy().tobytes() if pieces else b""
+        self.send_bytes(header.numpy().tobytes() + body, kind.name)
+        self.traffic.framing_sent += HEADER_BYTES
+        self.traffic.payload_sent += len(body)
+
+    def recv_bytes(self, timeout: timedelta | None = None) -> bytes:
+        """The next message's bytes, within `timeout` (default: the connection's, or its handshake timeout until
+        `open_up`)."""
+        timeout = timeout or self.handshake_timeout or self.timeout
         try:
-            group = _group(dist.PrefixStore(f"session{session}", self.store), 0, self.timeout, self.local_host)
-        except RuntimeError as error:
-            raise PeerLost(f"session {session} never joined its group: {error}") from error
-        return session, Connection(group, 0, f"client of session {session}", self.timeout)
+            item = self.incoming.get(timeout=timeout.total_seconds())
+        except queue.Empty:
+            raise PeerLost(
+                f"the peer at {self.address} sent nothing for {timeout.total_seconds():.0f} s (the timeout)."
+            ) from None
+        if item is _CLOSED:
+            self.incoming.put(_CLOSED)  # every later receive sees the end too
+            raise PeerLost(f"the peer at {self.address} closed the session.")
+        if isinstance(item, Exception):
+            self.incoming.put(item)
+            raise item
+        return item
+
+    def recv(self, *expected: Kind, timeout: timedelta | None = None) -> Frame:
+        """The next frame; one of `expected` kinds (a REFUSE raises `Refused`, anything else `WireError`).
+        `timeout` bounds the wait for it (default: the connection's)."""
+        data = self.recv_bytes(timeout)
+        if len(data) > self.max_frame_bytes:
+            raise WireError(f"a message of {len(data)} bytes is over this session's cap of {self.max_frame_bytes}.")
+        if len(data) < HEADER_BYTES:
+            raise WireError(f"a message of {len(data)} bytes is shorter than the {HEADER_BYTES}-byte header.")
+        header = torch.frombuffer(bytearray(data[:HEADER_BYTES]), dtype=torch.int64)
+        kind, step, value, specs = decode_header(header, self.max_tensor_bytes)
+        sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape in specs]
+        if HEADER_BYTES + sum(sizes) != len(data):
+            raise WireError(
+                f"the header announces {sum(sizes)} bytes of tensors; the message carries {len(data) - HEADER_BYTES}."
+            )
+        self.traffic.framing_received += HEADER_BYTES
+        self.traffic.payload_received += len(data) - HEADER_BYTES
+        body = torch.frombuffer(bytearray(data[HEADER_BYTES:]), dtype=torch.uint8) if sizes else None
+        tensors, offset = {}, 0
+        for (name, dtype, shape), size in zip(specs, sizes, strict=True):
+            tensors[name] = body[offset : offset + size].clone().view(dtype).reshape(shape) if size else (
+                torch.empty(shape, dtype=dtype)
+            )  # fmt: skip
+            offset += size
+        if kind == Kind.REFUSE and Kind.REFUSE not in expected:
+            reason = tensor_text(tensors["reason"]) if "reason" in tensors else "no reason given"
+            raise Refused(f"{self.address} refused the session: {reason}")
+        if expected and kind not in expected:
+            raise WireError(f"expected a {' or '.join(k.name for k in expected)} message; got {kind.name}.")
+        return Frame(kind, step, tensors, value)
+
+    def refuse(self, reason: str) -> None:
+        """Tells the peer why its session ends, if it still listens, and closes the session."""
+        try:
+            text = reason.encode()[: MAX_TEXT_BYTES - 4].decode(errors="ignore")
+            self.send(Kind.REFUSE, {"reason": text_tensor(text)})
+        except PeerLost:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        """Ends this end of the stream (frames already sent still go out)."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self.outgoing.put(_CLOSED, timeout=self.timeout.total_seconds())
+            except queue.Full:
+                pass
 
 
-def connect(address: str, timeout: timedelta) -> Connection:
-    """The client's end: joins the server at `address`; `PeerLost` names the address if it cannot."""
-    host, port = parse_address(address)
+def _outgoing_frames(outgoing: queue.Queue, active=lambda: True):
+    """A stream's messages, from `outgoing` until the connection closes (or `active()` turns False)."""
+    while True:
+        try:
+            item = outgoing.get(timeout=1.0)
+        except queue.Empty:
+            if not active():
+                return
+            continue
+        if item is _CLOSED:
+            return
+        yield item
+
+
+def _read_into(messages, incoming: queue.Queue, describe) -> None:
+    """Moves the peer's messages into `incoming` (waiting while it is full: the stream's flow control then stops
+    the peer); at the end, `_CLOSED`, or the error `describe(error)` makes of a failed stream."""
     try:
-        store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
-        session = store.add(SESSIONS_KEY, 1)
-        group = _group(dist.PrefixStore(f"session{session}", store), 1, timeout, _local_address_towards(host, port))
-    except RuntimeError as error:
-        seconds = timeout.total_seconds()
-        raise PeerLost(f"cannot reach the server at {address} (timeout {seconds:.0f} s): {error}") from error
-    return Connection(group, 1, f"the server at {address}", timeout)
+        for message in messages:
+            incoming.put(message)
+    except grpc.RpcError as error:
+        incoming.put(describe(error))
+    except Exception as error:  # noqa: BLE001 - a stream torn down under us: the session ends, nothing else
+        incoming.put(PeerLost(f"the stream failed: {error}"))
+    incoming.put(_CLOSED)
+
+
+class Listener:
+    """The server's end: a gRPC server on `address` that hands out a `Connection` per client stream.
+
+    `kit` (a `provision.Kit`) gives the server's certificate and the CA clients must be signed by; None serves
+    plaintext (only with `insecure=True`). `revocations` (a `provision.Revocations`) refuses listed certificates.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        timeout: timedelta,
+        kit=None,
+        insecure: bool = False,
+        revocations=None,
+        max_message_bytes: int = 64 * 2**20,
+        max_sessions: int = 8,
+        max_pending: int = 8,
+        handshake_timeout: timedelta = timedelta(seconds=10),
+    ):
+        parse_address(address)
+        if kit is None and not insecure:
+            raise ValueError("a server needs credentials (--credentials KITS/server), or --insecure for plaintext.")
+        self.address, self.timeout, self.revocations = address, timeout, revocations
+        self.max_message_bytes, self.max_pending = max_message_bytes, max_pending
+        self.handshake_timeout = min(handshake_timeout, timeout)
+        self.accepted: queue.Queue = queue.Queue()
+        self.sessions = 0
+        self.pending = 0
+        self.lock = threading.Lock()
+        workers = max_sessions + max_pending
+        self.server = grpc.server(
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hf_adc-stream"),
+            options=_channel_options(max_message_bytes),
+            maximum_concurrent_rpcs=workers,
+        )
+        handler = grpc.stream_stream_rpc_method_handler(self._stream)
+        service, method = METHOD.strip("/").split("/")
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: handler})])
+        if kit is None:
+            logger.warning("Serving PLAINTEXT on %s (--insecure): anyone on the path reads and forges it.", address)
+            port = self.server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(kit.key_pem, kit.cert_pem)], root_certificates=kit.ca_pem, require_client_auth=True
+            )
+            port = self.server.add_secure_port(address, credentials)
+        if not port:
+            raise OSError(f"cannot listen on {address}.")
+        self.server.start()
+
+    def _stream(self, requests, context):
+        """One client stream: checks its certificate, queues its connection for `accept`, then sends its frames."""
+        name, serial = _peer_identity(context)
+        if self.revocations is not None and self.revocations.refuses(name, serial):
+            logger.warning("Refused a revoked certificate (%s, serial %s).", name, serial)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"the certificate of {name} (serial {serial}) is revoked.")
+        with self.lock:
+            if self.pending >= self.max_pending:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many sessions are joining; try again.")
+            self.pending += 1
+            self.sessions += 1
+            number = self.sessions
+        incoming, outgoing = queue.Queue(maxsize=QUEUE_FRAMES), queue.Queue(maxsize=QUEUE_FRAMES)
+        peer = f"client of session {number} ({name or context.peer()})"
+        connection = Connection(
+            peer, self.timeout, incoming, outgoing, name, serial, handshake_timeout=self.handshake_timeout,
+            open_frame_bytes=self.max_message_bytes,
+        )  # fmt: skip
+        opened = threading.Event()
+
+        def on_open():
+            opened.set()
+            with self.lock:
+                self.pending -= 1
+
+        connection.on_open = on_open
+        reader = threading.Thread(
+            target=_read_into, args=(requests, incoming, lambda error: PeerLost(f"{peer}: {error.details()}")),
+            name=f"hf_adc-read-{number}", daemon=True,
+        )  # fmt: skip
+        reader.start()
+        self.accepted.put((number, connection))
+        try:
+            yield from _outgoing_frames(outgoing, context.is_active)
+        finally:
+            connection.closed = True
+            incoming.put(_CLOSED)
+            if not opened.is_set():
+                on_open()
+
+    def accept(self, deadline: float | None = None) -> tuple[int, Connection] | None:
+        """The next client's session number and connection, waiting until `deadline` (a `time.monotonic()` value;
+        None: for ever); None at the deadline."""
+        while True:
+            wait = 1.0 if deadline is None else deadline - time.monotonic()
+            if wait <= 0:
+                return None
+            try:
+                return self.accepted.get(timeout=min(wait, 1.0))
+            except queue.Empty:
+                continue
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.server.stop(grace).wait(grace + 1)
+
+
+def _peer_identity(context) -> tuple[str | None, int | None]:
+    """The client certificate's common name and serial (None, None over plaintext)."""
+    auth = context.auth_context()
+    names = auth.get("x509_common_name") or []
+    pems = auth.get("x509_pem_cert") or []
+    serial = None
+    if pems:
+        from cryptography import x509
+
+        serial = x509.load_pem_x509_certificate(pems[0]).serial_number
+    return (names[0].decode() if names else None), serial
+
+
+def connect(
+    address: str,
+    timeout: timedelta,
+    kit=None,
+    insecure: bool = False,
+    max_message_bytes: int = 64 * 2**20,
+    max_frame_bytes: int | None = None,
+) -> Connection:
+    """The client's end: opens a stream to the server at `address` with the client's `kit` (None: plaintext, only
+    with `insecure=True`); `PeerLost` names the address and the likely causes if it cannot."""
+    host, _ = parse_address(address)
+    if kit is None and not insecure:
+        raise ValueError("a client needs credentials (--credentials KITS/client-N), or --insecure for plaintext.")
+    options = _channel_options(max_message_bytes)
+    if kit is None:
+        logger.warning("Connecting in PLAINTEXT to %s (--insecure): anyone on the path reads and forges it.", address)
+        channel = grpc.insecure_channel(address, options=options)
+    else:
+        credentials = grpc.ssl_channel_credentials(kit.ca_pem, kit.key_pem, kit.cert_pem)
+        channel = grpc.secure_channel(address, credentials, options=options)
+    seconds = timeout.total_seconds()
+    try:
+        grpc.channel_ready_future(channel).result(timeout=seconds)
+    except grpc.FutureTimeoutError:
+        channel.close()
+        cause = "it is down or unreachable" if kit is None else (
+            "it is down or unreachable, or the TLS handshake failed: the server's certificate is not from this kit's "
+            f"CA or does not name {host}, or the server refused this client's certificate"
+        )  # fmt: skip
+        raise PeerLost(f"cannot reach the server at {address} (timeout {seconds:.0f} s): {cause}.") from None
+    incoming, outgoing = queue.Queue(maxsize=QUEUE_FRAMES), queue.Queue(maxsize=QUEUE_FRAMES)
+    responses = channel.stream_stream(METHOD)(_outgoing_frames(outgoing))
+
+    def describe(error: grpc.RpcError) -> Exception:
+        code = error.code()
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+            return Refused(f"the server at {address} refused the session: {error.details()}")
+        return PeerLost(f"lost the server at {address}: {code.name} {error.details()}")
+
+    threading.Thread(target=_read_into, args=(responses, incoming, describe), name="hf_adc-read", daemon=True).start()
+    cap = max_frame_bytes or max_message_bytes
+    connection = Connection(f"the server at {address}", timeout, incoming, outgoing, host, None, max_frame_bytes=cap)
+    connection.channel = channel
+    return connection

@@ -47,13 +47,35 @@ def check_split_settings(
     return split
 
 
+# What may come next in a session, by phase: BEGIN first; then an optimizer step is FORWARD, BACKWARD (once for each
+# micro-batch), then STEP; between steps, evaluation, checkpoints, the end, and a federation's sync messages.
+NEXT_KINDS = {
+    "joined": (Kind.BEGIN,),
+    "idle": (Kind.FORWARD, Kind.EVAL, Kind.SAVE, Kind.END, Kind.SYNC, Kind.TURN, Kind.HANDOFF),
+    "forwarded": (Kind.BACKWARD,),
+    "accumulating": (Kind.FORWARD, Kind.STEP),
+}
+PHASE_AFTER = {Kind.BEGIN: "idle", Kind.FORWARD: "forwarded", Kind.BACKWARD: "accumulating", Kind.STEP: "idle"}
+
+
 class Session:
-    """One client's session: its connection, and the FORWARD whose BACKWARD is still to come."""
+    """One client's session: its connection, its phase (what may come next) and the FORWARD whose BACKWARD is
+    still to come."""
 
     def __init__(self, number: int, connection: Connection):
         self.number = number
         self.connection = connection
+        self.phase = "joined"
         self.pending: PendingBackward | None = None
+
+    def advance(self, kind: Kind) -> None:
+        """Refuses a message out of place (`WireError`, naming what was expected); moves to the next phase."""
+        allowed = NEXT_KINDS[self.phase]
+        if kind not in allowed:
+            raise WireError(
+                f"a {kind.name} message is out of place here: expected {' or '.join(k.name for k in allowed)}."
+            )
+        self.phase = PHASE_AFTER.get(kind, self.phase)
 
     def reply(self, kind: Kind, tensors: dict | None = None, value: float = 0.0) -> None:
         self.connection.send(kind, tensors, value=value)
@@ -149,7 +171,9 @@ class SplitServer:
                 continue
             logger.info("Session %d joined.", session.number)
             try:
-                return self._train(session)
+                results = self._train(session)
+                session.connection.close()
+                return results
             except Refused as error:
                 logger.warning("Session %d refused: %s", session.number, error)
                 session.connection.refuse(str(error))
@@ -173,10 +197,12 @@ class SplitServer:
         if self.server_half is None:
             self.server_half = ServerHalf(split, self.args)
         connection.send(Kind.WELCOME)
+        connection.open_up()
 
     def _train(self, session: Session) -> dict:
         while True:
             frame = session.connection.recv(*self.handlers)
+            session.advance(frame.kind)
             if self.handlers[frame.kind](session, frame):
                 return {"status": "finished", "steps": self.steps, "traffic": vars(session.connection.traffic)}
 

@@ -30,6 +30,28 @@ class PendingBackward:
     loss: torch.Tensor
 
 
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuses NaN or Inf in any floating-point tensor that came."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WireError(f"the {name} that came hold NaN or Inf.")
+
+
+def check_labels(labels: torch.Tensor, num_labels: int) -> None:
+    """Class ids (int64, one per sample, in range) or soft labels (one row of `num_labels` non-negative weights
+    with a positive sum per merged sample)."""
+    if labels.is_floating_point():
+        if labels.dim() != 2 or labels.shape[1] != num_labels:
+            raise WireError(f"soft labels must be (T, {num_labels}); got {tuple(labels.shape)}.")
+        if not bool((labels >= 0).all()) or not bool((labels.float().sum(dim=1) > 0).all()):
+            raise WireError("soft labels must be non-negative with a positive sum per row.")
+        return
+    if labels.dtype != torch.int64 or labels.dim() != 1 or labels.numel() == 0:
+        raise WireError(f"labels must be a non-empty int64 vector of class ids; got {labels.dtype} {labels.shape}.")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_labels:
+        raise WireError(f"labels out of range [0, {num_labels}).")
+
+
 class ServerHalf:
     """The server half and the server's side of the bridge, with their optimizer and learning-rate schedule.
 
@@ -39,6 +61,10 @@ class ServerHalf:
     """
 
     def __init__(self, split: SplitViTForImageClassification, args: TrainingArguments, keep_client: bool = False):
+        bridge = split.bridge
+        server_side = {id(p) for name in bridge.server_modules for p in bridge.get_submodule(name).parameters()}
+        client_side = [*split.client.parameters(), *(p for p in bridge.parameters() if id(p) not in server_side)]
+        self.num_client_norms = sum(1 for parameter in client_side if parameter.requires_grad)  # what STEP carries
         if not keep_client:
             split.client = None
             drop_modules(split.bridge, split.bridge.client_modules)
@@ -76,13 +102,15 @@ class ServerHalf:
         split = self.split
         split.server.train()
         split.bridge.train()
+        if smoothing != self.args.label_smoothing_factor:
+            raise WireError(f"label smoothing {smoothing} is not the agreed {self.args.label_smoothing_factor}.")
+        check_finite(tensors)
         tensors = {name: tensor.to(self.device) for name, tensor in tensors.items()}
         dtype = split.server.dtype
         if "labels" not in tensors:
             raise WireError("a FORWARD must carry the labels.")
         labels = tensors.pop("labels")
-        if not 0 <= smoothing < 1:
-            raise WireError(f"label smoothing {smoothing} is out of range [0, 1).")
+        check_labels(labels, split.num_labels)
         config = split.server.config
         batch = labels.shape[0]
         shape = (batch, (config.image_size // config.patch_size) ** 2 + 1, config.hidden_size)
@@ -91,11 +119,13 @@ class ServerHalf:
             received = split.bridge.unpack(tensors, context).to(dtype).requires_grad_()
         except (KeyError, ValueError, RuntimeError) as error:  # a missing tensor, a shape that does not fit
             raise WireError(f"the activations do not fit the {type(split.bridge).__name__}: {error}") from error
+        if received.dim() != 3 or received.shape[0] != batch or not 1 <= received.shape[1] <= shape[1]:
+            raise WireError(f"activations of {tuple(received.shape)} do not fit {batch} labels and {shape[1]} tokens.")
+        if received.shape[2] != config.hidden_size:
+            raise WireError(f"activations of width {received.shape[2]} do not fit the split's {config.hidden_size}.")
         if labels.is_floating_point():
             targets = labels.float() / labels.float().sum(dim=1, keepdim=True)
         else:
-            if int(labels.min()) < 0 or int(labels.max()) >= split.num_labels:
-                raise WireError(f"labels out of range [0, {split.num_labels}).")
             targets = F.one_hot(labels, split.num_labels).float()
         targets = targets * (1 - smoothing) + smoothing / split.num_labels
         loss = split.server(split.bridge.decode(received), labels=targets).loss
@@ -103,6 +133,7 @@ class ServerHalf:
 
     def backward(self, pending: PendingBackward, seed: float) -> dict[str, torch.Tensor]:
         """Back-propagates the client's seed through the server half; the gradient of what came, as it goes down."""
+        self._check_seed(seed)
         loss = pending.loss
         loss.backward(torch.tensor(seed, dtype=loss.dtype, device=loss.device))
         return self.split.link.send(self.split.bridge.pack_gradient(pending.received.grad, pending.context))
@@ -119,8 +150,20 @@ class ServerHalf:
     def optimizer_step(self, client_norms: torch.Tensor, max_norm: float) -> torch.Tensor:
         """Clips by the global norm and steps; the norm is the norm of every per-tensor norm in the one-process
         parameter order (client, bridge, server), as `torch.nn.utils.get_total_norm` forms it."""
+        expected = self.args.max_grad_norm if self.args.max_grad_norm else math.inf
+        if max_norm != expected and max_norm != math.inf:
+            raise WireError(f"the clipping norm {max_norm} is not the agreed max_grad_norm {expected}.")
+        if client_norms.dtype != torch.float32 or client_norms.shape != (self.num_client_norms,):
+            raise WireError(
+                f"a STEP must carry {self.num_client_norms} float32 gradient norms; got {client_norms.dtype} "
+                f"{tuple(client_norms.shape)}."
+            )
+        if not bool((client_norms >= 0).all()):  # NaN and Inf pass: a step the client's scaler skips, as in one process
+            raise WireError("a gradient norm is negative.")
         order = [*self.split.bridge.parameters(), *self.split.server.parameters()]
         parameters = [p for p in order if p.grad is not None]
+        if not parameters:
+            raise WireError("a STEP came before any BACKWARD: there are no gradients to step with.")
         norms = [torch.nn.utils.get_total_norm([p.grad]) for p in parameters]
         total = torch.linalg.vector_norm(torch.stack([*client_norms.to(norms[0].device), *norms]))
         if math.isfinite(max_norm):
@@ -131,6 +174,19 @@ class ServerHalf:
             self.steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         return total
+
+    def _check_seed(self, seed: float) -> None:
+        """The backward seed is 1 / k for the k micro-batches of this optimizer step (at most the agreed accumulation
+        steps), times the client's loss scale under fp16: anything else would rescale the server's gradients."""
+        accumulation = self.args.gradient_accumulation_steps
+        if not math.isfinite(seed) or seed <= 0:
+            raise WireError(f"the backward seed {seed} is not a positive finite number.")
+        if self.args.fp16:
+            if seed > 2.0**32:
+                raise WireError(f"the backward seed {seed} is over the largest fp16 loss scale (2**32).")
+            return
+        if not any(abs(seed * k - 1) < 1e-5 for k in range(1, accumulation + 1)):
+            raise WireError(f"the backward seed {seed} is not 1 / k for k in 1 .. {accumulation} accumulation steps.")
 
     def discard_gradients(self) -> None:
         """Forgets the partial gradients of a step that will not be taken (its client was lost)."""

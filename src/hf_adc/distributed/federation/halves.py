@@ -1,4 +1,5 @@
-"""The client half as it crosses when clients synchronise: one float32 vector, and FedAvg over such vectors."""
+"""The client half as it crosses when clients synchronise (one float32 vector), its checks, and the rules that
+average such vectors: FedAvg, and two that no single member can own (coordinate-wise median, trimmed mean)."""
 
 import torch
 
@@ -45,3 +46,35 @@ def fedavg(halves: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     if not bool((weights >= 0).all()) or not weights.sum() > 0:
         raise ValueError(f"fedavg weights {weights.tolist()} must be >= 0 with a positive sum.")
     return (weights / weights.sum()) @ torch.stack([half.float() for half in halves])
+
+
+def check_half(vector: torch.Tensor, size: int, client_id: int) -> torch.Tensor:
+    """A client half that came: one float32 vector of this split's `size`, all finite (else `WireError`)."""
+    if vector.dtype != torch.float32 or vector.shape != (size,):
+        raise WireError(
+            f"client {client_id} sent a half of {vector.dtype} {tuple(vector.shape)}; this split's is float32 ({size},)"
+        )
+    if not bool(torch.isfinite(vector).all()):
+        raise WireError(f"client {client_id} sent a half holding NaN or Inf.")
+    return vector
+
+
+def coordinate_median(halves: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """The coordinate-wise median (the lower middle value for an even count); shard sizes are ignored, so that no
+    client can weigh itself in. One bad half among three moves no coordinate beyond the honest ones' range."""
+    return torch.stack([half.float() for half in halves]).median(dim=0).values
+
+
+def trimmed_mean(halves: list[torch.Tensor], weights: list[float], trim: int | None = None) -> torch.Tensor:
+    """The coordinate-wise mean of what is left once the `trim` largest and `trim` smallest values are dropped
+    (default: one each side when there are at least three halves). Shard sizes are ignored, as for the median."""
+    count = len(halves)
+    trim = (1 if count >= 3 else 0) if trim is None else trim
+    if not 0 <= 2 * trim < count:
+        raise ValueError(f"trim={trim} is out of range for {count} halves: 0 .. {(count - 1) // 2}.")
+    ordered = torch.stack([half.float() for half in halves]).sort(dim=0).values
+    return ordered[trim : count - trim].mean(dim=0)
+
+
+# The rules a federation may average with (`--aggregation`), each `rule(halves, shard_sizes) -> half`.
+AGGREGATIONS = {"fedavg": fedavg, "median": coordinate_median, "trimmed_mean": trimmed_mean}

@@ -28,6 +28,7 @@ class Member:
     results: dict = field(default_factory=dict)
 
 
+MAX_SHARD_SIZE = 2**31  # rows; a FedAvg weight beyond any real shard is refused at join
 SAVED_MEMBER_FIELDS = ("client_id", "shard_size", "step_bytes", "half_bytes", "epoch_bytes", "live")
 
 
@@ -98,10 +99,19 @@ class Membership:
         if self.planned and existing is None:
             raise Refused(f"the federation started without client {client_id}; only dropped clients rejoin.")
         step_bytes, half_bytes, epoch_bytes = costs
+        if not 1 <= shard_size <= MAX_SHARD_SIZE:
+            raise Refused(f"client {client_id}'s shard of {shard_size} rows is out of range: 1 .. {MAX_SHARD_SIZE}.")
+        if min(costs) < 0:
+            raise Refused(f"client {client_id}'s costs {costs} (step, half, epoch bytes) must be >= 0.")
         if half_bytes != expected_half_bytes:
             raise Refused(f"the client half has {half_bytes} bytes; this server's has {expected_half_bytes}.")
         if resume_step:
             self._check_resume(client_id, existing, shard_size, resume_step, resumed_step)
+        elif existing is not None and shard_size != existing.shard_size:
+            raise Refused(
+                f"client {client_id} rejoins with a shard of {shard_size} rows; it joined with {existing.shard_size} "
+                "(a shard is fixed at join)."
+            )
         member = Member(client_id, shard_size, step_bytes, half_bytes, epoch_bytes, resume_step=resume_step)
         if existing is not None:
             member.synced_round = federation_round

@@ -6,8 +6,9 @@ HANDOFF; a client's `FederationCallback` calls its client-side methods from the 
 class registered in `SCHEDULES` (and in the wire's `SCHEDULE_NAMES`), not new branches.
 
 The server-side methods read and write the federation's shared state: `members` (a `Membership`), `half` (the
-current client half, None before the first sync), `round`, `sync_transfers`, and call `round_done()` when a round
-every live client took part in is over (the federation checkpoints there).
+current client half, None before the first sync), `half_values` (its size), `aggregate` (the averaging rule),
+`round`, `sync_transfers`, and call `round_done()` when a round every live client took part in is over (the
+federation checkpoints there).
 """
 
 import logging
@@ -15,7 +16,7 @@ import time
 from typing import ClassVar
 
 from ..wire import Refused, WireError
-from .halves import fedavg
+from .halves import check_half
 from .plan import SCHEDULE_NAMES
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class SplitFed(Schedule):
         if weights is None:
             raise WireError("a SplitFed SYNC must carry the client half.")
         target = member.synced_round + 1
-        self.round_halves[member.client_id] = weights.float()
+        self.round_halves[member.client_id] = check_half(weights, federation.half_values, member.client_id)
         member.synced_round = target
         members.condition.notify_all()
         deadline = time.monotonic() + members.round_timeout
@@ -120,7 +121,7 @@ class SplitFed(Schedule):
         federation = self.federation
         sent = [m for m in federation.members.live() if m.client_id in self.round_halves]
         halves = [self.round_halves[m.client_id] for m in sent]
-        federation.half = fedavg(halves, [m.shard_size for m in sent])
+        federation.half = federation.aggregate(halves, [m.shard_size for m in sent])
         self.round_halves.clear()
         federation.round = round_number
         federation.round_done()
@@ -192,7 +193,7 @@ class Sequential(Schedule):
         federation = self.federation
         if self.turn != member.client_id:
             raise WireError(f"client {member.client_id} handed off outside its turn.")
-        federation.half = weights.float().clone()
+        federation.half = check_half(weights, federation.half_values, member.client_id).clone()
         federation.sync_transfers += 1
         round_number = federation.round
         self._advance()

@@ -19,7 +19,7 @@ from ..server_half import ServerHalf
 from ..settings import checkpoint_every, differing_settings, plain
 from ..wire import Kind, PeerLost, Refused, WireError
 from .checkpoint import read_client_half, read_federation_state, write_federation_state
-from .halves import client_side_tensors, half_size, load_half_vector
+from .halves import AGGREGATIONS, client_side_tensors, half_size, load_half_vector
 from .members import SAVED_MEMBER_FIELDS, Member, Membership
 from .plan import PLAN_BYTES, FederationPlan, PlanError, plan_rounds, plan_scalars
 from .results import federation_results, save_federation
@@ -69,6 +69,10 @@ class FederatedServer:
     half, its optimizer and schedule, the current client half, the plan and the round. `resume_from` (such a
     folder) restores it; its clients resume from their own `checkpoint-N` (announced in PLAN), and the rounds wait
     for them as for any client (`round_timeout`).
+
+    `aggregation` averages a SplitFed round's halves: `fedavg` (weighted by shard size), or `median` /
+    `trimmed_mean` (coordinate-wise, unweighted: one member's half, however large its claimed shard, moves the
+    result no further than an honest member's; they cost one sort of the clients' halves per round).
     """
 
     def __init__(
@@ -83,8 +87,12 @@ class FederatedServer:
         min_clients: int = 1,
         join_token: str | None = None,
         resume_from: str | Path | None = None,
+        aggregation: str = "fedavg",
     ):
         check_federation_settings(args, schedule, num_clients, min_clients, sync_every, round_timeout)
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={aggregation!r} is unknown: choose one of {', '.join(AGGREGATIONS)}.")
+        self.aggregation, self.aggregate = aggregation, AGGREGATIONS[aggregation]
         self.build, self.args, self.output_dir, self.join_token = build, args, Path(output_dir), join_token
         self.resume_from = None if resume_from is None else Path(resume_from)
         if self.resume_from is not None and not self.resume_from.is_dir():
@@ -113,6 +121,11 @@ class FederatedServer:
     def split(self):
         """The whole split this server holds (both halves: the client's is the federation's current one)."""
         return None if self.server_half is None else self.server_half.split
+
+    @property
+    def half_values(self) -> int:
+        """Values in the client half vector of this split."""
+        return half_size(self.client_tensors)
 
     @property
     def steps(self) -> int:
@@ -156,6 +169,7 @@ class FederatedServer:
             member = self._join(session)
             logger.info("Session %d: client %d joined.", session.number, member.client_id)
             FederatedSession(self, member, session).run()
+            session.connection.close()
         except (WireError, Refused, PeerLost) as error:
             if member is None:
                 logger.warning("Session %d refused: %s", session.number, error)
@@ -180,6 +194,7 @@ class FederatedServer:
         with members.condition:
             self._accept_settings(settings)
         connection.send(Kind.WELCOME, value=members.round_timeout)  # how long the client may wait on the others
+        connection.open_up()
         scalars = connection.recv(Kind.PLAN).tensors.get("scalars")
         if scalars is None or scalars.shape != (6,) or scalars.dtype != torch.int64:
             raise WireError("a PLAN must carry 6 int64 scalars (id, shard size, step, half, epoch bytes, resume step).")

@@ -62,6 +62,7 @@ class FederatedSession:
             frame = self.session.connection.recv(*self.handlers)
             if not self.member.live:
                 raise Refused(f"client {self.member.client_id} was dropped from the federation.")
+            self.session.advance(frame.kind)
             if self.handlers[frame.kind](frame):
                 return
 

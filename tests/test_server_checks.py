@@ -1,0 +1,114 @@
+"""What the server half takes from the network is checked against the agreed split and the server's own settings
+before it is used: labels, shapes, finiteness, the backward seed, the clipping norm, and the order of messages."""
+
+import math
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+import hf_adc
+from hf_adc.distributed.server import Session
+from hf_adc.distributed.server_half import ServerHalf
+from hf_adc.distributed.wire import Kind, WireError
+
+BATCH, TOKENS, WIDTH = 4, 17, 32
+
+
+@pytest.fixture
+def half(tiny_vit, tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_grad_norm=1.0)
+    server_half = ServerHalf(hf_adc.split_vit(tiny_vit, 2), args)
+    server_half.make_optimizer(10)
+    return server_half
+
+
+def forward_tensors(**overrides):
+    tensors = {"activations": torch.randn(BATCH, TOKENS, WIDTH), "labels": torch.tensor([0, 1, 2, 3])}
+    tensors.update(overrides)
+    return {name: tensor for name, tensor in tensors.items() if tensor is not None}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"labels": None}, "must carry the labels"),
+        ({"labels": torch.tensor([0, 1, 2, 9])}, "labels out of range \\[0, 5\\)"),
+        ({"labels": torch.tensor([0, 1, 2, 3], dtype=torch.int32)}, "int64 vector of class ids"),
+        ({"labels": torch.full((BATCH, 7), 0.2)}, "soft labels must be \\(T, 5\\)"),
+        ({"labels": -torch.ones(BATCH, 5)}, "non-negative with a positive sum"),
+        ({"activations": torch.full((BATCH, TOKENS, WIDTH), float("nan"))}, "activations that came hold NaN"),
+        ({"activations": torch.randn(BATCH, TOKENS, WIDTH + 1)}, "width 33 do not fit the split's 32"),
+        ({"activations": torch.randn(BATCH + 1, TOKENS, WIDTH)}, "do not fit 4 labels and 17 tokens"),
+        ({"activations": torch.randn(BATCH, TOKENS + 1, WIDTH)}, "do not fit 4 labels and 17 tokens"),
+    ],
+)
+def test_a_forward_that_breaks_the_agreed_split_is_refused(half, overrides, message):
+    with pytest.raises(WireError, match=message):
+        half.forward(forward_tensors(**overrides), 0.0)
+
+
+def test_smoothing_other_than_the_agreed_is_refused(half):
+    with pytest.raises(WireError, match="label smoothing 0.5 is not the agreed 0.0"):
+        half.forward(forward_tensors(), 0.5)
+
+
+@pytest.mark.parametrize("seed", [0.0, -1.0, 0.5, float("nan"), 1e9])
+def test_a_backward_seed_other_than_one_over_the_micro_batches_is_refused(half, seed):
+    pending = half.forward(forward_tensors(), 0.0)
+    with pytest.raises(WireError, match="backward seed"):
+        half.backward(pending, seed)
+
+
+def test_an_honest_step_goes_through_and_returns_the_global_norm(half):
+    half.backward(half.forward(forward_tensors(), 0.0), 1.0)
+    norms = torch.ones(half.num_client_norms)
+    total = half.optimizer_step(norms, 1.0)
+    assert math.isfinite(float(total)) and float(total) >= math.sqrt(half.num_client_norms) and half.steps == 1
+
+
+@pytest.mark.parametrize(
+    ("norms", "max_norm", "message"),
+    [
+        (lambda n: -torch.ones(n), 1.0, "negative"),
+        (lambda n: torch.ones(n + 1), 1.0, "must carry"),
+        (lambda n: torch.ones(n, dtype=torch.float64), 1.0, "must carry"),
+        (lambda n: torch.ones(n), -1.0, "not the agreed max_grad_norm 1.0"),
+        (lambda n: torch.ones(n), 1e9, "not the agreed max_grad_norm 1.0"),
+    ],
+)
+def test_a_step_with_norms_or_a_clipping_norm_the_server_did_not_agree_is_refused(half, norms, max_norm, message):
+    half.backward(half.forward(forward_tensors(), 0.0), 1.0)
+    with pytest.raises(WireError, match=message):
+        half.optimizer_step(norms(half.num_client_norms), max_norm)
+
+
+def test_a_step_before_any_backward_is_refused(half):
+    with pytest.raises(WireError, match="before any BACKWARD"):
+        half.optimizer_step(torch.ones(half.num_client_norms), 1.0)
+
+
+@pytest.mark.parametrize(
+    ("kinds", "message"),
+    [
+        ([Kind.STEP], "STEP message is out of place here: expected BEGIN"),
+        ([Kind.BEGIN, Kind.STEP], "STEP message is out of place"),
+        ([Kind.BEGIN, Kind.BACKWARD], "BACKWARD message is out of place"),
+        ([Kind.BEGIN, Kind.FORWARD, Kind.EVAL], "EVAL message is out of place here: expected BACKWARD"),
+        ([Kind.BEGIN, Kind.FORWARD, Kind.BACKWARD, Kind.SYNC], "expected FORWARD or STEP"),
+        ([Kind.BEGIN, Kind.BEGIN], "BEGIN message is out of place"),
+    ],
+)
+def test_messages_out_of_order_end_the_session(kinds, message):
+    session = Session(1, connection=None)
+    with pytest.raises(WireError, match=message):
+        for kind in kinds:
+            session.advance(kind)
+
+
+def test_the_order_of_an_honest_session_is_accepted():
+    session = Session(1, connection=None)
+    for kind in (Kind.BEGIN, Kind.TURN, Kind.FORWARD, Kind.BACKWARD, Kind.FORWARD, Kind.BACKWARD, Kind.STEP,
+                 Kind.HANDOFF, Kind.SAVE, Kind.EVAL, Kind.EVAL, Kind.SYNC, Kind.END):  # fmt: skip
+        session.advance(kind)
+    assert session.phase == "idle"
