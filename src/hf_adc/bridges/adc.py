@@ -178,6 +178,11 @@ def kmeans(
     return assignment
 
 
+def adc_for_ratio(xi: float, num_tokens: int, hidden_size: int, batch_size: int, seed: int = 0) -> ADCConfig:
+    """ADC at ratio xi, split evenly (the planner's setting; its ablations are in `hf_adc.bridges.levels`)."""
+    return ADCConfig(xi=xi, seed=seed)
+
+
 class ADCBridge(SeededBridge):
     """The ADC encoder on the client; the server needs no decoder (its layers ignore token positions)."""
 
