@@ -23,7 +23,10 @@ class ADCConfig(BridgeConfig):
 
     xi: float | None = field(
         default=None,
-        metadata={"help": "Total compression ratio T*k/(B*n) in (0, 1], split by split_exponent (evenly by default)."},
+        metadata={
+            "help": "Total compression ratio T*k/(B*n) in (0, 1], split by split_exponent (evenly by default); "
+            "0.1 when neither xi nor batch_ratio is given."
+        },
     )
     batch_ratio: float | None = field(
         default=None, metadata={"help": "Clusters per sample T/B in (0, 1]; needs token_ratio, excludes xi."}
