@@ -15,27 +15,12 @@ import sys
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from hf_adc.experiment import DataArguments, ModelArguments, run_pretraining, with_defaults
-
-TRAINING_DEFAULTS = {
-    "output_dir": "outputs/pretrained",
-    "per_device_train_batch_size": "64",
-    "per_device_eval_batch_size": "128",
-    "learning_rate": "1e-3",
-    "weight_decay": "0.05",
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": "0.05",
-    "num_train_epochs": "3",
-    "logging_steps": "50",
-    "save_strategy": "no",
-    "report_to": "none",
-    "remove_unused_columns": "false",
-}
+from hf_adc.experiment import PRETRAIN_RECIPE, DataArguments, ModelArguments, run_pretraining, with_defaults
 
 
 def main(argv: list[str]) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(with_defaults(argv, TRAINING_DEFAULTS))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(with_defaults(argv, PRETRAIN_RECIPE))
     metrics = run_pretraining(model_args, data_args, training_args)
     if training_args.process_index == 0:
         print(f"test accuracy {metrics['eval_accuracy']:.4f}; checkpoint in {training_args.output_dir}")

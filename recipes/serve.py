@@ -14,7 +14,7 @@ The transport (torch.distributed gloo) is not encrypted: use it on a trusted net
 It exits once a client has trained to the end (or was lost mid-training, keeping the last checkpoint), or when
 no client came within `--accept_timeout` seconds.
 
-With `--num_clients N` it serves a federation (hf_adc.federation): N clients, each started with `--server`,
+With `--num_clients N` it serves a federation (hf_adc.distributed.federation): N clients, each started with `--server`,
 `--num_clients N` and its `--client_id`; `--schedule sequential|splitfed`, `--sync_every K` steps per turn or
 between averagings, `--round_timeout` seconds before a missing client is dropped, `--min_clients` to go on with.
 The byte budget (`--budget_epochs`, default 1, or `--communication_budget`) covers all clients and the sync. It
@@ -25,18 +25,11 @@ accuracy.
 import logging
 import sys
 
-from train import BUDGET_FLAGS, TRAINING_DEFAULTS  # recipes/ is on the path when run as a script
 from transformers import HfArgumentParser
 
-from hf_adc.experiment import (
-    FederationArguments,
-    ModelArguments,
-    RemoteArguments,
-    SplitArguments,
-    default_checkpoint,
-    run_server,
-    with_defaults,
-)
+from hf_adc.distributed.arguments import FederationArguments, RemoteArguments, check_server_arguments
+from hf_adc.distributed.launch import run_server
+from hf_adc.experiment import SERVE_RECIPE, ModelArguments, SplitArguments, resolve_checkpoint, with_defaults
 from hf_adc.training import ADCTrainingArguments
 
 
@@ -44,20 +37,11 @@ def main(argv: list[str]) -> dict:
     parser = HfArgumentParser(
         (ModelArguments, SplitArguments, ADCTrainingArguments, RemoteArguments, FederationArguments)
     )
-    defaults = {**TRAINING_DEFAULTS, "output_dir": "outputs/serve"}
-    given = {arg.split("=")[0].removeprefix("--") for arg in argv if arg.startswith("--")}
-    if "--num_clients" in argv and not given & set(BUDGET_FLAGS):
-        defaults["budget_epochs"] = "1"  # a federation's budget is the server's plan: the same default as train.py
-    model_args, split_args, training_args, remote_args, federation_args = parser.parse_args_into_dataclasses(
-        with_defaults(argv, defaults)
-    )
-    if federation_args.client_id is not None:
-        raise ValueError(f"--client_id {federation_args.client_id} is for a client (recipes/train.py --server).")
-    if remote_args.server or remote_args.distributed:
-        raise ValueError("serve.py serves clients: give --listen HOST:PORT, not --server or --distributed.")
-    if model_args.model_name_or_path is None:
-        model_args.model_name_or_path = default_checkpoint(use_cpu=training_args.use_cpu)
-    results = run_server(model_args, split_args, training_args, remote_args, federation_args)
+    args = parser.parse_args_into_dataclasses(with_defaults(argv, SERVE_RECIPE))
+    model_args, split_args, training_args, remote_args, federation_args = args
+    check_server_arguments(remote_args, federation_args)
+    resolve_checkpoint(model_args, use_cpu=training_args.use_cpu)
+    results = run_server(*args)
     print(f"server: {results['status']} after {results['steps']} optimizer steps")
     return results
 

@@ -1,6 +1,7 @@
 """One test per defect found under real training setups (bf16, several GPUs, custom data): each failed before
 its fix."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -230,6 +231,12 @@ def _hung_server() -> tuple[socket.socket, int]:
     return server, server.getsockname()[1]
 
 
+def _unreachable_hub_env(port: int, home) -> dict[str, str]:
+    """An environment whose Hub endpoint never answers (online mode, an empty cache); hf_adc imports as here."""
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(home), "PATH": "/usr/bin:/bin"}
+    return env | ({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {})
+
+
 def test_an_unreachable_hub_fails_within_seconds_with_one_clear_message(tmp_path):
     server, port = _hung_server()
     script = textwrap.dedent(
@@ -242,12 +249,34 @@ def test_an_unreachable_hub_fails_within_seconds_with_one_clear_message(tmp_path
             print(f"{time.perf_counter() - start:.1f}|{error}")
         """
     )
-    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    env = _unreachable_hub_env(port, tmp_path)
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     server.close()
     seconds, _, message = result.stdout.strip().partition("|")
     assert float(seconds) < 10 and time.perf_counter() - start < 30, result.stderr[-2000:]
+    assert "did not answer within 5 s and the local cache does not hold it" in message
+
+
+def test_an_unknown_dataset_with_an_unreachable_hub_fails_within_seconds_with_one_clear_message(tmp_path):
+    server, port = _hung_server()
+    script = textwrap.dedent(
+        """
+        import time, hf_adc
+        start = time.perf_counter()
+        try:
+            hf_adc.load_image_dataset("nobody/some-dataset")
+        except ValueError as error:
+            print(f"{time.perf_counter() - start:.1f}|{error}")
+        """
+    )
+    env = _unreachable_hub_env(port, tmp_path)
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    server.close()
+    seconds, _, message = result.stdout.strip().partition("|")
+    assert seconds and float(seconds) < 10 and time.perf_counter() - start < 30, result.stderr[-2000:]
+    assert "Could not load dataset 'nobody/some-dataset'" in message
     assert "did not answer within 5 s and the local cache does not hold it" in message
 
 

@@ -16,8 +16,12 @@ from pathlib import Path
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset, load_from_disk
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from PIL import Image as PILImage
 from transformers import BaseImageProcessor, ViTConfig, ViTImageProcessorPil
+
+from .hub import HUB_PROBE_SECONDS, hub_reachable
 
 DEFAULT_DATASET = "fashion_mnist"
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
@@ -48,7 +52,7 @@ def _load_fashion_mnist() -> DatasetDict:
         return _fashion_mnist_from_debian()
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True", "YES", "yes"):
         try:
-            return load_dataset(FASHION_MNIST_HUB_ID)
+            return _load_hub_dataset(FASHION_MNIST_HUB_ID)
         except Exception as error:  # any failure to reach the Hub ends in the same advice
             raise FileNotFoundError(_FASHION_MNIST_ADVICE + f" (the Hub copy failed too: {error})") from error
     raise FileNotFoundError(_FASHION_MNIST_ADVICE)
@@ -73,11 +77,30 @@ def _load_source(name_or_path: str) -> DatasetDict:
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
     if path.suffix or name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"dataset path '{name_or_path}' does not exist.")
+    return _load_hub_dataset(name_or_path)
+
+
+def _load_hub_dataset(hub_id: str) -> DatasetDict:
+    """A Hub dataset, with one clear error instead of long retries: as for models (`hub.load_pretrained`), the Hub
+    is first probed for a few seconds, and when it does not answer the files come from the local Hub cache or the
+    load fails at once saying so (datasets alone retries for half a minute)."""
+    if not constants.HF_HUB_OFFLINE and not hub_reachable():
+        try:
+            snapshot = snapshot_download(hub_id, repo_type="dataset", local_files_only=True)
+        except (LocalEntryNotFoundError, OSError, ValueError) as error:
+            raise ValueError(
+                f"Could not load dataset '{hub_id}': the Hub at {constants.ENDPOINT} did not answer within "
+                f"{HUB_PROBE_SECONDS:.0f} s and the local cache does not hold it. Pass a local imagefolder / parquet "
+                f"/ save_to_disk folder or '{DEFAULT_DATASET}', or load it once while online (HF_HUB_OFFLINE=1 then "
+                "reads the cache)."
+            ) from error
+    else:
+        snapshot = hub_id
     try:
-        return load_dataset(name_or_path)
+        return load_dataset(snapshot)
     except Exception as error:  # offline, unknown id, gated: one clear message with the cause
         raise ValueError(
-            f"Could not load dataset '{name_or_path}' from the Hub ({type(error).__name__}: {error}). Pass a Hub id "
+            f"Could not load dataset '{hub_id}' from the Hub ({type(error).__name__}: {error}). Pass a Hub id "
             f"reachable from here, a local imagefolder / parquet / save_to_disk folder, or '{DEFAULT_DATASET}'."
         ) from error
 

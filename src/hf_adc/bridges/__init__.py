@@ -1,18 +1,40 @@
-"""Compression bridges at the cut, one module per method, each a config dataclass and a `Bridge`."""
+"""Compression bridges at the cut, one module per method, each a config dataclass and a `Bridge`, registered once
+below (`register_bridge`: config, bridge, flags, role in a composition, setting for a ratio)."""
 
-from .adc import ADCBridge, ADCConfig, kmeans
+from .adc import ADCBridge, ADCConfig, adc_for_ratio, kmeans
 from .base import Bridge, BridgeConfig, IdentityBridge, Message, SeededBridge
-from .bottlenet import BottleNetBridge, BottleNetConfig
-from .c3sl import C3SLBridge, C3SLConfig
+from .bottlenet import BottleNetBridge, BottleNetConfig, bottlenet_for_ratio
+from .c3sl import C3SLBridge, C3SLConfig, c3sl_for_ratio
 from .composed import ComposedBridge, ComposedConfig
-from .levels import COMPOSED_METHODS, LEVEL_METHODS, config_for_ratio
-from .quantize import QuantizationConfig, QuantizeBridge
-from .topk import RandomTopKBridge, RandomTopKConfig, TopKBridge, TopKConfig
+from .levels import COMPOSED_METHODS, config_for_ratio, level_methods
+from .quantize import QuantizationConfig, QuantizeBridge, quantize_for_ratio
+from .registry import CONFIGS, BridgeMethod, method_of, register_bridge
+from .topk import RandomTopKBridge, RandomTopKConfig, TopKBridge, TopKConfig, randomtopk_for_ratio, topk_for_ratio
 
-CONFIGS: dict[str, type[BridgeConfig]] = {
-    config.method: config
-    for config in (ADCConfig, TopKConfig, RandomTopKConfig, BottleNetConfig, C3SLConfig, QuantizationConfig)
-}
+register_bridge(
+    config=ADCConfig, bridge=ADCBridge, knobs=("xi", "batch_ratio", "token_ratio", "split_exponent", "kmeans_iters"),
+    role="reducer", cut_sizes=("num_labels",), for_ratio=adc_for_ratio,
+)  # fmt: skip
+register_bridge(
+    config=TopKConfig, bridge=TopKBridge, knobs=("rate",), role="reducer", for_ratio=topk_for_ratio,
+    refuses={"bottlenet": "BottleNet++ encodes whole tokens, and Top-K keeps scattered values; compose Top-K with "
+                          "quantization, or ADC with BottleNet++."},
+)  # fmt: skip
+register_bridge(
+    config=RandomTopKConfig, bridge=RandomTopKBridge, knobs=("rate", "random_portion"), role="reducer",
+    for_ratio=randomtopk_for_ratio,
+)  # fmt: skip
+register_bridge(
+    config=BottleNetConfig, bridge=BottleNetBridge, knobs=("ratio",), role="codec", cut_sizes=("hidden_size",),
+    for_ratio=bottlenet_for_ratio,
+)  # fmt: skip
+register_bridge(
+    config=C3SLConfig, bridge=C3SLBridge, knobs=("R",), cut_sizes=("num_tokens", "hidden_size"),
+    for_ratio=c3sl_for_ratio,
+)  # fmt: skip
+register_bridge(
+    config=QuantizationConfig, bridge=QuantizeBridge, knobs=("bits",), role="codec", for_ratio=quantize_for_ratio
+)
 
 
 def config_from_dict(settings: dict) -> BridgeConfig | None:
@@ -35,22 +57,19 @@ def build_bridge(config: BridgeConfig | None, num_tokens: int, hidden_size: int,
     if isinstance(config, ComposedConfig):
         parts = [build_bridge(part, num_tokens, hidden_size, num_labels) for part in (config.reducer, config.codec)]
         return ComposedBridge(config, *parts)
-    if isinstance(config, ADCConfig):
-        return ADCBridge(config, num_labels=num_labels)
-    if isinstance(config, RandomTopKConfig):
-        return RandomTopKBridge(config)
-    if isinstance(config, TopKConfig):
-        return TopKBridge(config)
-    if isinstance(config, BottleNetConfig):
-        return BottleNetBridge(config, hidden_size=hidden_size)
-    if isinstance(config, C3SLConfig):
-        return C3SLBridge(config, num_tokens=num_tokens, hidden_size=hidden_size)
-    if isinstance(config, QuantizationConfig):
-        return QuantizeBridge(config)
-    raise TypeError(
-        f"compression={config!r} is not a known bridge config; use None, ComposedConfig or one of: "
-        f"{', '.join(config.__name__ for config in CONFIGS.values())}."
-    )
+    entry = method_of(config)
+    if entry is None:
+        raise TypeError(
+            f"compression={config!r} is not a known bridge config; use None, ComposedConfig or one of: "
+            f"{', '.join(config.__name__ for config in CONFIGS.values())}."
+        )
+    return entry.build(config, num_tokens, hidden_size, num_labels)
+
+
+def __getattr__(name: str):
+    if name == "LEVEL_METHODS":  # read from the registry when asked, so that a method registered later is listed
+        return level_methods()
+    raise AttributeError(f"module 'hf_adc.bridges' has no attribute {name!r}")
 
 
 __all__ = [
@@ -63,6 +82,7 @@ __all__ = [
     "BottleNetConfig",
     "Bridge",
     "BridgeConfig",
+    "BridgeMethod",
     "C3SLBridge",
     "C3SLConfig",
     "ComposedBridge",
@@ -80,4 +100,5 @@ __all__ = [
     "config_from_dict",
     "config_for_ratio",
     "kmeans",
+    "register_bridge",
 ]

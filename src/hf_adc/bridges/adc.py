@@ -23,7 +23,10 @@ class ADCConfig(BridgeConfig):
 
     xi: float | None = field(
         default=None,
-        metadata={"help": "Total compression ratio T*k/(B*n) in (0, 1], split by split_exponent (evenly by default)."},
+        metadata={
+            "help": "Total compression ratio T*k/(B*n) in (0, 1], split by split_exponent (evenly by default); "
+            "0.1 when neither xi nor batch_ratio is given."
+        },
     )
     batch_ratio: float | None = field(
         default=None, metadata={"help": "Clusters per sample T/B in (0, 1]; needs token_ratio, excludes xi."}
@@ -176,6 +179,11 @@ def kmeans(
             converged = converged | ((updated - centroids).norm(dim=1).max() <= tol)
             centroids = torch.where(converged, centroids, updated)
     return assignment
+
+
+def adc_for_ratio(xi: float, num_tokens: int, hidden_size: int, batch_size: int, seed: int = 0) -> ADCConfig:
+    """ADC at ratio xi, split evenly (the planner's setting; its ablations are in `hf_adc.bridges.levels`)."""
+    return ADCConfig(xi=xi, seed=seed)
 
 
 class ADCBridge(SeededBridge):

@@ -28,6 +28,12 @@ class BottleNetConfig(BridgeConfig):
         return max(round(self.ratio * hidden_size), 1)
 
 
+def bottlenet_for_ratio(
+    xi: float, num_tokens: int, hidden_size: int, batch_size: int, seed: int = 0
+) -> BottleNetConfig:
+    return BottleNetConfig(ratio=xi)
+
+
 class BottleNetBridge(Bridge):
     """encoder (client): Linear(d, d) - GELU - Linear(d, d'); decoder (server): Linear(d', d) - GELU - Linear(d, d)."""
 

@@ -7,6 +7,7 @@ The FFTs run in float32 whatever the model's dtype (half-precision FFTs need pow
 Training only: in eval mode every sample crosses as it is.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,12 @@ class C3SLConfig(BridgeConfig):
     def __post_init__(self):
         if isinstance(self.R, bool) or not isinstance(self.R, int) or self.R < 1:
             raise ValueError(f"R={self.R!r} is out of range: it must be an integer >= 1.")
+
+
+def c3sl_for_ratio(xi: float, num_tokens: int, hidden_size: int, batch_size: int, seed: int = 0) -> C3SLConfig:
+    """R is the divisor of the batch size nearest 1/xi."""
+    divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+    return C3SLConfig(R=min(divisors, key=lambda d: abs(math.log(d) - math.log(1 / xi))), seed=seed)
 
 
 class C3SLBridge(Bridge):

@@ -16,39 +16,44 @@ from dataclasses import dataclass
 
 import torch
 
-from .adc import ADCBridge, ADCConfig
+from .adc import ADCBridge
 from .base import Bridge, BridgeConfig, Message
 from .bottlenet import BottleNetConfig
-from .quantize import QuantizationConfig
-from .topk import RandomTopKConfig, TopKBridge, TopKConfig
+from .registry import METHODS, method_of, methods_with_role
+from .topk import TopKBridge
 
-REDUCERS = (ADCConfig, TopKConfig, RandomTopKConfig)
-CODECS = (QuantizationConfig, BottleNetConfig)
+
+def _role(config: BridgeConfig) -> str | None:
+    entry = method_of(config)
+    return entry.role if entry is not None else None
+
+
+def _classes(role: str) -> str:
+    return ", ".join(METHODS[method].config.__name__ for method in methods_with_role(role))
 
 
 @dataclass
 class ComposedConfig(BridgeConfig):
     """A reducer config (`ADCConfig`, `TopKConfig`, `RandomTopKConfig`) followed by a codec config
-    (`QuantizationConfig`, `BottleNetConfig`). Its `method` is `"<reducer>+<codec>"`, e.g. `"adc+quantize"`."""
+    (`QuantizationConfig`, `BottleNetConfig`): the roles the methods registered with. Its `method` is
+    `"<reducer>+<codec>"`, e.g. `"adc+quantize"`."""
 
     reducer: BridgeConfig
     codec: BridgeConfig
 
     def __post_init__(self):
         names = f"{type(self.reducer).__name__} then {type(self.codec).__name__}"
-        if isinstance(self.reducer, CODECS) and isinstance(self.codec, REDUCERS):
+        reducer_role, codec_role = _role(self.reducer), _role(self.codec)
+        if reducer_role == "codec" and codec_role == "reducer":
             raise ValueError(f"a codec before a reducer ({names}): put the reducer first, e.g. ADC then quantization.")
-        if not isinstance(self.reducer, REDUCERS):
-            raise ValueError(f"{names}: the first step must be a reducer ({', '.join(c.__name__ for c in REDUCERS)}).")
-        if not isinstance(self.codec, CODECS):
-            kind = "two reducers" if isinstance(self.codec, REDUCERS) else "an unknown second step"
-            raise ValueError(f"{names} is {kind}: the second step must be a codec "
-                             f"({', '.join(c.__name__ for c in CODECS)}).")  # fmt: skip
-        if isinstance(self.reducer, TopKConfig) and isinstance(self.codec, BottleNetConfig):
-            raise ValueError(
-                f"{names}: BottleNet++ encodes whole tokens, and Top-K keeps scattered values; compose Top-K with "
-                "quantization, or ADC with BottleNet++."
-            )
+        if reducer_role != "reducer":
+            raise ValueError(f"{names}: the first step must be a reducer ({_classes('reducer')}).")
+        if codec_role != "codec":
+            kind = "two reducers" if codec_role == "reducer" else "an unknown second step"
+            raise ValueError(f"{names} is {kind}: the second step must be a codec ({_classes('codec')}).")
+        reason = method_of(self.reducer).refuses.get(self.codec.method)
+        if reason is not None:
+            raise ValueError(f"{names}: {reason}")
 
     @property
     def method(self) -> str:

@@ -1,16 +1,20 @@
-"""Each method's setting nearest to a total compression ratio xi, for comparing methods level by level."""
+"""Each method's setting nearest to a total compression ratio xi, for comparing methods level by level.
+
+Every registered method with a `for_ratio` rule is a level method (`level_methods()`), after ADC's ablations.
+"""
 
 import math
 
 from .adc import ADCConfig
 from .base import BridgeConfig
 from .bottlenet import BottleNetConfig
-from .c3sl import C3SLConfig
 from .composed import ComposedConfig
 from .quantize import QuantizationConfig
+from .registry import METHODS
 from .topk import RandomTopKConfig, TopKConfig
 
-LEVEL_METHODS = ("adc", "adc_tokens", "adc_batch", "topk", "randomtopk", "bottlenet", "c3sl", "quantize")
+# ADC's ablations: token selection only, batch merging only (and `adc_a<exponent>`, any split exponent).
+ADC_ABLATIONS = ("adc_tokens", "adc_batch")
 # Compositions "<reducer>+<codec><setting>": the codec shrinks by bits/32 (quantize) or d'/d (bottlenet), and the
 # reducer takes the rest of the ratio.
 COMPOSED_METHODS = (
@@ -18,9 +22,11 @@ COMPOSED_METHODS = (
 )  # fmt: skip
 
 
-def _nearest_divisor(batch_size: int, target: float) -> int:
-    divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
-    return min(divisors, key=lambda d: abs(math.log(d) - math.log(target)))
+def level_methods() -> tuple[str, ...]:
+    """The methods `config_for_ratio` knows by name (public as `hf_adc.bridges.LEVEL_METHODS`)."""
+    ruled = [method for method, entry in METHODS.items() if entry.for_ratio is not None]
+    head = ("adc", *ADC_ABLATIONS) if "adc" in ruled else ()
+    return (*head, *(method for method in ruled if method != "adc"))
 
 
 def config_for_ratio(
@@ -29,17 +35,16 @@ def config_for_ratio(
     """The config of `method` whose charged ratio (method.md section 4) comes nearest to `xi`.
 
     `adc_tokens` / `adc_batch` are ADC's ablations (token selection only / batch merging only); `adc_a<a>` is
-    ADC with split exponent a (`adc_a0.25`: T/B = xi**0.25, k/n = xi**0.75). Top-K's rate
-    leaves room for its indices (values and indices up, values down); C3-SL's R is the divisor of the batch
-    size nearest 1/xi; quantization takes round(32 * xi) bits (1 .. 16). A composition (`COMPOSED_METHODS`, e.g.
-    `adc+quantize8`) gives its reducer the ratio xi / (codec's ratio): ADC at 0.4 then 8-bit codes for xi = 0.1.
+    ADC with split exponent a (`adc_a0.25`: T/B = xi**0.25, k/n = xi**0.75). Every other method takes the rule it
+    registered with: Top-K's rate leaves room for its indices (values and indices up, values down); C3-SL's R is
+    the divisor of the batch size nearest 1/xi; quantization takes round(32 * xi) bits (1 .. 16). A composition
+    (`COMPOSED_METHODS`, e.g. `adc+quantize8`) gives its reducer the ratio xi / (codec's ratio): ADC at 0.4 then
+    8-bit codes for xi = 0.1.
     """
     if not 0 < xi <= 1:
         raise ValueError(f"xi={xi} is out of range: it must lie in (0, 1].")
     if "+" in method:
         return _composed_for_ratio(method, xi, num_tokens, hidden_size, batch_size, seed)
-    if method == "adc":
-        return ADCConfig(xi=xi, seed=seed)
     if method == "adc_tokens":
         return ADCConfig(batch_ratio=1.0, token_ratio=xi, seed=seed)
     if method == "adc_batch":
@@ -51,22 +56,13 @@ def config_for_ratio(
             message = f"method {method!r}: the split exponent after 'adc_a' must be a number in [0, 1]."
             raise ValueError(message) from None
         return ADCConfig(xi=xi, split_exponent=exponent, seed=seed)
-    rate = min(xi / (1 + math.ceil(math.log2(num_tokens * hidden_size)) / 64), 1.0)
-    if method == "topk":
-        return TopKConfig(rate=rate)
-    if method == "randomtopk":
-        return RandomTopKConfig(rate=rate, seed=seed)
-    if method == "bottlenet":
-        return BottleNetConfig(ratio=xi)
-    if method == "c3sl":
-        return C3SLConfig(R=_nearest_divisor(batch_size, 1 / xi), seed=seed)
-    if method == "quantize":
-        return QuantizationConfig(bits=min(max(round(32 * xi), 1), 16))
-    raise ValueError(
-        f"method {method!r} is unknown: choose one of {', '.join(LEVEL_METHODS)}, adc_a<exponent>, or a composition "
-        f"like "
-        f"{', '.join(COMPOSED_METHODS)}."
-    )
+    entry = METHODS.get(method)
+    if entry is None or entry.for_ratio is None:
+        raise ValueError(
+            f"method {method!r} is unknown: choose one of {', '.join(level_methods())}, adc_a<exponent>, or a "
+            f"composition like {', '.join(COMPOSED_METHODS)}."
+        )
+    return entry.for_ratio(xi, num_tokens, hidden_size, batch_size, seed)
 
 
 def _composed_for_ratio(method, xi, num_tokens, hidden_size, batch_size, seed) -> ComposedConfig:

@@ -26,6 +26,13 @@ class QuantizationConfig(BridgeConfig):
             raise ValueError(f"bits={self.bits!r} is out of range: it must be an integer in 1 .. 32.")
 
 
+def quantize_for_ratio(
+    xi: float, num_tokens: int, hidden_size: int, batch_size: int, seed: int = 0
+) -> QuantizationConfig:
+    """round(32 * xi) bits, 1 .. 16."""
+    return QuantizationConfig(bits=min(max(round(32 * xi), 1), 16))
+
+
 class QuantizeBridge(Bridge):
     @property
     def _compute_dtype(self) -> torch.dtype:

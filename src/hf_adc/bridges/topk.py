@@ -47,6 +47,21 @@ class RandomTopKConfig(BridgeConfig):
             raise ValueError(f"random_portion={self.random_portion} is out of range: it must lie in [0, 1).")
 
 
+def rate_for_ratio(xi: float, num_tokens: int, hidden_size: int) -> float:
+    """The rate whose charged ratio is xi: values and their indices go up, values come down."""
+    return min(xi / (1 + math.ceil(math.log2(num_tokens * hidden_size)) / 64), 1.0)
+
+
+def topk_for_ratio(xi: float, num_tokens: int, hidden_size: int, batch_size: int, seed: int = 0) -> TopKConfig:
+    return TopKConfig(rate=rate_for_ratio(xi, num_tokens, hidden_size))
+
+
+def randomtopk_for_ratio(
+    xi: float, num_tokens: int, hidden_size: int, batch_size: int, seed: int = 0
+) -> RandomTopKConfig:
+    return RandomTopKConfig(rate=rate_for_ratio(xi, num_tokens, hidden_size), seed=seed)
+
+
 class TopKBridge(Bridge):
     """Sends, per sample, K = round(rate * n * d) values and their packed indices; zeros elsewhere."""
 

@@ -1,0 +1,253 @@
+"""Starting the processes of a split across machines: the server (`run_server`), a client's side of a run
+(`remote_split`, `finish_remote`, called by `run_split_training`), and the one-machine commands that start a server
+process (and client processes) here (`run_with_local_server`, `run_federation_here`)."""
+
+import json
+import logging
+import multiprocessing
+import secrets
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..experiment.arguments import DataArguments, ModelArguments, SplitArguments
+from ..experiment.models import build_split
+from ..experiment.report import federation_table, summary_text
+from ..experiment.run import run_split_training
+from ..split import SplitViTForImageClassification
+from ..training import ADCTrainer, ADCTrainingArguments
+from .arguments import JOIN_TOKEN_VARIABLE, FederationArguments, RemoteArguments
+from .client import RemoteLink, RemoteSplitViT
+from .connect import Listener, connect
+from .federation import FederatedLink, FederatedServer
+from .server import SplitServer
+from .settings import session_settings
+
+logger = logging.getLogger(__name__)
+
+
+def _federated(federation_args: FederationArguments | None) -> bool:
+    return federation_args is not None and federation_args.client_id is not None
+
+
+def remote_split(
+    split: SplitViTForImageClassification,
+    training_args: ADCTrainingArguments,
+    remote_args: RemoteArguments,
+    federation_args: FederationArguments | None = None,
+) -> RemoteSplitViT:
+    """`split`'s client side, joined to the server at `remote_args.server` (as client `client_id` of a federation
+    when `federation_args` names one): the handshake sends the settings the server must agree with."""
+    peer = connect(remote_args.server, remote_args.timeout_delta())
+    if _federated(federation_args):
+        link = FederatedLink(peer, federation_args.client_id, split.link.channel, split.link.wire_dtype)
+    else:
+        link = RemoteLink(peer, split.link.channel, split.link.wire_dtype)
+    split = RemoteSplitViT(split, link)
+    settings = session_settings(split, training_args)
+    if _federated(federation_args):
+        settings["federation"] = federation_args.shared_settings(training_args)
+        link.attach(split)
+    link.join(settings, remote_args.token())
+    return split
+
+
+def finish_remote(
+    split: RemoteSplitViT,
+    trainer: ADCTrainer,
+    results: dict,
+    remote_args: RemoteArguments,
+    federation_args: FederationArguments | None,
+    shard_labels: list[int] | None,
+    dataset,
+) -> None:
+    """Ends the session with the server and adds to `results` the transport's byte counts (and, for a federation's
+    client, its plan, shard and `local_accuracy`)."""
+    if _federated(federation_args):
+        results["federation"] = _federation_results(trainer, split.link, federation_args, shard_labels, dataset)
+        results["local_accuracy"] = results["federation"]["local_accuracy"]
+        split.link.finish(results)
+    else:
+        split.link.finish()
+    results["transport"] = {**vars(split.link.peer.traffic), "server": remote_args.server}
+
+
+def _federation_results(trainer: ADCTrainer, link: FederatedLink, federation_args, shard_labels, dataset) -> dict:
+    """The client's plan and shard, and its test accuracy per class weighted by its shard's class frequencies."""
+    num_labels = len(dataset["train"].features["label"].names)
+    prediction = trainer.predict(dataset["test"])
+    predicted = torch.as_tensor(prediction.predictions).argmax(-1)
+    truth = torch.as_tensor(prediction.label_ids)
+    correct = torch.zeros(num_labels).index_add_(0, truth, (predicted == truth).float())
+    per_class = correct / torch.bincount(truth, minlength=num_labels).clamp(min=1)
+    shard = torch.bincount(torch.as_tensor(shard_labels), minlength=num_labels).float()
+    return {
+        "client_id": federation_args.client_id,
+        "partition": federation_args.partition,
+        "alpha": federation_args.alpha,
+        "shard_size": len(shard_labels),
+        "shard_classes": shard.long().tolist(),
+        "plan": vars(link.plan),
+        "sync_bytes": link.ledger.sync_bytes,
+        "sync_transfers": link.sync_transfers,
+        "half_bytes": link.half_bytes,
+        "per_class_accuracy": per_class.tolist(),
+        "local_accuracy": float(per_class @ (shard / shard.sum())),
+    }
+
+
+def run_server(
+    model_args: ModelArguments,
+    split_args: SplitArguments,
+    training_args: ADCTrainingArguments,
+    remote_args: RemoteArguments,
+    federation_args: FederationArguments | None = None,
+) -> dict:
+    """Serves the server half at `remote_args.listen` until a client has trained to the end (or is lost), then
+    writes `server/` (and the bridge's server-side weights) and `server_results.json` into `output_dir`, and with
+    `push_to_hub` pushes the server half to `<hub_model_id>-server`."""
+    if not remote_args.listen:
+        raise ValueError("serve.py needs --listen HOST:PORT (e.g. 0.0.0.0:29500 to accept other machines).")
+    if training_args.push_to_hub and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id: the server half goes to <id>-server.")
+    split_args.validate()
+
+    def build(labels):
+        return build_split(model_args, split_args, labels, training_args.seed)[0].to(training_args.device)
+
+    if federation_args is not None and federation_args.num_clients is not None:
+        server = FederatedServer(
+            build, training_args, training_args.output_dir, federation_args.num_clients, federation_args.schedule,
+            federation_args.sync_every, federation_args.round_timeout, federation_args.min_clients,
+            join_token=remote_args.token(), resume_from=training_args.resume_from_checkpoint,
+        )  # fmt: skip
+    else:
+        server = SplitServer(
+            build, training_args, training_args.output_dir, join_token=remote_args.token(),
+            resume_from=training_args.resume_from_checkpoint,
+        )  # fmt: skip
+    if remote_args.token() is None:
+        logger.warning("No join token (--join_token or $%s): any client that reaches this address can join.",
+                       JOIN_TOKEN_VARIABLE)  # fmt: skip
+    listener = Listener(remote_args.listen, remote_args.timeout_delta())
+    logger.warning("Serving the server half on %s.", remote_args.listen)
+    results = server.serve(listener, accept_seconds=remote_args.accept_timeout)
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "server_results.json").write_text(json.dumps(results, indent=2))
+    if results["status"] == "finished" and training_args.push_to_hub:
+        if isinstance(server, FederatedServer):  # the server holds both halves (the client's averaged)
+            results["hub_urls"] = server.split.push_to_hub(
+                f"{training_args.hub_model_id}-client", f"{training_args.hub_model_id}-server",
+                private=training_args.hub_private_repo, token=training_args.hub_token,
+            )  # fmt: skip
+        else:
+            results["hub_url"] = str(server.split.server.push_to_hub(f"{training_args.hub_model_id}-server"))
+    return results
+
+
+def _serve(*args) -> None:
+    """A server process's entry point (spawned: it imports this module afresh)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s server %(name)s: %(message)s")
+    run_server(*args)
+
+
+def _client(client_id: int, *args) -> None:
+    """A federation client process's entry point."""
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s client {client_id} %(name)s: %(message)s")
+    results = run_split_training(*args)
+    print(f"client {client_id}: {summary_text(results)}")
+
+
+def start_local_server(
+    model_args: ModelArguments,
+    split_args: SplitArguments,
+    training_args: ADCTrainingArguments,
+    remote_args: RemoteArguments,
+    federation_args: FederationArguments | None = None,
+) -> tuple[RemoteArguments, multiprocessing.Process]:
+    """Starts the server half in a process of its own on 127.0.0.1 (a free port, a fresh join token); returns
+    the client's remote arguments pointing at it, and the process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    token = remote_args.token() or secrets.token_hex(16)
+    address = f"127.0.0.1:{port}"
+    server_args = replace(remote_args, distributed=False, listen=address, join_token=token)
+    process = multiprocessing.get_context("spawn").Process(
+        target=_serve, args=(model_args, split_args, training_args, server_args, federation_args), name="hf_adc-server"
+    )
+    process.start()
+    return replace(remote_args, distributed=False, server=address, join_token=token), process
+
+
+def run_with_local_server(
+    model_args: ModelArguments,
+    split_args: SplitArguments,
+    data_args: DataArguments,
+    training_args: ADCTrainingArguments,
+    remote_args: RemoteArguments,
+    federation_args: FederationArguments | None = None,
+) -> dict:
+    """`run_split_training` as the client of a server process started here (`--distributed`); returns the
+    client's results once the server has stopped (or been stopped, `timeout` seconds after the client)."""
+    remote_args, server_process = start_local_server(model_args, split_args, training_args, remote_args)
+    try:
+        return run_split_training(
+            model_args,
+            split_args,
+            data_args,
+            training_args,
+            resume_from_checkpoint=training_args.resume_from_checkpoint,
+            remote_args=remote_args,
+            federation_args=federation_args,
+        )
+    finally:
+        server_process.join(timeout=remote_args.timeout)
+        if server_process.is_alive():
+            server_process.terminate()
+
+
+def run_federation_here(
+    model_args: ModelArguments,
+    split_args: SplitArguments,
+    data_args: DataArguments,
+    training_args: ADCTrainingArguments,
+    remote_args: RemoteArguments,
+    federation_args: FederationArguments,
+) -> dict:
+    """The server and `num_clients` clients as processes on this machine; returns the server's results (per-client
+    and total bytes, accuracies) and prints them as a table. `--resume_from_checkpoint OUTPUT_DIR/checkpoint-N`
+    (the server's) resumes the whole federation: each client from its own `OUTPUT_DIR/client-i/checkpoint-N`."""
+    resume = training_args.resume_from_checkpoint
+    if resume and Path(resume).resolve().parent != Path(training_args.output_dir).resolve():
+        raise ValueError(
+            f"--resume_from_checkpoint {resume}: give the server's checkpoint-N in --output_dir "
+            f"{training_args.output_dir}; each client resumes from its client-i/checkpoint-N there."
+        )
+    remote_args, server = start_local_server(model_args, split_args, training_args, remote_args, federation_args)
+    context = multiprocessing.get_context("spawn")
+    clients = []
+    for client_id in range(federation_args.num_clients):
+        # The server holds the final halves and pushes both; the clients push nothing.
+        client_output = f"{training_args.output_dir}/client-{client_id}"
+        client_resume = f"{client_output}/{Path(resume).name}" if resume else None
+        client_training = replace(
+            training_args, output_dir=client_output, push_to_hub=False, resume_from_checkpoint=client_resume
+        )
+        client_federation = replace(federation_args, client_id=client_id)
+        args = (model_args, split_args, data_args, client_training, client_resume, remote_args, client_federation)
+        clients.append(context.Process(target=_client, args=(client_id, *args), name=f"hf_adc-client-{client_id}"))
+        clients[-1].start()
+    for process in [*clients, server]:
+        process.join(timeout=remote_args.timeout * 4)
+        if process.is_alive():
+            process.terminate()
+    path = Path(training_args.output_dir) / "server_results.json"
+    if not path.exists():
+        raise RuntimeError(f"the server wrote no {path}: see its log above.")
+    results = json.loads(path.read_text())
+    print(federation_table(results))
+    return results
