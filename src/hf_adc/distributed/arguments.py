@@ -9,6 +9,7 @@ from ..data import PARTITIONS
 from ..training import ADCTrainingArguments
 from .connect import parse_address
 from .federation import FEDERATION_ARGS, SCHEDULES
+from .federation.halves import AGGREGATIONS
 from .settings import plain
 
 JOIN_TOKEN_VARIABLE = "HF_ADC_JOIN_TOKEN"
@@ -26,9 +27,32 @@ class RemoteArguments:
         default=False,
         metadata={"help": "Start a server process on this machine (127.0.0.1) and train as its client: one command."},
     )
+    credentials: str | None = field(
+        default=None,
+        metadata={
+            "help": "This party's kit from `python -m hf_adc.distributed.provision` (ca.pem, cert.pem, key.pem; the "
+            "key readable by its owner only): KITS/server for serve.py, KITS/client-N for a client. Both ends "
+            "check the other's certificate (mutual TLS); a client's id comes from its certificate."
+        },
+    )
+    insecure: bool = field(
+        default=False,
+        metadata={"help": "Plaintext, no certificates (a trusted network only: anyone on the path reads everything)."},
+    )
+    revoked: str | None = field(
+        default=None,
+        metadata={"help": "serve.py: refused client certificates, a file: a serial (decimal, 0x hex) or name a line."},
+    )
+    handshake_timeout: float = field(
+        default=10.0,
+        metadata={"help": "serve.py: seconds a joining client has to finish its handshake (a silent one is dropped)."},
+    )
     join_token: str | None = field(
         default=None,
-        metadata={"help": f"Secret both sides must give to join (default: ${JOIN_TOKEN_VARIABLE}). Not encryption."},
+        metadata={
+            "help": f"An extra shared secret both sides must give (read from ${JOIN_TOKEN_VARIABLE}; a value on the "
+            "command line shows in `ps` to every local user). Certificates are what authenticate."
+        },
     )
     timeout: float = field(
         default=300.0, metadata={"help": "Seconds to wait on the peer (a send, a reply, joining) before giving up."}
@@ -45,9 +69,35 @@ class RemoteArguments:
             raise ValueError(f"accept_timeout={self.accept_timeout} is out of range: it must be > 0 seconds.")
         if self.server and self.distributed:
             raise ValueError(f"--server {self.server} joins a running server; --distributed starts one: pick one.")
+        if not self.handshake_timeout > 0:
+            raise ValueError(f"handshake_timeout={self.handshake_timeout} is out of range: it must be > 0 seconds.")
+        if self.credentials and self.insecure:
+            raise ValueError(f"--credentials {self.credentials} and --insecure: pick one (TLS, or plaintext).")
         for name in ("server", "listen"):
             if getattr(self, name):
                 parse_address(getattr(self, name))
+
+    def kit(self):
+        """This party's loaded kit (None with --insecure); refuses to go on without one or the other."""
+        if self.insecure:
+            return None
+        if not self.credentials:
+            raise ValueError(
+                "no --credentials: give this party's kit (make kits with `python -m hf_adc.distributed.provision "
+                "--output_dir KITS --server_name HOST --num_clients N`), or --insecure for plaintext on a trusted "
+                "network."
+            )
+        from .provision import load_kit
+
+        return load_kit(self.credentials)
+
+    def revocations(self):
+        """The refused certificates (None: no --revoked file)."""
+        if not self.revoked:
+            return None
+        from .provision import load_revocations
+
+        return load_revocations(self.revoked)
 
     def token(self) -> str | None:
         return self.join_token if self.join_token is not None else os.environ.get(JOIN_TOKEN_VARIABLE)
@@ -80,8 +130,18 @@ class FederationArguments:
         default=120.0, metadata={"help": "serve.py: seconds a round or a turn waits for a client before dropping it."}
     )
     min_clients: int = field(default=1, metadata={"help": "serve.py: fewest live clients the federation goes on with."})
+    aggregation: str = field(
+        default="fedavg",
+        metadata={
+            "help": f"serve.py, SplitFed: how a round's halves are averaged: {', '.join(AGGREGATIONS)} (fedavg weighs "
+            "by shard size; median and trimmed_mean are coordinate-wise and unweighted, so that one member cannot "
+            "own the average)."
+        },
+    )
 
     def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={self.aggregation!r} is unknown: choose one of {', '.join(AGGREGATIONS)}.")
         if self.num_clients is not None and self.num_clients < 1:
             raise ValueError(f"num_clients={self.num_clients} is out of range: it must be >= 1.")
         if self.client_id is not None:

@@ -15,7 +15,6 @@ are open at once and at most `max_pending` of them have not finished their hands
 """
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -35,8 +34,8 @@ from .wire import (
     Refused,
     Traffic,
     WireError,
-    decode_header,
-    encode_header,
+    frame_bytes,
+    parse_frame,
     tensor_text,
     text_tensor,
 )
@@ -125,13 +124,10 @@ class Connection:
     def send(
         self, kind: Kind, tensors: dict[str, torch.Tensor] | None = None, step: int = 0, value: float = 0.0
     ) -> None:
-        tensors = {name: tensor.detach().cpu() for name, tensor in (tensors or {}).items()}
-        header = encode_header(kind, step, tensors, value)
-        pieces = [tensor.reshape(-1).contiguous().view(torch.uint8) for tensor in tensors.values() if tensor.numel()]
-        body = torch.cat(pieces).numpy().tobytes() if pieces else b""
-        self.send_bytes(header.numpy().tobytes() + body, kind.name)
-        self.traffic.framing_sent += HEADER_BYTES
-        self.traffic.payload_sent += len(body)
+        data, body = frame_bytes(kind, tensors or {}, step, value)
+        self.send_bytes(data, kind.name)
+        self.traffic.framing_sent += len(data) - body
+        self.traffic.payload_sent += body
 
     def recv_bytes(self, timeout: timedelta | None = None) -> bytes:
         """The next message's bytes, within `timeout` (default: the connection's, or its handshake timeout until
@@ -155,32 +151,16 @@ class Connection:
         """The next frame; one of `expected` kinds (a REFUSE raises `Refused`, anything else `WireError`).
         `timeout` bounds the wait for it (default: the connection's)."""
         data = self.recv_bytes(timeout)
-        if len(data) > self.max_frame_bytes:
-            raise WireError(f"a message of {len(data)} bytes is over this session's cap of {self.max_frame_bytes}.")
-        if len(data) < HEADER_BYTES:
-            raise WireError(f"a message of {len(data)} bytes is shorter than the {HEADER_BYTES}-byte header.")
-        header = torch.frombuffer(bytearray(data[:HEADER_BYTES]), dtype=torch.int64)
-        kind, step, value, specs = decode_header(header, self.max_tensor_bytes)
-        sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape in specs]
-        if HEADER_BYTES + sum(sizes) != len(data):
-            raise WireError(
-                f"the header announces {sum(sizes)} bytes of tensors; the message carries {len(data) - HEADER_BYTES}."
-            )
+        frame = parse_frame(data, self.max_frame_bytes, self.max_tensor_bytes)
         self.traffic.framing_received += HEADER_BYTES
         self.traffic.payload_received += len(data) - HEADER_BYTES
-        body = torch.frombuffer(bytearray(data[HEADER_BYTES:]), dtype=torch.uint8) if sizes else None
-        tensors, offset = {}, 0
-        for (name, dtype, shape), size in zip(specs, sizes, strict=True):
-            tensors[name] = body[offset : offset + size].clone().view(dtype).reshape(shape) if size else (
-                torch.empty(shape, dtype=dtype)
-            )  # fmt: skip
-            offset += size
+        kind, tensors = frame.kind, frame.tensors
         if kind == Kind.REFUSE and Kind.REFUSE not in expected:
             reason = tensor_text(tensors["reason"]) if "reason" in tensors else "no reason given"
             raise Refused(f"{self.address} refused the session: {reason}")
         if expected and kind not in expected:
             raise WireError(f"expected a {' or '.join(k.name for k in expected)} message; got {kind.name}.")
-        return Frame(kind, step, tensors, value)
+        return frame
 
     def refuse(self, reason: str) -> None:
         """Tells the peer why its session ends, if it still listens, and closes the session."""

@@ -7,13 +7,15 @@ import logging
 import multiprocessing
 import secrets
 import socket
+import tempfile
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from ..experiment.arguments import DataArguments, ModelArguments, SplitArguments
-from ..experiment.models import build_split
+from ..experiment.models import build_split, model_config
 from ..experiment.report import federation_table, summary_text
 from ..experiment.run import run_split_training
 from ..split import SplitViTForImageClassification
@@ -22,8 +24,9 @@ from .arguments import JOIN_TOKEN_VARIABLE, FederationArguments, RemoteArguments
 from .client import RemoteLink, RemoteSplitViT
 from .connect import Listener, connect
 from .federation import FederatedLink, FederatedServer
+from .provision import ephemeral_kits
 from .server import SplitServer
-from .settings import session_settings
+from .settings import message_cap, session_settings
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,15 @@ def remote_split(
 ) -> RemoteSplitViT:
     """`split`'s client side, joined to the server at `remote_args.server` (as client `client_id` of a federation
     when `federation_args` names one): the handshake sends the settings the server must agree with."""
-    peer = connect(remote_args.server, remote_args.timeout_delta())
+    kit = remote_args.kit()
+    if _federated(federation_args) and kit is not None and kit.name != f"client-{federation_args.client_id}":
+        raise ValueError(
+            f"--client_id {federation_args.client_id} disagrees with this client's certificate ({kit.name}): a "
+            "federation client's id comes from its kit (client-N)."
+        )
+    batch = max(training_args.per_device_train_batch_size, training_args.per_device_eval_batch_size)
+    cap = message_cap((split.client or split.server).config, batch)
+    peer = connect(remote_args.server, remote_args.timeout_delta(), kit, remote_args.insecure, cap)
     if _federated(federation_args):
         link = FederatedLink(peer, federation_args.client_id, split.link.channel, split.link.wire_dtype)
     else:
@@ -122,17 +133,25 @@ def run_server(
             build, training_args, training_args.output_dir, federation_args.num_clients, federation_args.schedule,
             federation_args.sync_every, federation_args.round_timeout, federation_args.min_clients,
             join_token=remote_args.token(), resume_from=training_args.resume_from_checkpoint,
+            aggregation=federation_args.aggregation,
         )  # fmt: skip
     else:
         server = SplitServer(
             build, training_args, training_args.output_dir, join_token=remote_args.token(),
             resume_from=training_args.resume_from_checkpoint,
         )  # fmt: skip
-    if remote_args.token() is None:
-        logger.warning("No join token (--join_token or $%s): any client that reaches this address can join.",
+    if remote_args.insecure and remote_args.token() is None:
+        logger.warning("Plaintext and no join token ($%s): any client that reaches this address can join.",
                        JOIN_TOKEN_VARIABLE)  # fmt: skip
-    listener = Listener(remote_args.listen, remote_args.timeout_delta())
-    logger.warning("Serving the server half on %s.", remote_args.listen)
+    batch = max(training_args.per_device_train_batch_size, training_args.per_device_eval_batch_size)
+    sessions = 1 if federation_args is None or federation_args.num_clients is None else federation_args.num_clients
+    listener = Listener(
+        remote_args.listen, remote_args.timeout_delta(), kit=remote_args.kit(), insecure=remote_args.insecure,
+        revocations=remote_args.revocations(), max_message_bytes=message_cap(model_config(model_args), batch),
+        max_sessions=sessions, handshake_timeout=timedelta(seconds=remote_args.handshake_timeout),
+    )  # fmt: skip
+    logger.warning("Serving the server half on %s (%s).", remote_args.listen,
+                   "PLAINTEXT" if remote_args.insecure else "mutual TLS")  # fmt: skip
     results = server.serve(listener, accept_seconds=remote_args.accept_timeout)
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -168,19 +187,38 @@ def start_local_server(
     remote_args: RemoteArguments,
     federation_args: FederationArguments | None = None,
 ) -> tuple[RemoteArguments, multiprocessing.Process]:
-    """Starts the server half in a process of its own on 127.0.0.1 (a free port, a fresh join token); returns
-    the client's remote arguments pointing at it, and the process."""
+    """Starts the server half in a process of its own on 127.0.0.1 (a free port, a fresh join token, and unless
+    `--insecure` a CA with a kit for the server and one per client, made on the fly in a private folder); returns
+    the client's remote arguments pointing at it (client 0's kit), and the process."""
+    if remote_args.credentials:
+        raise ValueError(
+            f"--credentials {remote_args.credentials} with --distributed: the one-machine command makes its own "
+            "kits; give --credentials to serve.py and each client when they run apart."
+        )
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     token = remote_args.token() or secrets.token_hex(16)
     address = f"127.0.0.1:{port}"
-    server_args = replace(remote_args, distributed=False, listen=address, join_token=token)
+    credentials = None
+    if not remote_args.insecure:
+        num_clients = federation_args.num_clients if federation_args and federation_args.num_clients else 1
+        kits = ephemeral_kits(Path(tempfile.mkdtemp(prefix="hf_adc_kits_")) / "kits", num_clients)
+        credentials = {name: str(path) for name, path in kits.items()}
+    server_args = replace(
+        remote_args, distributed=False, listen=address, join_token=token,
+        credentials=credentials and credentials["server"],
+    )  # fmt: skip
     process = multiprocessing.get_context("spawn").Process(
         target=_serve, args=(model_args, split_args, training_args, server_args, federation_args), name="hf_adc-server"
     )
     process.start()
-    return replace(remote_args, distributed=False, server=address, join_token=token), process
+    client_args = replace(
+        remote_args, distributed=False, server=address, join_token=token,
+        credentials=credentials and credentials["client-0"],
+    )  # fmt: skip
+    client_args.kits = credentials  # every client's kit, for `run_federation_here`
+    return client_args, process
 
 
 def run_with_local_server(
@@ -238,7 +276,9 @@ def run_federation_here(
             training_args, output_dir=client_output, push_to_hub=False, resume_from_checkpoint=client_resume
         )
         client_federation = replace(federation_args, client_id=client_id)
-        args = (model_args, split_args, data_args, client_training, client_resume, remote_args, client_federation)
+        kits = remote_args.kits
+        client_remote = replace(remote_args, credentials=kits and kits[f"client-{client_id}"])
+        args = (model_args, split_args, data_args, client_training, client_resume, client_remote, client_federation)
         clients.append(context.Process(target=_client, args=(client_id, *args), name=f"hf_adc-client-{client_id}"))
         clients[-1].start()
     for process in [*clients, server]:

@@ -16,6 +16,7 @@ from transformers import TrainingArguments
 
 from ..split import SplitViTForImageClassification
 from .connect import Connection
+from .files import CheckpointError
 from .server_half import PendingBackward, ServerHalf
 from .settings import differing_settings, session_settings
 from .wire import Frame, Kind, PeerLost, Refused, WireError, tensor_json
@@ -25,10 +26,15 @@ logger = logging.getLogger(__name__)
 
 def read_hello(connection: Connection, join_token: str | None) -> dict:
     """The client's settings from its HELLO, once its join token checks out."""
-    settings = tensor_json(connection.recv(Kind.HELLO).tensors["settings"])
+    hello = connection.recv(Kind.HELLO).tensors
+    if "settings" not in hello:
+        raise WireError("a HELLO must carry the settings.")
+    settings = tensor_json(hello["settings"])
     token = settings.get("token")
-    if join_token is not None and not hmac.compare_digest(str(token), join_token):
+    if join_token is not None and not hmac.compare_digest(str(token).encode(), join_token.encode()):
         raise Refused("wrong join token.")
+    if not isinstance(settings.get("labels"), list):
+        raise Refused("the client's settings name no labels.")
     return settings
 
 
@@ -56,6 +62,11 @@ NEXT_KINDS = {
     "accumulating": (Kind.FORWARD, Kind.STEP),
 }
 PHASE_AFTER = {Kind.BEGIN: "idle", Kind.FORWARD: "forwarded", Kind.BACKWARD: "accumulating", Kind.STEP: "idle"}
+
+
+class ServerFault(RuntimeError):
+    """The server cannot go on with the session on its side (a checkpoint it cannot write): the session ends, the
+    client told why."""
 
 
 class Session:
@@ -178,7 +189,7 @@ class SplitServer:
                 logger.warning("Session %d refused: %s", session.number, error)
                 session.connection.refuse(str(error))
                 continue
-            except (PeerLost, WireError) as error:
+            except (PeerLost, WireError, ServerFault) as error:
                 logger.error(
                     "Session %d lost: %s. The last checkpoint in %s is kept.", session.number, error, self.output_dir
                 )
@@ -229,13 +240,21 @@ class SplitServer:
             folder = self._resume_folder(global_step)
             if not self.server_half.has_checkpoint(folder):
                 raise Refused(f"the server has no checkpoint in {folder}: resume both sides from a step both saved.")
-            self.server_half.load_checkpoint(folder)
+            try:
+                self.server_half.load_checkpoint(folder)
+            except CheckpointError as error:
+                raise Refused(f"the server cannot resume: {error}") from error
         self.server_half.steps = global_step
         session.reply(Kind.DONE)
 
     def _save(self, session: Session, frame: Frame) -> None:
-        """SAVE: the server's checkpoint of the client's step."""
-        self.server_half.save_checkpoint(self._checkpoint_dir(frame.step))
+        """SAVE: the server's checkpoint of the client's step; one it cannot write ends the session with the reason
+        (the previous checkpoint intact), so that the client stops too instead of training on unsaved."""
+        try:
+            self.server_half.save_checkpoint(self._checkpoint_dir(frame.step))
+        except CheckpointError as error:
+            logger.error("%s", error)
+            raise ServerFault(str(error)) from error
         session.reply(Kind.DONE)
 
     def _end(self, session: Session, frame: Frame) -> bool:

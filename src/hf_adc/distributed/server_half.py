@@ -12,6 +12,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments, get_scheduler
 
 from ..split import SERVER_BRIDGE_WEIGHTS_NAME, SplitViTForImageClassification
+from .files import CheckpointError, read_checked, write_atomically
 from .settings import drop_modules
 from .wire import WireError
 
@@ -194,24 +195,32 @@ class ServerHalf:
             self.optimizer.zero_grad(set_to_none=True)
 
     def save_checkpoint(self, folder: Path) -> None:
-        """The server half, its side of the bridge, the optimizer and the schedule, into `folder`."""
-        folder.mkdir(parents=True, exist_ok=True)
+        """The server half, its side of the bridge, the optimizer and the schedule, into `folder`: each file whole
+        or not at all (`write_atomically`), the weights last (their presence marks the checkpoint). A full disk
+        raises `CheckpointError`, the previous checkpoint intact."""
         state = {f"server.{k}": v for k, v in self.split.server.state_dict().items()}
         state.update({f"bridge.{k}": v for k, v in self.split.bridge.state_dict().items()})
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder / SERVER_WEIGHTS_NAME)
-        torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_NAME)
-        torch.save(self.scheduler.state_dict(), folder / SCHEDULER_NAME)
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        write_atomically(folder / OPTIMIZER_NAME, lambda path: torch.save(self.optimizer.state_dict(), path))
+        write_atomically(folder / SCHEDULER_NAME, lambda path: torch.save(self.scheduler.state_dict(), path))
+        write_atomically(folder / SERVER_WEIGHTS_NAME, lambda path: save_file(state, path))
 
     def has_checkpoint(self, folder: Path) -> bool:
         return (folder / SERVER_WEIGHTS_NAME).exists()
 
     def load_checkpoint(self, folder: Path) -> None:
-        """What `save_checkpoint` wrote into `folder` (the optimizer must have been made)."""
-        state = load_file(folder / SERVER_WEIGHTS_NAME)
-        self.split.server.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("server.")})
-        self.split.bridge.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("bridge.")})
-        self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_NAME, weights_only=True))
-        self.scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
+        """What `save_checkpoint` wrote into `folder` (the optimizer must have been made). Every file is read
+        before anything is loaded; one missing or not whole raises `CheckpointError` naming it."""
+        state = read_checked(folder / SERVER_WEIGHTS_NAME, load_file)
+        optimizer = read_checked(folder / OPTIMIZER_NAME, lambda path: torch.load(path, weights_only=True))
+        scheduler = read_checked(folder / SCHEDULER_NAME, lambda path: torch.load(path, weights_only=True))
+        try:
+            self.split.server.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("server.")})
+            self.split.bridge.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("bridge.")})
+            self.optimizer.load_state_dict(optimizer)
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise CheckpointError(f"the checkpoint in {folder} does not fit this split: {error}") from error
+        self.scheduler.load_state_dict(scheduler)
 
     def save_final(self, output_dir: Path) -> None:
         """`server/` and the server side of the bridge: next to the client's `client/`, `bridge.safetensors` and

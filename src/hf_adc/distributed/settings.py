@@ -63,3 +63,24 @@ def drop_modules(bridge: Bridge, names: tuple[str, ...]) -> Bridge:
         parent, _, child = name.rpartition(".")
         delattr(bridge.get_submodule(parent), child)
     return bridge
+
+
+MAX_LABELS = 2**14  # class names a HELLO can announce within its size cap, bounding a soft-label row
+
+
+def message_cap(config, batch_size: int) -> int:
+    """The most bytes one message can take for a ViT of `config` at `batch_size` samples a micro-batch, whatever
+    the bridge: an uncompressed activation twice over (Top-K's indices can add up to as much again as its values),
+    soft labels of every class, or a whole model's float32 weights (a client half); plus a header and 1 MiB. gRPC
+    refuses anything larger before allocating it."""
+    from torch import device
+    from transformers import ViTForImageClassification
+
+    from .wire import HEADER_BYTES
+
+    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    activations = 2 * batch_size * tokens * config.hidden_size * 4
+    labels = batch_size * MAX_LABELS * 4
+    with device("meta"):
+        weights = 4 * sum(parameter.numel() for parameter in ViTForImageClassification(config).parameters())
+    return HEADER_BYTES + max(activations + labels, weights) + 2**20

@@ -142,6 +142,8 @@ def tensor_json(tensor: torch.Tensor) -> dict:
         data = json.loads(tensor_text(tensor))
     except json.JSONDecodeError as error:
         raise WireError(f"the settings are not JSON: {error}.") from error
+    except RecursionError:
+        raise WireError("the settings nest too deeply to be plain settings.") from None
     if not isinstance(data, dict):
         raise WireError(f"the settings must be a JSON object; got {type(data).__name__}.")
     return data
@@ -200,3 +202,38 @@ def decode_header(header: torch.Tensor, max_tensor_bytes: int) -> tuple[Kind, in
             )
         specs.append((NAMES[name_id], dtype, shape))
     return Kind(kind), step, value, specs
+
+
+def frame_bytes(kind: Kind, tensors: dict[str, torch.Tensor], step: int = 0, value: float = 0.0) -> tuple[bytes, int]:
+    """A frame as it goes on the stream: the header, then the tensors' bytes end to end; and the body's length."""
+    tensors = {name: tensor.detach().cpu() for name, tensor in tensors.items()}
+    header = encode_header(kind, step, tensors, value)
+    pieces = [tensor.reshape(-1).contiguous().view(torch.uint8) for tensor in tensors.values() if tensor.numel()]
+    body = torch.cat(pieces).numpy().tobytes() if pieces else b""
+    return header.numpy().tobytes() + body, len(body)
+
+
+def parse_frame(data: bytes, max_frame_bytes: int, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> Frame:
+    """The frame in `data`, every header field checked against its limits and the header against the message's
+    length before any tensor is made; anything else is a `WireError`."""
+    if len(data) > max_frame_bytes:
+        raise WireError(f"a message of {len(data)} bytes is over this session's cap of {max_frame_bytes}.")
+    if len(data) < HEADER_BYTES:
+        raise WireError(f"a message of {len(data)} bytes is shorter than the {HEADER_BYTES}-byte header.")
+    header = torch.frombuffer(bytearray(data[:HEADER_BYTES]), dtype=torch.int64)
+    kind, step, value, specs = decode_header(header, max_tensor_bytes)
+    sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape in specs]
+    if HEADER_BYTES + sum(sizes) != len(data):
+        raise WireError(
+            f"the header announces {sum(sizes)} bytes of tensors; the message carries {len(data) - HEADER_BYTES}."
+        )
+    body = torch.frombuffer(bytearray(data[HEADER_BYTES:]), dtype=torch.uint8) if sum(sizes) else None
+    tensors, offset = {}, 0
+    for (name, dtype, shape), size in zip(specs, sizes, strict=True):
+        if name in tensors:
+            raise WireError(f"the header names tensor {name!r} twice.")
+        tensors[name] = body[offset : offset + size].clone().view(dtype).reshape(shape) if size else (
+            torch.empty(shape, dtype=dtype)
+        )  # fmt: skip
+        offset += size
+    return Frame(kind, step, tensors, value)

@@ -42,6 +42,13 @@ def load_vit(model_args: ModelArguments, dataset) -> tuple[ViTForImageClassifica
     return load_vit_for_labels(model_args, dataset["train"].features["label"].names)
 
 
+def model_config(model_args: ModelArguments) -> ViTConfig:
+    """The config of the ViT the arguments name (its own classes), without loading any weight."""
+    if model_args.model_name_or_path is None:
+        return model_args.vit_config(1)
+    return load_pretrained(ViTConfig, model_args.model_name_or_path)
+
+
 def load_vit_for_labels(
     model_args: ModelArguments, label_names: list[str]
 ) -> tuple[ViTForImageClassification, BaseImageProcessor]:

@@ -8,14 +8,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..files import read_checked, write_atomically
+
 FEDERATION_STATE_NAME = "federation.json"
 CLIENT_HALF_NAME = "client_half.safetensors"
 
 
 def write_federation_state(folder: Path, half: torch.Tensor, state: dict) -> None:
-    """The client half, then the state (last: the checkpoint is whole once it exists)."""
-    save_file({"weights": half.contiguous()}, folder / CLIENT_HALF_NAME)
-    (folder / FEDERATION_STATE_NAME).write_text(json.dumps(state, indent=2))
+    """The client half, then the state (last: the checkpoint is whole once it exists), each written atomically."""
+    write_atomically(folder / CLIENT_HALF_NAME, lambda path: save_file({"weights": half.contiguous()}, path))
+    write_atomically(folder / FEDERATION_STATE_NAME, lambda path: path.write_text(json.dumps(state, indent=2)))
 
 
 def read_federation_state(folder: Path, settings: dict) -> dict:
@@ -27,7 +29,7 @@ def read_federation_state(folder: Path, settings: dict) -> dict:
             f"resume_from_checkpoint={str(folder)!r} is not a federation checkpoint: it has no "
             f"{FEDERATION_STATE_NAME} (the server writes one at the end of each round whose step is a save step)."
         )
-    state = json.loads(path.read_text())
+    state = read_checked(path, lambda path: json.loads(path.read_text()))
     theirs = {**state["federation_settings"], **{name: state[name] for name in ("schedule", "num_clients")}}
     theirs["sync_every"] = state["sync_every"]
     differences = [
@@ -41,4 +43,4 @@ def read_federation_state(folder: Path, settings: dict) -> dict:
 
 
 def read_client_half(folder: Path) -> torch.Tensor:
-    return load_file(folder / CLIENT_HALF_NAME)["weights"]
+    return read_checked(folder / CLIENT_HALF_NAME, lambda path: load_file(path)["weights"])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import CheckpointError
 from ..server import Session, check_split_settings, read_hello
 from ..server_half import ServerHalf
 from ..settings import checkpoint_every, differing_settings, plain
@@ -244,7 +245,11 @@ class FederatedServer:
         self.server_half = ServerHalf(split, self.args, keep_client=True)
         self.client_tensors = client_side_tensors(split)
         if self.resumed_state is not None:
-            self._resume(self.resumed_state)
+            try:
+                self._resume(self.resumed_state)
+            except CheckpointError as error:
+                self.members.failure = f"the federation cannot resume: {error}"
+                raise Refused(self.members.failure) from error
 
     def _make_plan(self) -> None:
         """The plan for the clients that joined; one that cannot be made ends the federation (every waiting client
@@ -279,6 +284,14 @@ class FederatedServer:
         if every is None or (step % every and step < self.plan.max_steps):
             return
         folder = self._checkpoint_dir(step)
+        try:
+            self._write_checkpoint(folder, step)
+        except CheckpointError as error:
+            logger.error("%s", error)
+            self.members.failure = f"the server cannot write its checkpoint: {error}"
+            raise Refused(self.members.failure) from error
+
+    def _write_checkpoint(self, folder: Path, step: int) -> None:
         self.server_half.save_checkpoint(folder)
         members = [{name: getattr(m, name) for name in SAVED_MEMBER_FIELDS} for m in self.members.members.values()]
         state = {
