@@ -17,7 +17,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_adc.distributed.provision import (
@@ -27,6 +27,7 @@ from hf_adc.distributed.provision import (
     ephemeral_kits,
     load_kit,
     load_revocations,
+    main,
     provision,
 )
 
@@ -42,6 +43,10 @@ def kits(tmp_path) -> dict[str, Path]:
 
 def certificate(folder: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate((folder / "cert.pem").read_bytes())
+
+
+def load_ca(root: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate((root / "ca" / "ca.pem").read_bytes())
 
 
 def extension(cert: x509.Certificate, kind):
@@ -157,7 +162,7 @@ def test_client_certificates_carry_their_name_for_client_auth_with_distinct_seri
 
 
 def test_the_ca_signs_certificates_and_nothing_else(kits):
-    ca = x509.load_pem_x509_certificate((kits["server"].parent / "ca" / "ca.pem").read_bytes())
+    ca = load_ca(kits["server"].parent)
     assert extension(ca, x509.BasicConstraints).ca is True
     usage = extension(ca, x509.KeyUsage)
     assert usage.key_cert_sign and not usage.digital_signature
@@ -221,31 +226,62 @@ def test_ephemeral_kits_are_for_this_machine_in_a_private_folder(tmp_path):
         ephemeral_kits(folder, 1)
 
 
-def run_cli(*args: str) -> subprocess.Popen:
-    environment = {**os.environ, "PYTHONPATH": str(SRC)}
-    command = [sys.executable, "-m", "hf_adc.distributed.provision", *args]
-    return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def test_cli_makes_kits_prints_serials_and_refuses_to_overwrite(tmp_path):
-    """Both runs at once (each imports the whole package): one into a new folder, one onto existing kits."""
-    taken = provision(tmp_path / "taken", ["localhost"], ["alice"])["server"].parent
+def test_cli_run_as_a_module_makes_kits_and_prints_serials(tmp_path):
+    """The one test that starts `python -m ...` (it imports the whole package: most of this file's time)."""
     fresh = tmp_path / "fresh"
-    made = run_cli("--output_dir", str(fresh), "--server_name", "localhost", "--server_name", "127.0.0.1",
-                   "--client_names", "alice", "bob", "--days", "30")  # fmt: skip
-    refused = run_cli("--output_dir", str(taken), "--server_name", "localhost", "--num_clients", "1")
-    out, err = made.communicate(timeout=120)
-    assert made.returncode == 0, err
+    command = [sys.executable, "-m", "hf_adc.distributed.provision", "--output_dir", str(fresh),
+               "--server_name", "localhost", "--server_name", "127.0.0.1", "--client_names", "alice", "bob",
+               "--days", "30"]  # fmt: skip
+    made = subprocess.run(
+        command, env={**os.environ, "PYTHONPATH": str(SRC)}, capture_output=True, text=True, timeout=120
+    )
+    assert made.returncode == 0, made.stderr
     for name in ("alice", "bob"):
         kit = load_kit(fresh / name)
-        assert f"{name}: {fresh / name} (serial {kit.serial:#x}" in out
+        assert f"{name}: {fresh / name} (serial {kit.serial:#x}" in made.stdout
         assert timedelta(days=29) < kit.not_valid_after - datetime.now(timezone.utc) <= timedelta(days=30)
-    assert str(fresh / "ca" / "ca-key.pem") in out
+    assert str(fresh / "ca" / "ca-key.pem") in made.stdout
     assert load_kit(fresh / "server").name == "localhost"
-    out, err = refused.communicate(timeout=120)
-    assert refused.returncode != 0
-    assert f"{taken / 'ca'}, {taken / 'server'} already exist" in err
-    assert not (taken / "client-0").exists()
+
+
+def test_cli_refuses_to_overwrite_kits_and_writes_nothing(kits, capsys):
+    root = kits["server"].parent
+    with pytest.raises(SystemExit) as exit_:
+        main(["--output_dir", str(root), "--server_name", "localhost", "--client_names", "client-1", "zoe"])
+    assert exit_.value.code == f"error: {root / 'ca'}, {root / 'server'}, {root / 'client-1'} already exist" + (
+        ": kits are never overwritten; choose another output_dir, or move the old folder away (and revoke its "
+        "certificate) to re-issue a client"
+    )
+    assert not (root / "zoe").exists()
+
+
+def test_cli_adds_a_client_to_an_existing_ca(kits, capsys):
+    root = kits["server"].parent
+    main(["--output_dir", str(root), "--add_client", "carol", "dave"])
+    out = capsys.readouterr().out
+    for name in ("carol", "dave"):
+        assert f"{name}: {root / name} (serial {load_kit(root / name).serial:#x}" in out
+        certificate(root / name).verify_directly_issued_by(load_ca(root))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--output_dir", "k", "--num_clients", "2"], "--server_name is required"),
+        (["--output_dir", "k", "--add_client", "x", "--server_name", "localhost"], "--server_name and --ca_days"),
+        (["--output_dir", "k", "--num_clients", "1", "--client_names", "a"], "not allowed with argument"),
+    ],
+)
+def test_cli_refuses_arguments_that_do_not_go_together(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_help_says_who_keeps_the_ca_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "OUTPUT_DIR/ca/ca-key.pem: keep it with whoever provisions" in " ".join(capsys.readouterr().out.split())
 
 
 def test_revocations_name_clients_and_serials_in_decimal_or_hex(tmp_path):
@@ -265,6 +301,7 @@ def test_a_bad_revocation_line_is_refused_with_its_number(tmp_path, line):
         load_revocations(path)
 
 
+@settings(deadline=None, max_examples=50)  # file writes on a shared machine: no per-example deadline
 @given(serial=st.integers(min_value=1, max_value=2**159), hexadecimal=st.booleans())
 def test_a_printed_serial_reads_back_as_itself(tmp_path_factory, serial, hexadecimal):
     path = tmp_path_factory.mktemp("revocations") / "revoked.txt"
