@@ -6,11 +6,12 @@ its state in `checkpoint-N/` whenever the client checkpoints). It takes the same
 training arguments as `recipes/train.py` (the same defaults too); the client's handshake must agree with them,
 and give the join token, or it is refused:
 
-    python recipes/serve.py --listen 0.0.0.0:29500 --join_token $TOKEN \\
+    python recipes/serve.py --listen 0.0.0.0:29500 --credentials kits/server \\
         --model_name_or_path facebook/deit-tiny-patch16-224 --split_layer 3 --compression adc --xi 0.1 \\
         --learning_rate 1e-4 --output_dir outputs/deit-server
 
-The transport (torch.distributed gloo) is not encrypted: use it on a trusted network, a VPN or an SSH tunnel.
+The transport is gRPC with mutual TLS: `--credentials` is the server's kit from `python -m hf_adc.distributed.provision`
+(`--revoked FILE` refuses listed client certificates; `--insecure` is plaintext, for a trusted network only).
 It exits once a client has trained to the end (or was lost mid-training, keeping the last checkpoint), or when
 no client came within `--accept_timeout` seconds.
 

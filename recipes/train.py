@@ -24,8 +24,9 @@ Client and server as separate processes (the server half never exists here), on 
 
 or on two (start the server first; same model, split and training arguments on both sides):
 
-    python recipes/serve.py --listen 0.0.0.0:29500 --join_token $TOKEN ...     # on the server host
-    accelerate launch recipes/train.py --server SERVER_HOST:29500 --join_token $TOKEN ...   # on the client host
+    python -m hf_adc.distributed.provision --output_dir kits --server_name SERVER_HOST --num_clients 1   # once
+    python recipes/serve.py --listen 0.0.0.0:29500 --credentials kits/server ...                    # on the server host
+    accelerate launch recipes/train.py --server SERVER_HOST:29500 --credentials kits/client-0 ...   # on the client host
 
 Several clients (each on its own shard; `--schedule sequential` or `splitfed`, see hf_adc.distributed.federation):
 

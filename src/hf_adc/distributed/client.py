@@ -153,6 +153,7 @@ class RemoteLink(Link):
         """Ends the session: the server saves its final half and stops."""
         self.peer.send(Kind.END)
         self.peer.recv(Kind.DONE)
+        self.peer.close()
 
 
 class PeerCallback(TrainerCallback):

@@ -8,8 +8,8 @@ says:
     then for each of up to MAX_TENSORS slots: name id, dtype id, rank, and MAX_RANK dimensions
 
 The value carries a message's one scalar (a loss, a backward seed, a norm), so that such a message is a single
-send: every send also costs a few hundred bytes below the transport (TCP/IP headers and acknowledgements, gloo's
-own notifications), and the fewer sends, the closer the bytes counted here come to the bytes on the wire.
+send: every send also costs bytes below the transport (TCP/IP headers and acknowledgements, HTTP/2 frames and TLS
+records), and the fewer sends, the closer the bytes counted here come to the bytes on the wire.
 
 Names and dtypes are ids in fixed tables, so no string or object is ever decoded from the peer beyond the
 JSON of the join handshake (plain data, size-capped). The receiver checks every field against its limits
@@ -17,8 +17,7 @@ JSON of the join handshake (plain data, size-capped). The receiver checks every 
 bad header with a `WireError` naming the field. Strings (the handshake's settings, a refusal's reason) travel
 as UTF-8 bytes in a uint8 tensor.
 
-The transport has no encryption and no authentication beyond the join token: use it on trusted networks
-(or through a VPN / SSH tunnel).
+The transport (`connect.py`) carries each frame as one gRPC message over mutual TLS.
 """
 
 import json

@@ -103,6 +103,7 @@ class FederatedLink(RemoteLink):
         """Ends the session, reporting this client's bytes and accuracy to the server."""
         self.peer.send(Kind.END, {"scalars": result_scalars(results or {})})
         self.peer.recv(Kind.DONE)
+        self.peer.close()
 
     def take_turn(self) -> None:
         """Sequential: waits for this client's turn; loads the current half (none before the first hand-off)."""

@@ -64,14 +64,15 @@ class Schedule:
     def dropped(self, member) -> None:
         """A member was dropped (the federation's condition is held)."""
 
-    def _current_half(self, weights) -> dict:
-        """The tail of every sync: the federation's failure, or the current half for the reply."""
+    def _current_half(self, transfers: int) -> dict:
+        """The tail of every sync: the federation's failure, or the current half for the reply (counting
+        `transfers` halves crossed)."""
         federation = self.federation
         if federation.members.failure:
             raise Refused(federation.members.failure)
         if federation.half is None:
             return {}
-        federation.sync_transfers += 1 + (weights is not None)
+        federation.sync_transfers += transfers
         return {"weights": federation.half}
 
     # -- client side ---------------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ class SplitFed(Schedule):
                 break
             if not members.condition.wait(timeout=max(deadline - time.monotonic(), 0)):
                 members.drop_laggards(lambda m: m.synced_round < target)
-        return self._current_half(weights)
+        return self._current_half(0)  # counted with the average, before its checkpoint
 
     def _average(self, round_number: int) -> None:
         federation = self.federation
@@ -123,6 +124,7 @@ class SplitFed(Schedule):
         halves = [self.round_halves[m.client_id] for m in sent]
         federation.half = federation.aggregate(halves, [m.shard_size for m in sent])
         self.round_halves.clear()
+        federation.sync_transfers += 2 * len(sent)  # each half up, and the average back down
         federation.round = round_number
         federation.round_done()
         federation.members.condition.notify_all()
@@ -169,7 +171,7 @@ class Sequential(Schedule):
             if not members.condition.wait(timeout=max(deadline - time.monotonic(), 0)):
                 members.drop_laggards(lambda m: not m.finished_turns)
         members.condition.notify_all()
-        return self._current_half(weights)
+        return self._current_half(1 + (weights is not None))
 
     def take_turn(self, member) -> dict:
         federation = self.federation

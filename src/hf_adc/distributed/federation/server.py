@@ -200,6 +200,11 @@ class FederatedServer:
         if scalars is None or scalars.shape != (6,) or scalars.dtype != torch.int64:
             raise WireError("a PLAN must carry 6 int64 scalars (id, shard size, step, half, epoch bytes, resume step).")
         client_id, shard_size, step_bytes, half_bytes, epoch_bytes, resume_step = scalars.tolist()
+        if connection.peer_name is not None and connection.peer_name != f"client-{client_id}":
+            raise Refused(
+                f"client_id={client_id} disagrees with the client's certificate ({connection.peer_name}): a client's "
+                "id is the one its kit was made for (client-N)."
+            )
         with members.condition:
             member, existing = members.admit(
                 client_id, shard_size, (step_bytes, half_bytes, epoch_bytes), half_size(self.client_tensors) * 4,

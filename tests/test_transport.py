@@ -1,0 +1,165 @@
+"""The gRPC transport with mutual TLS, in one process on 127.0.0.1: who may connect, what a session is bounded by,
+and that nothing a stranger sends takes the listener down. One listener serves every probe of a test."""
+
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+
+from hf_adc.distributed.connect import Listener, connect
+from hf_adc.distributed.provision import Revocations, ephemeral_kits, load_kit
+from hf_adc.distributed.wire import HEADER_BYTES, Kind, PeerLost, Refused, WireError
+
+TIMEOUT = timedelta(seconds=5)
+
+
+def free_address() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kits")
+    ours = {name: load_kit(path) for name, path in ephemeral_kits(root / "ours", 3).items()}
+    theirs = {name: load_kit(path) for name, path in ephemeral_kits(root / "theirs", 1).items()}
+    return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def served(kits):
+    ours, _ = kits
+    address = free_address()
+    revoked = Revocations(names=frozenset({"client-2"}))
+    listener = Listener(
+        address, TIMEOUT, kit=ours["server"], revocations=revoked, max_message_bytes=2**20, max_sessions=2,
+        max_pending=2, handshake_timeout=timedelta(seconds=1),
+    )  # fmt: skip
+    yield address, listener
+    listener.stop()
+
+
+def accept(listener, seconds: float = 5):
+    accepted = listener.accept(deadline=time.monotonic() + seconds)
+    assert accepted is not None, "no session reached the listener"
+    return accepted[1]
+
+
+def test_a_client_of_our_ca_talks_both_ways_and_is_named_by_its_certificate(kits, served):
+    ours, _ = kits
+    address, listener = served
+    client = connect(address, TIMEOUT, ours["client-0"], max_message_bytes=2**20)
+    client.send(Kind.HELLO, {"settings": torch.arange(5, dtype=torch.uint8)}, value=0.5)
+    server_end = accept(listener)
+    frame = server_end.recv(Kind.HELLO)
+    assert server_end.peer_name == "client-0" and server_end.peer_serial == ours["client-0"].serial
+    assert frame.value == 0.5 and frame.tensors["settings"].tolist() == [0, 1, 2, 3, 4]
+    server_end.send(Kind.WELCOME, value=2.0)
+    assert client.recv(Kind.WELCOME).value == 2.0
+    assert client.traffic.payload_sent == 5 and client.traffic.framing_sent == HEADER_BYTES
+    client.close()
+    with pytest.raises(PeerLost, match="closed the session"):
+        server_end.recv()
+    server_end.close()
+
+
+@pytest.mark.parametrize("who", ["another CA", "no certificate"])
+def test_a_client_without_a_certificate_of_our_ca_cannot_connect(kits, served, who):
+    ours, theirs = kits
+    address, listener = served
+    kwargs = {"kit": theirs["client-0"]} if who == "another CA" else {"insecure": True}
+    with pytest.raises(PeerLost, match="cannot reach the server"):
+        connect(address, timedelta(seconds=2), **kwargs)
+    assert listener.accept(deadline=time.monotonic() + 0.5) is None  # nothing reached the sessions
+
+
+def test_a_server_of_another_ca_is_refused_by_the_client(kits):
+    ours, theirs = kits
+    address = free_address()
+    impostor = Listener(address, TIMEOUT, kit=theirs["server"], max_message_bytes=2**20)
+    try:
+        with pytest.raises(PeerLost, match="TLS handshake failed"):
+            connect(address, timedelta(seconds=2), ours["client-0"])
+        assert impostor.accept(deadline=time.monotonic() + 0.5) is None
+    finally:
+        impostor.stop()
+
+
+def test_a_revoked_certificate_is_refused_before_any_session(kits, served):
+    ours, _ = kits
+    address, listener = served
+    client = connect(address, TIMEOUT, ours["client-2"])
+    client.send(Kind.HELLO)
+    with pytest.raises(Refused, match="client-2 .* is revoked"):
+        client.recv(Kind.WELCOME)
+    assert listener.accept(deadline=time.monotonic() + 0.5) is None
+
+
+def test_junk_on_the_port_leaves_the_listener_serving(kits, served):
+    ours, _ = kits
+    address, listener = served
+    host, port = address.split(":")
+    for junk in (b"\x00" * 64, b"GET / HTTP/1.1\r\n\r\n", bytes(range(256)) * 256):
+        with socket.create_connection((host, int(port)), timeout=2) as raw:
+            raw.sendall(junk)
+    test_a_client_of_our_ca_talks_both_ways_and_is_named_by_its_certificate(kits, served)
+
+
+def test_a_message_over_the_cap_ends_only_its_own_stream(kits, served):
+    ours, _ = kits
+    address, listener = served
+    client = connect(address, TIMEOUT, ours["client-0"], max_message_bytes=2**22)
+    client.send_bytes(b"\x00" * (2**21))
+    with pytest.raises(Refused, match="larger than max"):  # gRPC refuses it before making a buffer for it
+        client.recv()
+    accepted = listener.accept(deadline=time.monotonic() + 0.5)
+    if accepted is not None:  # the stream may have begun before its message was refused: it is over already
+        with pytest.raises(PeerLost):
+            accepted[1].recv()
+        accepted[1].close()
+    test_a_client_of_our_ca_talks_both_ways_and_is_named_by_its_certificate(kits, served)
+
+
+def test_a_frame_over_the_handshake_cap_or_with_a_lying_header_is_a_wire_error(kits, served):
+    ours, _ = kits
+    address, listener = served
+    client = connect(address, TIMEOUT, ours["client-0"], max_message_bytes=2**20)
+    client.send(Kind.HELLO, {"settings": torch.zeros(2**17, dtype=torch.uint8)})  # over the handshake's cap
+    server_end = accept(listener)
+    with pytest.raises(WireError, match="over this session's cap"):
+        server_end.recv()
+    server_end.refuse("too big")
+    with pytest.raises(Refused, match="too big"):
+        client.recv(Kind.WELCOME)
+    client = connect(address, TIMEOUT, ours["client-0"], max_message_bytes=2**20)
+    client.send_bytes(b"\x00" * 10)
+    server_end = accept(listener)
+    with pytest.raises(WireError, match="shorter than the"):
+        server_end.recv()
+    server_end.close()
+
+
+def test_a_silent_peer_costs_one_slot_for_the_handshake_timeout_and_no_more(kits, served):
+    ours, _ = kits
+    address, listener = served
+    silent = [connect(address, TIMEOUT, ours["client-0"]) for _ in range(2)]  # max_pending = 2
+    ends = [accept(listener), accept(listener)]
+    extra = connect(address, TIMEOUT, ours["client-1"])
+    extra.send(Kind.HELLO)
+    with pytest.raises(Refused, match="too many sessions are joining"):
+        extra.recv(Kind.WELCOME)
+    start = time.monotonic()
+    for end in ends:
+        with pytest.raises(PeerLost, match="sent nothing for 1 s"):
+            end.recv(Kind.HELLO)
+        end.close()
+    assert time.monotonic() - start < 4
+    deadline = time.monotonic() + 5
+    while listener.pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert listener.pending == 0
+    del silent
+    test_a_client_of_our_ca_talks_both_ways_and_is_named_by_its_certificate(kits, served)
