@@ -1,7 +1,10 @@
 """Split learning across processes, by role.
 
 - `wire.py`: the wire format (a fixed integer header, then the tensors; no pickle) and its errors;
-- `connect.py`: the `Connection` that carries frames between two ends, the server's `Listener`, `connect`;
+- `connect.py`: the gRPC stream over mutual TLS that carries frames between two ends (`Connection`), the server's
+  `Listener`, `connect`;
+- `credentials.py`, `provision.py`: each party's kit (CA, certificate, key) loaded and checked; making kits;
+- `files.py`: checkpoint files written whole or not at all;
 - `settings.py`: what both ends must agree on (`session_settings`) and how settings compare;
 - `client.py`: the client's `RemoteLink` and `RemoteSplitViT` (trained by the unchanged `ADCTrainer`);
 - `server_half.py`: the `ServerHalf` both servers compose (compute, optimizer and schedule, checkpoint files);

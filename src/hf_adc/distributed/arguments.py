@@ -87,7 +87,7 @@ class RemoteArguments:
                 "--output_dir KITS --server_name HOST --num_clients N`), or --insecure for plaintext on a trusted "
                 "network."
             )
-        from .provision import load_kit
+        from .credentials import load_kit
 
         return load_kit(self.credentials)
 
@@ -95,7 +95,7 @@ class RemoteArguments:
         """The refused certificates (None: no --revoked file)."""
         if not self.revoked:
             return None
-        from .provision import load_revocations
+        from .credentials import load_revocations
 
         return load_revocations(self.revoked)
 

@@ -2,7 +2,7 @@
 
 The client opens the stream (outbound only: it works behind NAT and firewalls); each message of the stream is one
 frame of the wire format (`wire.py`: the integer header, then the tensors' bytes). Both ends verify the other's
-certificate against the CA of their kit (`provision.py`); the client also checks that the server's certificate
+certificate against the CA of their kit (`credentials.py`); the client also checks that the server's certificate
 names the address it dialled, and the server reads the client's name and serial from its certificate (`peer_name`,
 `peer_serial`), refusing revoked ones before the session starts. Plaintext is only there when asked for
 (`insecure=True`, with a warning).
@@ -211,8 +211,8 @@ def _read_into(messages, incoming: queue.Queue, describe) -> None:
 class Listener:
     """The server's end: a gRPC server on `address` that hands out a `Connection` per client stream.
 
-    `kit` (a `provision.Kit`) gives the server's certificate and the CA clients must be signed by; None serves
-    plaintext (only with `insecure=True`). `revocations` (a `provision.Revocations`) refuses listed certificates.
+    `kit` (a `credentials.Kit`) gives the server's certificate and the CA clients must be signed by; None serves
+    plaintext (only with `insecure=True`). `revocations` (a `credentials.Revocations`) refuses listed certificates.
     """
 
     def __init__(
