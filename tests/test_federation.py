@@ -3,26 +3,25 @@ SplitFed with one client equal to the one-client run, a killed client dropped, d
 
 import json
 import signal
-import sys
 
 import numpy as np
 import pytest
 import torch
-from hub_server import LocalHub
-from safetensors.torch import load_file
-from test_recipes import ROOT, launch
-from test_remote import (
+from helpers import (
     TIMEOUT,
-    _signal,
-    _wait_for,
     data_args,
     finish,
     free_address,
+    launch,
     model_args,
-    spawn,
+    signal_group,
     start_server,
+    wait_for,
     wait_output,
 )
+from helpers import start_client as start_remote_client
+from hub_server import LocalHub
+from safetensors.torch import load_file
 
 import hf_adc
 from hf_adc.data import partition_indices
@@ -30,13 +29,7 @@ from hf_adc.federation import PLAN_BYTES
 
 
 def start_client(address: str, checkpoint: str, digits: str, output_dir, client_id: int, *extra: str):
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(ROOT / "recipes" / "accelerate_configs" / "cpu.yaml"), str(ROOT / "recipes" / "train.py"),
-        *model_args(checkpoint), *data_args(digits, output_dir), "--server", address, "--join_token", "secret",
-        "--timeout", TIMEOUT, "--client_id", str(client_id), *extra,
-    ]  # fmt: skip
-    return spawn(command, start_new_session=True)
+    return start_remote_client(address, checkpoint, digits, output_dir, "--client_id", str(client_id), *extra)
 
 
 def federation(tmp_path, checkpoint, digits, schedule, num_clients, steps, *extra, client_extra=(), server_extra=()):
@@ -183,17 +176,17 @@ def test_a_killed_client_is_dropped_the_others_go_on_and_it_rejoins_with_the_cur
                      "--max_steps", "60", "--split_layer", "1"),
     ]  # fmt: skip
     # Past the first round (its third step logged), so that the federation has an averaged half to hand out.
-    _wait_for(lambda: clients[2].log_path.read_text().count("'loss'") >= 3, 180, "client 2's third logged step")
-    _signal(clients[2], signal.SIGKILL)
-    _wait_for(lambda: "Client 2 dropped" in server.log_path.read_text(), 30, "the server dropping client 2")
+    wait_for(lambda: clients[2].log_path.read_text().count("'loss'") >= 3, 180, "client 2's third logged step")
+    signal_group(clients[2], signal.SIGKILL)
+    wait_for(lambda: "Client 2 dropped" in server.log_path.read_text(), 30, "the server dropping client 2")
     # The other two go on; they are stopped (and so wait) while client 2 restarts, so that it rejoins mid-way.
     for client in clients[:2]:
-        _signal(client, signal.SIGSTOP)
+        signal_group(client, signal.SIGSTOP)
     again = start_client(address, tiny_vit_path, digits_dir, output_dir / "client-2", 2, "--num_clients", "3",
                          "--max_steps", "60", *patient)  # fmt: skip
-    _wait_for(lambda: "Client 2 rejoined at round" in server.log_path.read_text(), 120, "client 2 rejoining")
+    wait_for(lambda: "Client 2 rejoined at round" in server.log_path.read_text(), 120, "client 2 rejoining")
     for client in clients[:2]:
-        _signal(client, signal.SIGCONT)
+        signal_group(client, signal.SIGCONT)
     server_log, logs = finish_all(server, [*clients[:2], again])
     for client, log in zip([*clients[:2], again], logs, strict=True):
         assert client.returncode == 0, log[-3000:] + server_log[-3000:]
@@ -223,11 +216,11 @@ def test_a_hung_client_is_dropped_at_the_timeout_and_the_others_finish(tiny_vit_
         tmp_path, tiny_vit_path, digits_dir, "splitfed", 3, 40, client_extra=("--save_strategy", "no")
     )
     try:
-        _wait_for(lambda: "'loss'" in clients[1].log_path.read_text(), 180, "client 1's first logged step")
-        _signal(clients[1], signal.SIGSTOP)
+        wait_for(lambda: "'loss'" in clients[1].log_path.read_text(), 180, "client 1's first logged step")
+        signal_group(clients[1], signal.SIGSTOP)
         server_log, logs = finish_all(server, [clients[0], clients[2]])
     finally:
-        _signal(clients[1], signal.SIGKILL)
+        signal_group(clients[1], signal.SIGKILL)
     for client, log in zip([clients[0], clients[2]], logs, strict=True):
         assert client.returncode == 0, log[-3000:] + server_log[-3000:]
     report = json.loads((output_dir / "server" / "server_results.json").read_text())
