@@ -131,6 +131,43 @@ def train_here(args: list[str]) -> dict:
         sys.path.remove(str(ROOT / "recipes"))
 
 
+def client_hello(args: list[str], labels: list[str]) -> tuple[dict, int]:
+    """What a `recipes/train.py args` client whose data has these class names says in its HELLO (the settings of
+    its split and training arguments and, with `--num_clients`, its federation block, as `run_split_training`
+    builds them), and the bytes of its client half (what a federation's PLAN announces)."""
+    from transformers import HfArgumentParser
+
+    from hf_adc.experiment import (
+        DataArguments,
+        FederationArguments,
+        ModelArguments,
+        RemoteArguments,
+        SplitArguments,
+        build_split,
+        with_defaults,
+    )
+    from hf_adc.federation import client_side_tensors
+    from hf_adc.remote import session_settings
+    from hf_adc.training import ADCTrainingArguments
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import train
+    finally:
+        sys.path.remove(str(ROOT / "recipes"))
+    parser = HfArgumentParser(
+        (ModelArguments, SplitArguments, DataArguments, ADCTrainingArguments, RemoteArguments, FederationArguments)
+    )
+    model, split_args, _, training, _, federation = parser.parse_args_into_dataclasses(
+        with_defaults(args, train.TRAINING_DEFAULTS)
+    )
+    split, _ = build_split(model, split_args, labels, training.seed)
+    settings = session_settings(split, training)
+    if federation.num_clients is not None:
+        settings["federation"] = federation.shared_settings(training)
+    return settings, sum(tensor.numel() for tensor in client_side_tensors(split)) * 4
+
+
 def model_args(checkpoint: str, *extra: str) -> list[str]:
     """What both sides must agree on: model, split, compression, optimizer and schedule."""
     return [
