@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ENV
 from hub_server import LocalHub
 
 import hf_adc
@@ -52,7 +53,7 @@ def test_push_both_halves_and_load_them_back_by_repo_id(tiny_vit, batch, tmp_pat
 
     with LocalHub() as hub:
         environment = {
-            **os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_test_token", "HF_HUB_DISABLE_XET": "1",
+            **os.environ, **ENV, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_test_token", "HF_HUB_DISABLE_XET": "1",
             "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home"),
         }  # fmt: skip
         done = subprocess.run(
