@@ -137,7 +137,10 @@ def client_hello(args: list[str], labels: list[str]) -> tuple[dict, int]:
     builds them), and the bytes of its client half (what a federation's PLAN announces)."""
     from transformers import HfArgumentParser
 
+    from hf_adc.distributed.federation import client_side_tensors
+    from hf_adc.distributed.settings import session_settings
     from hf_adc.experiment import (
+        TRAIN_RECIPE,
         DataArguments,
         FederationArguments,
         ModelArguments,
@@ -146,20 +149,13 @@ def client_hello(args: list[str], labels: list[str]) -> tuple[dict, int]:
         build_split,
         with_defaults,
     )
-    from hf_adc.federation import client_side_tensors
-    from hf_adc.remote import session_settings
     from hf_adc.training import ADCTrainingArguments
 
-    sys.path.insert(0, str(ROOT / "recipes"))
-    try:
-        import train
-    finally:
-        sys.path.remove(str(ROOT / "recipes"))
     parser = HfArgumentParser(
         (ModelArguments, SplitArguments, DataArguments, ADCTrainingArguments, RemoteArguments, FederationArguments)
     )
     model, split_args, _, training, _, federation = parser.parse_args_into_dataclasses(
-        with_defaults(args, train.TRAINING_DEFAULTS)
+        with_defaults(args, TRAIN_RECIPE)
     )
     split, _ = build_split(model, split_args, labels, training.seed)
     settings = session_settings(split, training)
