@@ -10,11 +10,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import kill_spawned  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
 
 NUM_LABELS = 5
 # Tests taking the `device` fixture run on every device this machine has: the CPU, and a GPU where present.
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.fixture(autouse=True)
+def _no_spawned_process_survives_a_test():
+    """Kills every process group a test (or a fixture it used) spawned through `helpers.spawn`, pass or fail."""
+    yield
+    kill_spawned()
 
 
 def tiny_vit_config(**overrides) -> ViTConfig:

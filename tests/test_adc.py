@@ -147,3 +147,33 @@ def test_split_exponent_needs_xi_and_a_range():
         hf_adc.ADCConfig(xi=0.1, split_exponent=1.5)
     with pytest.raises(ValueError, match="with batch_ratio and token_ratio there is no xi"):
         hf_adc.ADCConfig(batch_ratio=0.5, token_ratio=0.5, split_exponent=0.25)
+
+
+def _cls_rows(tiny_vit) -> torch.Tensor:
+    """CLS attention rows of the tiny ViT's client half on 24 images, 8 of them copies of two (duplicates)."""
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randn(16, 3, 16, 16, generator=generator)
+    images = torch.cat([images, images[:2].repeat(4, 1, 1, 1)])
+    with torch.no_grad():
+        return _client_outputs(tiny_vit, images)[1].float()
+
+
+@pytest.mark.parametrize(
+    ("num_clusters", "max_iter", "tol"), [(6, 20, 1e-4), (10, 20, 1e-4), (6, 20, 2e-3), (10, 3, 0)]
+)
+def test_kmeans_without_host_reads_gives_the_host_answer(tiny_vit, monkeypatch, num_clusters, max_iter, tol):
+    """The accelerator branch (no value read back: every iteration runs, empty clusters are always repaired, and the
+    centroids freeze once converged) clusters exactly as the CPU branch (which checks and stops as it goes); run here
+    on the CPU by telling k-means that host reads are not free. The same assignments make the same centroids."""
+    from hf_adc.bridges import adc
+
+    points = _cls_rows(tiny_vit)
+    seeds = range(6)
+    host = [adc.kmeans(points, num_clusters, generator=torch.Generator().manual_seed(s), max_iter=max_iter, tol=tol)
+            for s in seeds]  # fmt: skip
+    monkeypatch.setattr(adc, "_reads_are_free", lambda tensor: False)
+    for seed, expected in zip(seeds, host, strict=True):
+        generator = torch.Generator().manual_seed(seed)
+        assignment = adc.kmeans(points, num_clusters, generator=generator, max_iter=max_iter, tol=tol)
+        assert torch.equal(assignment, expected), seed
+        assert torch.bincount(assignment, minlength=num_clusters).min() >= 1, seed

@@ -3,26 +3,25 @@ SplitFed with one client equal to the one-client run, a killed client dropped, d
 
 import json
 import signal
-import sys
 
 import numpy as np
 import pytest
 import torch
-from hub_server import LocalHub
-from safetensors.torch import load_file
-from test_recipes import ROOT, launch
-from test_remote import (
-    TIMEOUT,
-    _signal,
-    _wait_for,
+from helpers import (
     data_args,
     finish,
     free_address,
+    launch,
     model_args,
-    spawn,
+    signal_group,
     start_server,
+    train_here,
+    wait_for,
     wait_output,
 )
+from helpers import start_client as start_remote_client
+from hub_server import LocalHub
+from safetensors.torch import load_file
 
 import hf_adc
 from hf_adc.data import partition_indices
@@ -30,13 +29,7 @@ from hf_adc.federation import PLAN_BYTES
 
 
 def start_client(address: str, checkpoint: str, digits: str, output_dir, client_id: int, *extra: str):
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(ROOT / "recipes" / "accelerate_configs" / "cpu.yaml"), str(ROOT / "recipes" / "train.py"),
-        *model_args(checkpoint), *data_args(digits, output_dir), "--server", address, "--join_token", "secret",
-        "--timeout", TIMEOUT, "--client_id", str(client_id), *extra,
-    ]  # fmt: skip
-    return spawn(command, start_new_session=True)
+    return start_remote_client(address, checkpoint, digits, output_dir, "--client_id", str(client_id), *extra)
 
 
 def federation(tmp_path, checkpoint, digits, schedule, num_clients, steps, *extra, client_extra=(), server_extra=()):
@@ -121,50 +114,122 @@ def test_three_clients_train_and_sync_bytes_are_the_half_times_its_transfers(req
     assert len(accuracies) == 1, "the clients evaluated different final models"
 
 
-def test_the_budget_covers_every_client_and_the_sync(tiny_vit_path, digits_dir, tmp_path):
+@pytest.mark.parametrize("schedule", ["splitfed", "sequential"])
+def test_the_budget_covers_every_client_and_the_sync(tiny_vit_path, digits_dir, tmp_path, schedule):
     server, clients, output_dir = federation(
-        tmp_path, tiny_vit_path, digits_dir, "splitfed", 2, 0, "--compression", "adc", "--xi", "0.25",
+        tmp_path, tiny_vit_path, digits_dir, schedule, 2, 0, "--compression", "adc", "--xi", "0.25",
         "--budget_epochs", "3",
     )  # fmt: skip
     server_log, logs = finish_all(server, clients)
     for client, log in zip(clients, logs, strict=True):
         assert client.returncode == 0, log[-3000:] + server_log[-3000:]
     report = json.loads((output_dir / "server" / "server_results.json").read_text())
-    plan, total = report["plan"], report["total"]["total_bytes"]
+    plan, total, half = report["plan"], report["total"]["total_bytes"], report["half_bytes"]
     assert plan["rounds"] >= 2
-    # Whole batches (48 rows a shard, batch 16): every round sends exactly what the plan counted, so the budget is
-    # spent to within one round, and never exceeded.
-    assert total == plan["rounds"] * plan["round_bytes"] + 2 * PLAN_BYTES
-    assert total <= plan["budget_bytes"] < total + plan["round_bytes"]
+    for i in range(2):
+        assert json.loads((output_dir / f"client-{i}" / "results.json").read_text())["steps"] == plan["rounds"] * 2
+    # What the plan counts: its rounds, each client's plan exchange and (sequential) the final half each gets with
+    # its step count (float64). Whole batches (48 rows a shard, batch 16): every round sends what the plan counted
+    # (sequential: but the very first turn, which starts from the client's own half), so the budget is spent to
+    # within one round, and never exceeded.
+    final = 2 * (PLAN_BYTES + (half + 8 if schedule == "sequential" else 0))
+    planned = plan["rounds"] * plan["round_bytes"] + final
+    assert total == planned - (half if schedule == "sequential" else 0)
+    assert total <= planned <= plan["budget_bytes"] < planned + plan["round_bytes"]
 
 
-def test_splitfed_with_one_client_averaging_every_step_equals_the_one_client_run(tiny_vit_path, digits_dir, tmp_path):
-    shared = model_args(tiny_vit_path, "--compression", "adc", "--xi", "0.25", "--max_steps", "6")
-    alone = launch("train.py", [*shared, *data_args(digits_dir, tmp_path / "alone")])
-    assert alone.returncode == 0, alone.stderr[-3000:]
+ONE_CLIENT = ("--compression", "adc", "--xi", "0.25", "--max_steps", "6", "--num_clients", "1")
+EVERY_THIRD_STEP = ("--save_strategy", "steps", "--save_steps", "3")
 
+
+def one_client_splitfed(output_dir, checkpoint, digits, *extra) -> None:
+    """One client in SplitFed, averaging every step, checkpointing at steps 3 and 6 (`output_dir`/server, /client)."""
     address = free_address()
-    federated = ("--num_clients", "1")
-    server = start_server(address, tmp_path / "server", *shared, *federated, "--sync_every", "1")
-    client = launch(
-        "train.py",
-        [*shared, *data_args(digits_dir, tmp_path / "client"), "--server", address, "--join_token", "secret",
-         "--timeout", TIMEOUT, *federated, "--client_id", "0"],
-    )  # fmt: skip
+    server = start_server(address, output_dir / "server", *model_args(checkpoint), *ONE_CLIENT, *EVERY_THIRD_STEP,
+                          "--sync_every", "1", *extra)  # fmt: skip
+    client = start_client(address, checkpoint, digits, output_dir / "client", 0, *ONE_CLIENT, *EVERY_THIRD_STEP,
+                          *extra)  # fmt: skip
+    client_log = wait_output(client, 300)
     server_log = finish(server)
-    assert client.returncode == 0, client.stderr[-3000:] + server_log[-3000:]
+    assert client.returncode == 0, client_log[-3000:] + server_log[-3000:]
+    assert server.returncode == 0, server_log[-3000:]
 
+
+@pytest.fixture(scope="module")
+def one_client_run(tiny_vit_path, digits_dir, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("one_client")
+    one_client_splitfed(output_dir, tiny_vit_path, digits_dir)
+    return output_dir
+
+
+def test_splitfed_with_one_client_averaging_every_step_equals_the_one_client_run(tiny_vit_path, digits_dir, tmp_path,
+                                                                                one_client_run):  # fmt: skip
+    train_here([*model_args(tiny_vit_path, *ONE_CLIENT[:-2]), *data_args(digits_dir, tmp_path / "alone")])
     one = json.loads((tmp_path / "alone" / "results.json").read_text())
-    fed = json.loads((tmp_path / "client" / "results.json").read_text())
+    fed = json.loads((one_client_run / "client" / "results.json").read_text())
     losses = [[entry["loss"] for entry in run["log_history"] if "loss" in entry] for run in (one, fed)]
     assert len(losses[0]) == 6
     assert losses[1] == pytest.approx(losses[0], abs=1e-6)
     assert fed["test_accuracy"] == one["test_accuracy"]
     assert fed["federation"]["sync_transfers"] == 12
     expected = load_file(tmp_path / "alone" / "client" / "model.safetensors")
-    actual = load_file(tmp_path / "server" / "client" / "model.safetensors")
+    actual = load_file(one_client_run / "server" / "client" / "model.safetensors")
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def resumed_one_client_run(tiny_vit_path, digits_dir, tmp_path_factory, one_client_run) -> tuple:
+    """`one_client_run` as if everything had stopped after step 3: both sides resume from their checkpoint-3."""
+    whole, resumed = one_client_run, tmp_path_factory.mktemp("resumed_one_client")
+    address = free_address()
+    server = start_server(
+        address, resumed / "server", *model_args(tiny_vit_path), *ONE_CLIENT, *EVERY_THIRD_STEP, "--sync_every", "1",
+        "--resume_from_checkpoint", str(whole / "server" / "checkpoint-3"),
+    )  # fmt: skip
+    client = start_client(address, tiny_vit_path, digits_dir, resumed / "client", 0, *ONE_CLIENT, *EVERY_THIRD_STEP,
+                          "--resume_from_checkpoint", str(whole / "client" / "checkpoint-3"))  # fmt: skip
+    client_log = wait_output(client, 300)
+    server_log = finish(server)
+    assert client.returncode == 0, client_log[-3000:] + server_log[-3000:]
+    return resumed, server_log
+
+
+def test_a_splitfed_federation_resumes_from_the_servers_checkpoint_as_if_never_stopped(
+    one_client_run, resumed_one_client_run
+):
+    """One client: with several, the server takes their steps in arrival order, so no two runs are alike."""
+    whole, (resumed, server_log) = one_client_run, resumed_one_client_run
+    assert "Resumed the federation at step 3 (round 3)" in server_log, server_log[-3000:]
+    report = json.loads((resumed / "server" / "server_results.json").read_text())
+    assert report["status"] == "finished" and report["resumed_from"] == 3, report
+    for half in ("client", "server"):
+        expected = load_file(whole / "server" / half / "model.safetensors")
+        actual = load_file(resumed / "server" / half / "model.safetensors")
+        for name, tensor in expected.items():
+            torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=0, msg=f"{half}: {name}")
+    one, two = (json.loads((run / "client" / "results.json").read_text()) for run in (whole, resumed))
+    assert two["steps"] == 6
+    losses = [[entry["loss"] for entry in run["log_history"] if "loss" in entry] for run in (one, two)]
+    assert len(losses[0]) == 6 and losses[1] == pytest.approx(losses[0], abs=1e-6)
+    # The same bytes, plus the resumed session's one more plan exchange; every half both ways, every round.
+    assert two["total_bytes"] == one["total_bytes"] + PLAN_BYTES
+    assert two["sync_bytes"] == one["sync_bytes"] == 12 * one["federation"]["half_bytes"]
+    assert two["federation"]["sync_transfers"] == one["federation"]["sync_transfers"] == 12
+    assert two["test_accuracy"] == one["test_accuracy"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a SplitFed round's checkpoint is written (at the average) before the server counts that round's "
+    "transfers, so checkpoint-N/federation.json and a federation resumed from it report 2 * clients halves too few",
+)
+def test_a_resumed_splitfed_federation_reports_every_half_the_server_sent(one_client_run, resumed_one_client_run):
+    whole, (resumed, _) = one_client_run, resumed_one_client_run
+    uninterrupted = json.loads((whole / "server" / "server_results.json").read_text())
+    report = json.loads((resumed / "server" / "server_results.json").read_text())
+    assert uninterrupted["sync_transfers"] == 12  # six rounds, a half up and the average down in each
+    assert report["sync_transfers"] == 12
 
 
 def test_a_killed_client_is_dropped_the_others_go_on_and_it_rejoins_with_the_current_half(tiny_vit_path, digits_dir,
@@ -183,17 +248,17 @@ def test_a_killed_client_is_dropped_the_others_go_on_and_it_rejoins_with_the_cur
                      "--max_steps", "60", "--split_layer", "1"),
     ]  # fmt: skip
     # Past the first round (its third step logged), so that the federation has an averaged half to hand out.
-    _wait_for(lambda: clients[2].log_path.read_text().count("'loss'") >= 3, 180, "client 2's third logged step")
-    _signal(clients[2], signal.SIGKILL)
-    _wait_for(lambda: "Client 2 dropped" in server.log_path.read_text(), 30, "the server dropping client 2")
+    wait_for(lambda: clients[2].log_path.read_text().count("'loss'") >= 3, 180, "client 2's third logged step")
+    signal_group(clients[2], signal.SIGKILL)
+    wait_for(lambda: "Client 2 dropped" in server.log_path.read_text(), 30, "the server dropping client 2")
     # The other two go on; they are stopped (and so wait) while client 2 restarts, so that it rejoins mid-way.
     for client in clients[:2]:
-        _signal(client, signal.SIGSTOP)
+        signal_group(client, signal.SIGSTOP)
     again = start_client(address, tiny_vit_path, digits_dir, output_dir / "client-2", 2, "--num_clients", "3",
                          "--max_steps", "60", *patient)  # fmt: skip
-    _wait_for(lambda: "Client 2 rejoined at round" in server.log_path.read_text(), 120, "client 2 rejoining")
+    wait_for(lambda: "Client 2 rejoined at round" in server.log_path.read_text(), 120, "client 2 rejoining")
     for client in clients[:2]:
-        _signal(client, signal.SIGCONT)
+        signal_group(client, signal.SIGCONT)
     server_log, logs = finish_all(server, [*clients[:2], again])
     for client, log in zip([*clients[:2], again], logs, strict=True):
         assert client.returncode == 0, log[-3000:] + server_log[-3000:]
@@ -223,11 +288,11 @@ def test_a_hung_client_is_dropped_at_the_timeout_and_the_others_finish(tiny_vit_
         tmp_path, tiny_vit_path, digits_dir, "splitfed", 3, 40, client_extra=("--save_strategy", "no")
     )
     try:
-        _wait_for(lambda: "'loss'" in clients[1].log_path.read_text(), 180, "client 1's first logged step")
-        _signal(clients[1], signal.SIGSTOP)
+        wait_for(lambda: "'loss'" in clients[1].log_path.read_text(), 180, "client 1's first logged step")
+        signal_group(clients[1], signal.SIGSTOP)
         server_log, logs = finish_all(server, [clients[0], clients[2]])
     finally:
-        _signal(clients[1], signal.SIGKILL)
+        signal_group(clients[1], signal.SIGKILL)
     for client, log in zip([clients[0], clients[2]], logs, strict=True):
         assert client.returncode == 0, log[-3000:] + server_log[-3000:]
     report = json.loads((output_dir / "server" / "server_results.json").read_text())

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ENV
 from hub_server import LocalHub
 
 import hf_adc
@@ -52,7 +53,7 @@ def test_push_both_halves_and_load_them_back_by_repo_id(tiny_vit, batch, tmp_pat
 
     with LocalHub() as hub:
         environment = {
-            **os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_test_token", "HF_HUB_DISABLE_XET": "1",
+            **os.environ, **ENV, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_test_token", "HF_HUB_DISABLE_XET": "1",
             "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home"),
         }  # fmt: skip
         done = subprocess.run(
@@ -102,25 +103,22 @@ def test_model_card_parses_and_carries_the_split(tiny_vit):
 
 
 def test_train_recipe_pushes_the_halves_from_the_main_process(tiny_vit_path, digits_dir, tmp_path):
-    from test_recipes import ROOT, tiny_run_args
+    from helpers import ROOT, spawn, tiny_run_args, wait_output
 
     with LocalHub() as hub:
-        environment = {
-            **os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_test_token", "HF_HUB_DISABLE_XET": "1",
-            "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home"),
-        }  # fmt: skip
         args = tiny_run_args(tiny_vit_path, digits_dir, tmp_path / "run", "--push_to_hub", "--hub_model_id", "me/run")
-        done = subprocess.run(
-            [sys.executable, str(ROOT / "recipes" / "train.py"), *args],
-            capture_output=True, text=True, env=environment, timeout=300,
+        process = spawn(
+            [sys.executable, str(ROOT / "recipes" / "train.py"), *args], HF_ENDPOINT=hub.endpoint,
+            HF_TOKEN="hf_test_token", HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"),
         )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
+        log = wait_output(process, 300)
+        assert process.returncode == 0, log[-3000:]
         assert {"me/run-client", "me/run-server"} == set(hub.repos)
         assert "README.md" in hub.repos["me/run-client"] and "model.safetensors" in hub.repos["me/run-server"]
 
 
 def test_train_recipe_push_without_a_repo_id_fails_before_training(tiny_vit_path, digits_dir, tmp_path):
-    from test_recipes import tiny_run_args
+    from helpers import tiny_run_args
 
     from hf_adc.experiment import DataArguments, ModelArguments, SplitArguments, run_split_training
 

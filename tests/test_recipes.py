@@ -1,39 +1,18 @@
 """The recipes through `accelerate launch` (one and two real processes), their outputs, and their errors."""
 
 import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, launch, tiny_run_args
 from transformers import AutoImageProcessor, AutoModel
 
 import hf_adc
 from hf_adc.data import ImageTransform
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "recipes" / "accelerate_configs"
 PER_SAMPLE_UNCOMPRESSED = 2 * 17 * 32 * 4 + 8
-
-
-def launch(script: str, args: list[str], config: str = "cpu.yaml", timeout: int = 300, **env):
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-        str(ROOT / "recipes" / script), *args,
-    ]  # fmt: skip
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=ROOT)
-
-
-def tiny_run_args(checkpoint: str, data: str, output_dir, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path", checkpoint, "--dataset_name", data, "--classes", "0-4",
-        "--max_train_samples", "128", "--max_eval_samples", "64", "--per_device_train_batch_size", "16",
-        "--output_dir", str(output_dir), "--logging_steps", "5", "--disable_tqdm", "true", *extra,
-    ]  # fmt: skip
 
 
 def test_train_recipe_runs_end_to_end_and_its_outputs_load_back(tiny_vit_path, digits_dir, tmp_path):

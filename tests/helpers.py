@@ -1,0 +1,197 @@
+"""What the multi-process tests share: the recipes' command lines, spawning processes that always get killed, and
+bounded waits.
+
+Every process a test starts goes through `spawn`, in a session (and process group) of its own, and is registered:
+the autouse fixture in conftest kills every registered group when the test ends, passed or failed, so that no
+server, client or `accelerate launch` worker (which outlives a kill of its launcher alone) survives a test.
+Subprocesses import the tree under test (`PYTHONPATH=<ROOT>/src`).
+"""
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "recipes" / "accelerate_configs"
+TIMEOUT = "20"
+ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+_SPAWNED: list[subprocess.Popen] = []
+
+
+def spawn(command: list[str], **env: str) -> subprocess.Popen:
+    """Starts `command` in a session of its own with its output in a file (a pipe nobody reads while waiting could
+    fill and block it), registered so that its whole process group is killed at the end of the test."""
+    with tempfile.NamedTemporaryFile("w", prefix="hf_adc_", suffix=".log", delete=False) as log:
+        process = subprocess.Popen(
+            command, env={**os.environ, **ENV, **env}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+    process.log_path = Path(log.name)
+    _SPAWNED.append(process)
+    return process
+
+
+def kill_spawned() -> None:
+    """Kills the process group of every process `spawn` started (its children too, even once it has exited)."""
+    while _SPAWNED:
+        process = _SPAWNED.pop()
+        signal_group(process, signal.SIGKILL)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+atexit.register(kill_spawned)  # a fixture that failed mid-way leaves no process behind either
+
+
+def signal_group(process: subprocess.Popen, signum: int) -> None:
+    """Sends `signum` to the process and its children (each spawned process leads a session of its own)."""
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def wait_output(process: subprocess.Popen, timeout: float) -> str:
+    """The process's output once it has exited; kills its group and fails if it runs past `timeout` seconds."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        signal_group(process, signal.SIGKILL)
+        process.wait(timeout=30)
+        raise AssertionError(
+            f"{process.args[1:3]} did not stop within {timeout} s:\n" + process.log_path.read_text()[-3000:]
+        ) from None
+    return process.log_path.read_text()
+
+
+def finish(server: subprocess.Popen, timeout: float = 60) -> str:
+    return wait_output(server, timeout)
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting {seconds} s for {what}")
+        time.sleep(0.05)
+
+
+def free_address() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def launch_command(script: str, args: list[str], config: str = "cpu.yaml") -> list[str]:
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+        str(ROOT / "recipes" / script), *args,
+    ]  # fmt: skip
+
+
+def launch(script: str, args: list[str], config: str = "cpu.yaml", timeout: int = 300, **env) -> subprocess.Popen:
+    """Runs `accelerate launch recipes/<script> args` to the end (at most `timeout` seconds); the process comes
+    back with `returncode`, and its output as both `stdout` and `stderr`."""
+    process = spawn(launch_command(script, args, config), **env)
+    process.stdout = process.stderr = wait_output(process, timeout)
+    return process
+
+
+def tiny_run_args(checkpoint: str, data: str, output_dir, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", checkpoint, "--dataset_name", data, "--classes", "0-4",
+        "--max_train_samples", "128", "--max_eval_samples", "64", "--per_device_train_batch_size", "16",
+        "--output_dir", str(output_dir), "--logging_steps", "5", "--disable_tqdm", "true", *extra,
+    ]  # fmt: skip
+
+
+def train_here(args: list[str]) -> dict:
+    """`recipes/train.py args` run in this process, on one thread as the spawned recipes run (`OMP_NUM_THREADS=1`):
+    the one-process reference, without the seconds a process takes to start and import."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        import train
+
+        return train.main(args)
+    finally:
+        torch.set_num_threads(threads)
+        sys.path.remove(str(ROOT / "recipes"))
+
+
+def client_hello(args: list[str], labels: list[str]) -> tuple[dict, int]:
+    """What a `recipes/train.py args` client whose data has these class names says in its HELLO (the settings of
+    its split and training arguments and, with `--num_clients`, its federation block, as `run_split_training`
+    builds them), and the bytes of its client half (what a federation's PLAN announces)."""
+    from transformers import HfArgumentParser
+
+    from hf_adc.distributed.federation import client_side_tensors
+    from hf_adc.distributed.settings import session_settings
+    from hf_adc.experiment import (
+        TRAIN_RECIPE,
+        DataArguments,
+        FederationArguments,
+        ModelArguments,
+        RemoteArguments,
+        SplitArguments,
+        build_split,
+        with_defaults,
+    )
+    from hf_adc.training import ADCTrainingArguments
+
+    parser = HfArgumentParser(
+        (ModelArguments, SplitArguments, DataArguments, ADCTrainingArguments, RemoteArguments, FederationArguments)
+    )
+    model, split_args, _, training, _, federation = parser.parse_args_into_dataclasses(
+        with_defaults(args, TRAIN_RECIPE)
+    )
+    split, _ = build_split(model, split_args, labels, training.seed)
+    settings = session_settings(split, training)
+    if federation.num_clients is not None:
+        settings["federation"] = federation.shared_settings(training)
+    return settings, sum(tensor.numel() for tensor in client_side_tensors(split)) * 4
+
+
+def model_args(checkpoint: str, *extra: str) -> list[str]:
+    """What both sides must agree on: model, split, compression, optimizer and schedule."""
+    return [
+        "--model_name_or_path", checkpoint, "--split_layer", "2", "--per_device_train_batch_size", "16",
+        "--learning_rate", "1e-3", "--seed", "3", *extra,
+    ]  # fmt: skip
+
+
+def data_args(data: str, output_dir) -> list[str]:
+    return [
+        "--dataset_name", data, "--classes", "0-4", "--max_train_samples", "96", "--max_eval_samples", "48",
+        "--output_dir", str(output_dir), "--logging_steps", "1", "--disable_tqdm", "true",
+        "--eval_strategy", "no",
+    ]  # fmt: skip
+
+
+def start_server(address: str, output_dir, *args: str, token: str = "secret") -> subprocess.Popen:
+    command = [
+        sys.executable, str(ROOT / "recipes" / "serve.py"), "--listen", address, "--join_token", token,
+        "--timeout", TIMEOUT, "--accept_timeout", "60", "--output_dir", str(output_dir), *args,
+    ]  # fmt: skip
+    return spawn(command)
+
+
+def start_client(address: str, checkpoint: str, digits: str, output_dir, *extra: str) -> subprocess.Popen:
+    """`accelerate launch recipes/train.py --server address` on the tiny model and data."""
+    args = [
+        *model_args(checkpoint), *data_args(digits, output_dir), "--server", address, "--join_token", "secret",
+        "--timeout", TIMEOUT, *extra,
+    ]  # fmt: skip
+    return spawn(launch_command("train.py", args))

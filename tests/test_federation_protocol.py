@@ -1,0 +1,167 @@
+"""A real federation server (`recipes/serve.py --num_clients`) driven over the wire by clients made here with the
+public protocol (`connect`, `Kind`, `json_tensor`; HELLO, PLAN, BEGIN, SYNC, END): FedAvg's shard weighting, the
+plan's numbers, the settings and resumes it refuses (naming them), and the federations it cannot plan."""
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import pytest
+import torch
+from helpers import TIMEOUT, client_hello, finish, free_address, model_args, start_server
+
+import hf_adc
+from hf_adc.federation import PLAN_BYTES, client_side_tensors, half_vector
+from hf_adc.transport import Kind, Refused, connect, json_tensor
+
+LABELS = [str(i) for i in range(5)]  # the digits' classes 0-4
+REPLY = timedelta(seconds=90)  # a reply that waits on the other clients (the server's round timeout is 60 s)
+RESULTS = 8  # END's float64 scalars: up, down, sync, total and uncompressed bytes, steps, accuracy, local accuracy
+
+
+class WireClient:
+    """One client session, message by message."""
+
+    def __init__(self, address: str, settings: dict, token: str = "secret"):
+        self.channel = connect(address, timedelta(seconds=float(TIMEOUT)))
+        self.channel.send(Kind.HELLO, {"settings": json_tensor({**settings, "token": token})})
+
+    def welcome(self) -> float:
+        return self.channel.recv(Kind.WELCOME).value
+
+    def send_plan(self, client_id: int, shard_size: int, step_bytes: int, half_bytes: int, epoch_bytes: int,
+                  resume_step: int = 0) -> None:  # fmt: skip
+        scalars = torch.tensor([client_id, shard_size, step_bytes, half_bytes, epoch_bytes, resume_step])
+        self.channel.send(Kind.PLAN, {"scalars": scalars})
+
+    def plan(self) -> dict[str, torch.Tensor]:
+        return self.channel.recv(Kind.PLAN, timeout=REPLY).tensors
+
+    def begin(self, max_steps: int) -> None:
+        self.channel.send(Kind.BEGIN, {"scalars": torch.tensor([max_steps, 0])})
+        self.channel.recv(Kind.DONE)
+
+    def sync(self, half: torch.Tensor, samples: int) -> torch.Tensor:
+        self.channel.send(Kind.SYNC, {"weights": half}, value=float(samples))
+        return self.channel.recv(Kind.SYNC, timeout=REPLY).tensors["weights"]
+
+    def end(self, results: list[float]) -> None:
+        self.channel.send(Kind.END, {"scalars": torch.tensor(results, dtype=torch.float64)})
+        self.channel.recv(Kind.DONE)
+
+
+def refusal(address: str, settings: dict, **plan) -> str:
+    """The server's reason for refusing a client with these settings (at its HELLO, or at its PLAN if given)."""
+    client = WireClient(address, settings)
+    with pytest.raises(Refused) as refused:
+        client.welcome()
+        client.send_plan(**plan)
+        client.plan()
+    return str(refused.value)
+
+
+def test_splitfed_averages_unequal_shards_by_size_and_refuses_clients_that_differ_naming_the_setting(
+    tiny_vit_path, tmp_path
+):
+    address, output_dir = free_address(), tmp_path / "server"
+    federation = ("--compression", "none", "--num_clients", "2", "--max_steps", "2")
+    server = start_server(
+        address, output_dir, *model_args(tiny_vit_path), *federation, "--schedule", "splitfed", "--sync_every", "1",
+        "--round_timeout", "60",
+    )  # fmt: skip
+    settings, half_bytes = client_hello([*model_args(tiny_vit_path), *federation], LABELS)
+    pool = ThreadPoolExecutor(2)
+    try:
+        first = WireClient(address, settings)
+        assert first.welcome() == 60.0  # the round timeout: how long a client may wait on the others
+        first.send_plan(0, shard_size=30, step_bytes=1000, half_bytes=half_bytes, epoch_bytes=5000)
+        first_plan = pool.submit(first.plan)  # answered once both clients have planned
+
+        # While the first client waits for the second, clients that differ from it or from the server are refused.
+        def differing(**changes):
+            return {**settings, "federation": {**settings["federation"], **changes}}
+
+        assert "num_clients: client 3, server 2" in refusal(address, differing(num_clients=3))
+        reason = refusal(address, differing(partition="dirichlet"))
+        assert "federation settings differ" in reason and "partition: client 'dirichlet', server 'iid'" in reason
+        assert "alpha: client 0.1, server 0.5" in refusal(address, differing(alpha=0.1))
+        assert "budget_epochs: client 2.0, server None" in refusal(address, differing(budget_epochs=2.0))
+        assert "max_steps: client 4, server 2" in refusal(address, differing(max_steps=4))
+        reason = refusal(address, differing(save_strategy="steps", save_steps=2))
+        assert "save_steps: client 2, server 500" in reason and "save_strategy: client 'steps', server 'no'" in reason
+        plan = {"client_id": 1, "shard_size": 90, "step_bytes": 3000, "half_bytes": half_bytes, "epoch_bytes": 15000}
+        reason = refusal(address, settings, **{**plan, "resume_step": 2})
+        assert "client 1 resumes from step 2, but this server did not resume the federation" in reason
+        assert "--resume_from_checkpoint .../checkpoint-2" in reason
+        assert "client 0 is already training" in refusal(address, settings, **{**plan, "client_id": 0})
+        assert f"has {half_bytes + 4} bytes; this server's has {half_bytes}" in refusal(
+            address, settings, **{**plan, "half_bytes": half_bytes + 4}
+        )
+
+        second = WireClient(address, settings)
+        second.welcome()
+        second.send_plan(**plan)
+        plans = [first_plan.result(timeout=REPLY.total_seconds()), second.plan()]
+        # max_steps, sync_every, schedule (splitfed), clients, rounds, no budget (-1), and a round's bytes: every
+        # client's steps and each half up with its sample count (float64) and back down.
+        round_bytes = (1000 + 3000) * 1 + 2 * (2 * half_bytes + 8)
+        for reply in plans:
+            assert reply["scalars"].tolist() == [2, 1, 1, 2, 2, -1, round_bytes]
+            assert "weights" not in reply  # no averaged half yet
+        first.begin(2)
+        second.begin(2)
+
+        generator = torch.Generator().manual_seed(0)
+        halves = [torch.randn(half_bytes // 4, generator=generator) for _ in range(2)]
+        averaged = pool.submit(first.sync, halves[0], 16)
+        replies = [second.sync(halves[1], 16), averaged.result(timeout=REPLY.total_seconds())]
+        expected = (30 * halves[0] + 90 * halves[1]) / 120
+        for reply in replies:
+            torch.testing.assert_close(reply, expected, rtol=1e-6, atol=1e-6)
+        first.end([1.0, 2.0, 3.0, 4.0, 5.0, 1.0, 0.5, 0.25])
+        second.end([10.0, 20.0, 30.0, 40.0, 50.0, 1.0, 0.5, 0.75])
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    log = finish(server)
+    assert server.returncode == 0, log[-3000:]
+    report = json.loads((output_dir / "server_results.json").read_text())
+    assert report["status"] == "finished" and report["dropped"] == [], report
+    assert {cid: client["shard_size"] for cid, client in report["clients"].items()} == {"0": 30, "1": 90}
+    assert report["clients"]["1"]["uplink_bytes"] == 10.0 and report["total"]["sync_bytes"] == 33.0
+    assert report["sync_transfers"] == 4  # two halves up, the average down twice
+    assert log.count("refused") == 9, log[-3000:]
+    # The server keeps the averaged half as the split's client half.
+    saved = hf_adc.SplitViTForImageClassification.from_pretrained(output_dir)
+    torch.testing.assert_close(half_vector(client_side_tensors(saved)), expected, rtol=1e-6, atol=1e-6)
+    assert PLAN_BYTES == 6 * 8 + 7 * 8  # what each client charges for this PLAN exchange, both ways
+
+
+def test_a_federation_it_cannot_plan_fails_with_the_reason_in_server_results(tiny_vit_path, tmp_path):
+    few = ("--compression", "none", "--num_clients", "3", "--max_steps", "2")
+    ragged = ("--compression", "none", "--num_clients", "1", "--max_steps", "3")
+    cases = {  # the server's flags, its clients' flags, how many clients come, and why no plan can be made
+        "min_clients": (
+            (*few, "--min_clients", "3", "--sync_every", "1", "--round_timeout", "3"), few, 2,
+            "only 2 of 3 clients joined (min_clients=3).",
+        ),
+        "max_steps": ((*ragged, "--sync_every", "2"), ragged, 1, "max_steps=3 must be a multiple of sync_every=2."),
+    }  # fmt: skip
+    servers = {}
+    for name, (flags, *_) in cases.items():  # both start at once
+        address = free_address()
+        servers[name] = address, start_server(address, tmp_path / name, *model_args(tiny_vit_path), *flags)
+    for name, (_, client_flags, coming, reason) in cases.items():
+        address, server = servers[name]
+        settings, half_bytes = client_hello([*model_args(tiny_vit_path), *client_flags], LABELS)
+        clients = [WireClient(address, settings) for _ in range(coming)]
+        for client_id, client in enumerate(clients):
+            client.welcome()
+            client.send_plan(client_id, shard_size=48, step_bytes=1000, half_bytes=half_bytes, epoch_bytes=5000)
+        for client in clients:
+            with pytest.raises(Refused, match=re.escape(reason)):
+                client.plan()
+        log = finish(server)
+        assert server.returncode == 0, log[-3000:]
+        report = json.loads((tmp_path / name / "server_results.json").read_text())
+        assert (report["status"], report["detail"], report["plan"]) == ("failed", reason, None), report
