@@ -10,7 +10,8 @@ The task: the main job's pretrained checkpoint fine-tuned on Fashion-MNIST class
 images) under a budget of one epoch of uncompressed traffic, for the uncompressed split, ADC (xi = 0.1) and the
 best baseline of the quick sweep at that ratio (BottleNet++, d'/d = 0.1). Reported: wall-clock per training step
 (compute, from the unshaped run, and transfer, the rest), training wall-clock until the uncompressed split's final
-accuracy is reached, accuracy against training wall-clock (a plot), and ledger + framing against the wire.
+accuracy is reached, accuracy against training wall-clock (a plot), and ledger + framing against the wire, each for
+the default transport (gRPC with mutual TLS, kits made on the fly) and plaintext gRPC (`--insecure`) side by side.
 
     sudo python benchmarks/network.py                       # 100 and 10 Mbit/s, writes docs/results/network/
 """
@@ -75,17 +76,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def one_run(namespace: Namespace, method: str, args, checkpoint: str, output_dir: Path) -> dict:
+def one_run(
+    namespace: Namespace, method: str, transport: str, args, checkpoint: str, kits: Path, output_dir: Path
+) -> dict:
     address = f"127.0.0.1:{free_port()}"
     shared = ["--model_name_or_path", checkpoint, "--split_layer", "2", "--seed", str(args.seed), *METHODS[method]]
-    remote = ["--join_token", "bench", "--timeout", "600"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    remote = ["--timeout", "600"]
+    server_credentials, client_credentials = (
+        (["--credentials", str(kits / "server")], ["--credentials", str(kits / "client-0")])
+        if transport == "tls" else (["--insecure"], ["--insecure"])
+    )  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_ADC_JOIN_TOKEN": "bench"}
     before = namespace.wire_bytes()
     output_dir.mkdir(parents=True)
     server_log = open(output_dir / "server.log", "w")  # a file, not a pipe nobody reads while the client runs
     server = subprocess.Popen(
         namespace.exec([sys.executable, str(ROOT / "recipes/serve.py"), "--listen", address, *shared, *remote,
-                        "--accept_timeout", "120", "--output_dir", str(output_dir)]),
+                        *server_credentials, "--accept_timeout", "120", "--output_dir", str(output_dir)]),
         env=env, stdout=server_log, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     data = [
@@ -95,7 +102,7 @@ def one_run(namespace: Namespace, method: str, args, checkpoint: str, output_dir
     client = subprocess.run(
         namespace.exec([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                         str(ROOT / "recipes/accelerate_configs/cpu.yaml"), str(ROOT / "recipes/train.py"), *shared,
-                        *remote, "--server", address, *data, "--output_dir", str(output_dir)]),
+                        *remote, *client_credentials, "--server", address, *data, "--output_dir", str(output_dir)]),
         env=env, capture_output=True, text=True,
     )  # fmt: skip
     server.wait(timeout=300)
@@ -114,6 +121,7 @@ def one_run(namespace: Namespace, method: str, args, checkpoint: str, output_dir
     transport = results["transport"]
     return {
         "method": method,
+        "transport": transport,
         "steps": results["steps"],
         "accuracy": results["test_accuracy"],
         "train_seconds": train_seconds,
@@ -140,7 +148,7 @@ def plot(rows: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 3.8), squeeze=False)
     for axis, rate in zip(axes[0], rates, strict=True):
         for row in (row for row in rows if row["rate"] == rate):
-            axis.plot(*zip(*row["evals"], strict=True), marker="o", label=row["method"])
+            axis.plot(*zip(*row["evals"], strict=True), marker="o", label=f"{row['method']} ({row['transport']})")
         axis.set_title(f"link shaped to {rate} Mbit/s")
         axis.set_xlabel("training wall-clock (s, evaluations excluded)")
         axis.set_ylabel("test accuracy")
@@ -158,6 +166,10 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=3000)
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--eval-every", type=float, default=0.2, help="Evaluate every this fraction of the steps.")
+    parser.add_argument(
+        "--transports", nargs="+", default=["tls", "insecure"], choices=["tls", "insecure"],
+        help="gRPC with mutual TLS (the default transport) and plaintext gRPC (--insecure), side by side.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(ROOT / "docs/results/network"))
     args = parser.parse_args()
@@ -171,36 +183,44 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
     namespace = Namespace(f"hfadc{os.getpid()}")
     scratch = Path(tempfile.mkdtemp(prefix="hf_adc_network_"))  # each run's outputs: read, then deleted
+    from hf_adc.distributed.provision import ephemeral_kits
+
+    kits = scratch / "kits"
+    ephemeral_kits(kits, 1)
     rows = []
     try:
-        settings = [(rate, method) for rate in [None, *args.rates] for method in args.methods]
-        for rate, method in tqdm(settings, desc="runs"):
+        settings = [
+            (rate, method, transport)
+            for rate in [None, *args.rates] for method in args.methods for transport in args.transports
+        ]  # fmt: skip
+        for rate, method, transport in tqdm(settings, desc="runs"):
             namespace.shape(rate)
-            work = scratch / f"{rate or 'unshaped'}-{method.split()[0]}"
-            rows.append({"rate": rate, **one_run(namespace, method, args, checkpoint, work)})
+            work = scratch / f"{rate or 'unshaped'}-{method.split()[0]}-{transport}"
+            rows.append({"rate": rate, **one_run(namespace, method, transport, args, checkpoint, kits, work)})
             with open(output / "runs.jsonl", "a") as file:
                 file.write(json.dumps(rows[-1]) + "\n")
     finally:
         namespace.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
-    compute = {row["method"]: row["step_ms"] for row in rows if row["rate"] is None}
+    compute = {(row["method"], row["transport"]): row["step_ms"] for row in rows if row["rate"] is None}
     print(f"\n{args.train_samples} training images, budget 1 uncompressed epoch, CPU ({os.cpu_count()} cores)\n")
-    print("| link | method | steps | step ms | compute ms | transfer ms | accuracy | s to uncompressed's accuracy "
-          "| speed-up | ledger + framing / wire |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| link | method | transport | steps | step ms | compute ms | transfer ms | accuracy "
+          "| s to uncompressed's accuracy | speed-up | ledger + framing / wire |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for rate in [None, *args.rates]:
         runs = [row for row in rows if row["rate"] == rate]
-        target = next(row["accuracy"] for row in runs if row["method"] == "uncompressed")
-        reference = seconds_to_reach(next(row["evals"] for row in runs if row["method"] == "uncompressed"), target)
         for row in runs:
+            baseline = next(r for r in runs if r["method"] == "uncompressed" and r["transport"] == row["transport"])
+            target, reference = baseline["accuracy"], seconds_to_reach(baseline["evals"], baseline["accuracy"])
             reached = seconds_to_reach(row["evals"], target)
             speedup = f"{reference / reached:.1f}x" if reached and reference else "-"
             counted = (row["payload_bytes"] + row["framing_bytes"]) / row["wire_bytes"]
             link = f"{rate:g} Mbit/s" if rate else "unshaped"
-            compute_ms = compute[row["method"]]
+            compute_ms = compute[row["method"], row["transport"]]
             print(
-                f"| {link} | {row['method']} | {row['steps']} | {row['step_ms']:.0f} | {compute_ms:.0f} | "
+                f"| {link} | {row['method']} | {row['transport']} | {row['steps']} | {row['step_ms']:.0f} | "
+                f"{compute_ms:.0f} | "
                 f"{row['step_ms'] - compute_ms:.0f} | {row['accuracy']:.4f} | "
                 f"{f'{reached:.0f}' if reached else 'not reached'} | {speedup} | {counted:.4f} |"
             )

@@ -23,6 +23,7 @@ TIMEOUT = "20"
 ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
 _SPAWNED: list[subprocess.Popen] = []
+_KITS: Path | None = None
 
 
 def spawn(command: list[str], **env: str) -> subprocess.Popen:
@@ -101,7 +102,8 @@ def launch_command(script: str, args: list[str], config: str = "cpu.yaml") -> li
 def launch(script: str, args: list[str], config: str = "cpu.yaml", timeout: int = 300, **env) -> subprocess.Popen:
     """Runs `accelerate launch recipes/<script> args` to the end (at most `timeout` seconds); the process comes
     back with `returncode`, and its output as both `stdout` and `stderr`."""
-    process = spawn(launch_command(script, args, config), **env)
+    env.setdefault("HF_ADC_JOIN_TOKEN", "secret")
+    process = spawn(launch_command(script, with_credentials(args), config), **env)
     process.stdout = process.stderr = wait_output(process, timeout)
     return process
 
@@ -180,18 +182,51 @@ def data_args(data: str, output_dir) -> list[str]:
     ]  # fmt: skip
 
 
+def kits() -> Path:
+    """A CA and kits for a server and clients `client-0` .. `client-5`, made once per test process (mutual TLS is
+    the path every multi-process test takes)."""
+    global _KITS
+    if _KITS is None:
+        from hf_adc.distributed.provision import ephemeral_kits
+
+        _KITS = Path(tempfile.mkdtemp(prefix="hf_adc_test_kits_")) / "kits"
+        ephemeral_kits(_KITS, 6)
+    return _KITS
+
+
+def client_kit(client_id: int = 0):
+    """Client `client_id`'s loaded kit (for clients the tests drive by hand)."""
+    from hf_adc.distributed.credentials import load_kit
+
+    return load_kit(kits() / f"client-{client_id}")
+
+
+def with_credentials(args: list[str]) -> list[str]:
+    """`args` with this party's `--credentials` added: the server's kit for `--listen`, `client-N`'s (its
+    `--client_id`, else 0) for `--server`; unless they give credentials, `--insecure` or `--distributed`."""
+    if {"--credentials", "--insecure", "--distributed"} & set(args):
+        return args
+    if "--listen" in args:
+        return [*args, "--credentials", str(kits() / "server")]
+    if "--server" in args:
+        client_id = args[args.index("--client_id") + 1] if "--client_id" in args else "0"
+        return [*args, "--credentials", str(kits() / f"client-{client_id}")]
+    return args
+
+
 def start_server(address: str, output_dir, *args: str, token: str = "secret") -> subprocess.Popen:
+    """`recipes/serve.py` on `address` with the server's kit; the join token comes from the environment, as the
+    README tells users to give it."""
     command = [
-        sys.executable, str(ROOT / "recipes" / "serve.py"), "--listen", address, "--join_token", token,
+        sys.executable, str(ROOT / "recipes" / "serve.py"), "--listen", address,
         "--timeout", TIMEOUT, "--accept_timeout", "60", "--output_dir", str(output_dir), *args,
     ]  # fmt: skip
-    return spawn(command)
+    return spawn(with_credentials(command), HF_ADC_JOIN_TOKEN=token)
 
 
 def start_client(address: str, checkpoint: str, digits: str, output_dir, *extra: str) -> subprocess.Popen:
     """`accelerate launch recipes/train.py --server address` on the tiny model and data."""
     args = [
-        *model_args(checkpoint), *data_args(digits, output_dir), "--server", address, "--join_token", "secret",
-        "--timeout", TIMEOUT, *extra,
+        *model_args(checkpoint), *data_args(digits, output_dir), "--server", address, "--timeout", TIMEOUT, *extra,
     ]  # fmt: skip
-    return spawn(launch_command("train.py", args))
+    return spawn(launch_command("train.py", with_credentials(args)), HF_ADC_JOIN_TOKEN="secret")

@@ -9,11 +9,12 @@ from datetime import timedelta
 
 import pytest
 import torch
-from helpers import TIMEOUT, client_hello, finish, free_address, model_args, start_server
+from helpers import TIMEOUT, client_hello, client_kit, finish, free_address, model_args, start_server
 
 import hf_adc
-from hf_adc.federation import PLAN_BYTES, client_side_tensors, half_vector
-from hf_adc.transport import Kind, Refused, connect, json_tensor
+from hf_adc.distributed import Kind, Refused, connect
+from hf_adc.distributed.federation import PLAN_BYTES, client_side_tensors, half_vector
+from hf_adc.distributed.wire import json_tensor
 
 LABELS = [str(i) for i in range(5)]  # the digits' classes 0-4
 REPLY = timedelta(seconds=90)  # a reply that waits on the other clients (the server's round timeout is 60 s)
@@ -23,8 +24,8 @@ RESULTS = 8  # END's float64 scalars: up, down, sync, total and uncompressed byt
 class WireClient:
     """One client session, message by message."""
 
-    def __init__(self, address: str, settings: dict, token: str = "secret"):
-        self.channel = connect(address, timedelta(seconds=float(TIMEOUT)))
+    def __init__(self, address: str, settings: dict, token: str = "secret", client_id: int = 0):
+        self.channel = connect(address, timedelta(seconds=float(TIMEOUT)), client_kit(client_id))
         self.channel.send(Kind.HELLO, {"settings": json_tensor({**settings, "token": token})})
 
     def welcome(self) -> float:
@@ -53,7 +54,7 @@ class WireClient:
 
 def refusal(address: str, settings: dict, **plan) -> str:
     """The server's reason for refusing a client with these settings (at its HELLO, or at its PLAN if given)."""
-    client = WireClient(address, settings)
+    client = WireClient(address, settings, client_id=plan.get("client_id", 0))
     with pytest.raises(Refused) as refused:
         client.welcome()
         client.send_plan(**plan)
@@ -99,7 +100,7 @@ def test_splitfed_averages_unequal_shards_by_size_and_refuses_clients_that_diffe
             address, settings, **{**plan, "half_bytes": half_bytes + 4}
         )
 
-        second = WireClient(address, settings)
+        second = WireClient(address, settings, client_id=1)
         second.welcome()
         second.send_plan(**plan)
         plans = [first_plan.result(timeout=REPLY.total_seconds()), second.plan()]
@@ -154,7 +155,7 @@ def test_a_federation_it_cannot_plan_fails_with_the_reason_in_server_results(tin
     for name, (_, client_flags, coming, reason) in cases.items():
         address, server = servers[name]
         settings, half_bytes = client_hello([*model_args(tiny_vit_path), *client_flags], LABELS)
-        clients = [WireClient(address, settings) for _ in range(coming)]
+        clients = [WireClient(address, settings, client_id=client_id) for client_id in range(coming)]
         for client_id, client in enumerate(clients):
             client.welcome()
             client.send_plan(client_id, shard_size=48, step_bytes=1000, half_bytes=half_bytes, epoch_bytes=5000)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import (
     TIMEOUT,
+    client_kit,
     data_args,
     finish,
     free_address,
@@ -28,8 +29,8 @@ from helpers import (
 from safetensors.torch import load_file
 
 import hf_adc
-from hf_adc.transport import Kind, PeerLost, Refused, connect, json_tensor
-from hf_adc.transport.wire import FIXED, PROTOCOL_VERSION, encode_header
+from hf_adc.distributed import Kind, PeerLost, Refused, connect
+from hf_adc.distributed.wire import FIXED, PROTOCOL_VERSION, encode_header, json_tensor
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -202,7 +203,7 @@ BAD_HEADERS = [
 def _refusal(address: str, send) -> str:
     """What the server answers to `send(channel)`; every send and receive ends at the channel's timeout."""
     timeout = timedelta(seconds=float(TIMEOUT))
-    channel = connect(address, timeout)
+    channel = connect(address, timeout, client_kit())
     send(channel)
     with pytest.raises(Refused) as refused:
         channel.recv(Kind.WELCOME, timeout=timeout)
@@ -218,9 +219,7 @@ def test_bad_headers_tokens_and_splits_are_refused_and_the_server_then_serves_a_
         header = _header(**fields)
         if fields.get("rank") == 2:
             header[FIXED + 4] = 2**20
-        reason = _refusal(address, lambda channel, header=header: channel.group.send([header], 0, 0).wait(
-            timedelta(seconds=float(TIMEOUT))
-        ))
+        reason = _refusal(address, lambda channel, header=header: channel.send_bytes(header.numpy().tobytes()))
         assert expected in reason, (fields, reason)
     names = [str(i) for i in range(5)]
     wrong_token = {"labels": names, "token": "guess"}
@@ -234,7 +233,7 @@ def test_bad_headers_tokens_and_splits_are_refused_and_the_server_then_serves_a_
     client = launch(
         "train.py",
         [*model_args(tiny_vit_path), *data_args(digits_dir, output_dir), "--max_steps", "3", "--server", address,
-         "--join_token", "secret", "--timeout", TIMEOUT],
+         "--timeout", TIMEOUT],
     )  # fmt: skip
     server_log = finish(server)
     assert client.returncode == 0, client.stderr[-3000:] + server_log[-3000:]
@@ -246,7 +245,7 @@ def test_an_unreachable_server_is_named_in_the_error():
     address = free_address()
     pool = ThreadPoolExecutor(1)
     try:
-        attempt = pool.submit(connect, address, timedelta(seconds=2))
+        attempt = pool.submit(connect, address, timedelta(seconds=2), client_kit())
         with pytest.raises(PeerLost, match=f"cannot reach the server at {address}"):
             attempt.result(timeout=15)  # a 2 s timeout gives up well within 15 s
     finally:

@@ -118,7 +118,8 @@ class Connection:
             self.outgoing.put(data, timeout=self.timeout.total_seconds())
         except queue.Full:
             raise PeerLost(
-                f"the peer at {self.address} took nothing for {self.timeout.total_seconds():.0f} s (sending {what})."
+                f"timed out after {self.timeout.total_seconds():.0f} s: the peer at {self.address} took nothing "
+                f"(sending {what})."
             ) from None
 
     def send(
@@ -137,7 +138,7 @@ class Connection:
             item = self.incoming.get(timeout=timeout.total_seconds())
         except queue.Empty:
             raise PeerLost(
-                f"the peer at {self.address} sent nothing for {timeout.total_seconds():.0f} s (the timeout)."
+                f"timed out after {timeout.total_seconds():.0f} s: the peer at {self.address} sent nothing."
             ) from None
         if item is _CLOSED:
             self.incoming.put(_CLOSED)  # every later receive sees the end too
@@ -195,17 +196,35 @@ def _outgoing_frames(outgoing: queue.Queue, active=lambda: True):
         yield item
 
 
-def _read_into(messages, incoming: queue.Queue, describe) -> None:
+def _read_into(messages, incoming: queue.Queue, describe, closed=lambda: False) -> None:
     """Moves the peer's messages into `incoming` (waiting while it is full: the stream's flow control then stops
-    the peer); at the end, `_CLOSED`, or the error `describe(error)` makes of a failed stream."""
+    the peer; giving up once `closed()`); at the end, `_CLOSED`, or the error `describe(error)` makes of a failed
+    stream."""
+
+    def put(item) -> bool:
+        while True:
+            try:
+                incoming.put(item, timeout=1.0)
+                return True
+            except queue.Full:
+                if closed():
+                    return False
+
     try:
         for message in messages:
-            incoming.put(message)
+            if not put(message):
+                return
     except grpc.RpcError as error:
-        incoming.put(describe(error))
+        put(describe(error))
     except Exception as error:  # noqa: BLE001 - a stream torn down under us: the session ends, nothing else
-        incoming.put(PeerLost(f"the stream failed: {error}"))
-    incoming.put(_CLOSED)
+        put(PeerLost(f"the stream failed: {error}"))
+    put(_CLOSED)
+
+
+def _details(error: grpc.RpcError) -> str:
+    """What gRPC says of a failed stream (a server-side error carries no details)."""
+    details = getattr(error, "details", None)
+    return details() if callable(details) else (str(error) or type(error).__name__)
 
 
 class Listener:
@@ -285,7 +304,9 @@ class Listener:
 
         connection.on_open = on_open
         reader = threading.Thread(
-            target=_read_into, args=(requests, incoming, lambda error: PeerLost(f"{peer}: {error.details()}")),
+            target=_read_into,
+            args=(requests, incoming, lambda error: PeerLost(f"lost the {peer}: {_details(error)}"),
+                  lambda: connection.closed),
             name=f"hf_adc-read-{number}", daemon=True,
         )  # fmt: skip
         reader.start()
@@ -363,11 +384,14 @@ def connect(
     def describe(error: grpc.RpcError) -> Exception:
         code = error.code()
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED):
-            return Refused(f"the server at {address} refused the session: {error.details()}")
-        return PeerLost(f"lost the server at {address}: {code.name} {error.details()}")
+            return Refused(f"the server at {address} refused the session: {_details(error)}")
+        return PeerLost(f"lost the peer at the server at {address}: {code.name} {_details(error)}")
 
-    threading.Thread(target=_read_into, args=(responses, incoming, describe), name="hf_adc-read", daemon=True).start()
     cap = max_frame_bytes or max_message_bytes
     connection = Connection(f"the server at {address}", timeout, incoming, outgoing, host, None, max_frame_bytes=cap)
+    threading.Thread(
+        target=_read_into, args=(responses, incoming, describe, lambda: connection.closed), name="hf_adc-read",
+        daemon=True,
+    ).start()
     connection.channel = channel
     return connection

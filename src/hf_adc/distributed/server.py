@@ -162,8 +162,9 @@ class SplitServer:
         return 0 if self.server_half is None else self.server_half.steps
 
     def serve(self, listener, accept_seconds: float | None = None) -> dict:
-        """Serves clients from `listener` until one finishes training or is lost mid-training. `accept_seconds`
-        bounds the wait for each next client (None: wait for ever)."""
+        """Serves clients from `listener` until one finishes training or is lost mid-training (or the server cannot
+        write its checkpoint). A session that breaks the protocol ends alone, and the server waits for the next
+        (with a fresh half). `accept_seconds` bounds the wait for each next client (None: wait for ever)."""
         while True:
             deadline = None if accept_seconds is None else time.monotonic() + accept_seconds
             try:
@@ -185,17 +186,19 @@ class SplitServer:
                 results = self._train(session)
                 session.connection.close()
                 return results
-            except Refused as error:
-                logger.warning("Session %d refused: %s", session.number, error)
+            except (Refused, WireError) as error:  # a message out of place or out of shape: that session ends
+                logger.warning("Session %d refused: %s. Waiting for the next client.", session.number, error)
                 session.connection.refuse(str(error))
+                self.server_half = None  # the next session starts from a fresh half, or from a checkpoint
                 continue
-            except (PeerLost, WireError, ServerFault) as error:
+            except (PeerLost, ServerFault) as error:
                 logger.error(
                     "Session %d lost: %s. The last checkpoint in %s is kept.", session.number, error, self.output_dir
                 )
                 session.connection.refuse(str(error))
                 traffic = vars(session.connection.traffic)
-                return {"status": "client lost", "error": str(error), "steps": self.steps, "traffic": traffic}
+                status = "failed" if isinstance(error, ServerFault) else "client lost"
+                return {"status": status, "error": str(error), "steps": self.steps, "traffic": traffic}
 
     def _handshake(self, connection: Connection) -> None:
         settings = read_hello(connection, self.join_token)
