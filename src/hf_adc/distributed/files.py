@@ -22,7 +22,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except OSError as error:
+    except Exception as error:  # noqa: BLE001 - writers wrap OSError (safetensors' SafetensorError): same outcome
         raise CheckpointError(f"could not write {path}: {error}; the previous version, if any, is intact.") from error
     finally:
         temporary.unlink(missing_ok=True)
