@@ -152,7 +152,10 @@ def run_server(
     )  # fmt: skip
     logger.warning("Serving the server half on %s (%s).", remote_args.listen,
                    "PLAINTEXT" if remote_args.insecure else "mutual TLS")  # fmt: skip
-    results = server.serve(listener, accept_seconds=remote_args.accept_timeout)
+    try:
+        results = server.serve(listener, accept_seconds=remote_args.accept_timeout)
+    finally:
+        listener.stop()
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "server_results.json").write_text(json.dumps(results, indent=2))

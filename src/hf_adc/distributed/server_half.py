@@ -118,18 +118,19 @@ class ServerHalf:
         try:
             context = split.bridge.receiver_context(tensors, shape, dtype)
             received = split.bridge.unpack(tensors, context).to(dtype).requires_grad_()
+            decoded = split.bridge.decode(received)
         except (KeyError, ValueError, RuntimeError) as error:  # a missing tensor, a shape that does not fit
             raise WireError(f"the activations do not fit the {type(split.bridge).__name__}: {error}") from error
-        if received.dim() != 3 or received.shape[0] != batch or not 1 <= received.shape[1] <= shape[1]:
-            raise WireError(f"activations of {tuple(received.shape)} do not fit {batch} labels and {shape[1]} tokens.")
-        if received.shape[2] != config.hidden_size:
-            raise WireError(f"activations of width {received.shape[2]} do not fit the split's {config.hidden_size}.")
+        if decoded.dim() != 3 or decoded.shape[0] != batch or not 1 <= decoded.shape[1] <= shape[1]:
+            raise WireError(f"activations of {tuple(decoded.shape)} do not fit {batch} labels and {shape[1]} tokens.")
+        if decoded.shape[2] != config.hidden_size:
+            raise WireError(f"activations of width {decoded.shape[2]} do not fit the split's {config.hidden_size}.")
         if labels.is_floating_point():
             targets = labels.float() / labels.float().sum(dim=1, keepdim=True)
         else:
             targets = F.one_hot(labels, split.num_labels).float()
         targets = targets * (1 - smoothing) + smoothing / split.num_labels
-        loss = split.server(split.bridge.decode(received), labels=targets).loss
+        loss = split.server(decoded, labels=targets).loss
         return PendingBackward(received, context, loss)
 
     def backward(self, pending: PendingBackward, seed: float) -> dict[str, torch.Tensor]:

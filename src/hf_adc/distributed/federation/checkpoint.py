@@ -1,14 +1,19 @@
 """A federation's checkpoint: next to the server half's own files (`ServerHalf.save_checkpoint`), the current client
 half and the federation's state (plan, round, members, schedule), written last so that a checkpoint with it is
-whole."""
+whole; and the federation put back as a checkpoint left it."""
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..files import read_checked, write_atomically
+from ..wire import Refused
+from .halves import half_size
+from .members import SAVED_MEMBER_FIELDS, Member
+from .plan import FederationPlan
 
 FEDERATION_STATE_NAME = "federation.json"
 CLIENT_HALF_NAME = "client_half.safetensors"
@@ -44,3 +49,38 @@ def read_federation_state(folder: Path, settings: dict) -> dict:
 
 def read_client_half(folder: Path) -> torch.Tensor:
     return read_checked(folder / CLIENT_HALF_NAME, lambda path: load_file(path)["weights"])
+
+
+def save_federation_checkpoint(federation, folder: Path, step: int) -> None:
+    """`checkpoint-N` of a `FederatedServer` at the end of the round of step N: its server half, then the client
+    half and the state."""
+    federation.server_half.save_checkpoint(folder)
+    members = [{name: getattr(m, name) for name in SAVED_MEMBER_FIELDS} for m in federation.members.members.values()]
+    state = {
+        "step": step, "round": federation.round, "steps": federation.steps, **federation.schedule.state(),
+        "plan": asdict(federation.plan), "schedule": federation.schedule.name, "num_clients": federation.num_clients,
+        "sync_every": federation.sync_every, "sync_transfers": federation.sync_transfers,
+        "server_max_steps": federation.server_max_steps, "members": members,
+        "federation_settings": federation.federation_settings,
+    }  # fmt: skip
+    write_federation_state(folder, federation.half, state)
+
+
+def resume_federation(federation, state: dict) -> None:
+    """The federation as the checkpoint in `federation.resume_from` left it at a round's end: plan, round, the client
+    half, the server half with its optimizer and schedule. Its clients are expected back, as live members that have
+    not joined. A file missing or not whole raises `CheckpointError` naming it."""
+    folder = federation.resume_from
+    federation.plan = FederationPlan(**state["plan"])
+    federation.members.planned = True
+    federation.round, federation.sync_transfers = state["round"], state["sync_transfers"]
+    federation.schedule.restore(state)
+    federation.half = read_client_half(folder)
+    expected, saved = half_size(federation.client_tensors), federation.half.numel()
+    if federation.half.shape != (expected,):
+        raise Refused(f"the checkpoint's client half has {saved} values; this split's has {expected}.")
+    federation.members.members = {m["client_id"]: Member(**m, joined=False) for m in state["members"]}
+    federation.server_max_steps = state["server_max_steps"]
+    federation.server_half.make_optimizer(federation.server_max_steps)
+    federation.server_half.load_checkpoint(folder)
+    federation.server_half.steps = state["steps"]

@@ -9,7 +9,7 @@ the `ServerHalf` (the compute, the optimizer, the half's files) are composed her
 import logging
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,9 +19,9 @@ from ..server import Session, check_split_settings, read_hello
 from ..server_half import ServerHalf
 from ..settings import checkpoint_every, differing_settings, plain
 from ..wire import Kind, PeerLost, Refused, WireError
-from .checkpoint import read_client_half, read_federation_state, write_federation_state
+from .checkpoint import read_federation_state, resume_federation, save_federation_checkpoint
 from .halves import AGGREGATIONS, client_side_tensors, half_size, load_half_vector
-from .members import SAVED_MEMBER_FIELDS, Member, Membership
+from .members import Member, Membership
 from .plan import PLAN_BYTES, FederationPlan, PlanError, plan_rounds, plan_scalars
 from .results import federation_results, save_federation
 from .schedules import SCHEDULES, make_schedule
@@ -290,39 +290,14 @@ class FederatedServer:
             return
         folder = self._checkpoint_dir(step)
         try:
-            self._write_checkpoint(folder, step)
+            save_federation_checkpoint(self, folder, step)
         except CheckpointError as error:
             logger.error("%s", error)
             self.members.failure = f"the server cannot write its checkpoint: {error}"
             raise Refused(self.members.failure) from error
 
-    def _write_checkpoint(self, folder: Path, step: int) -> None:
-        self.server_half.save_checkpoint(folder)
-        members = [{name: getattr(m, name) for name in SAVED_MEMBER_FIELDS} for m in self.members.members.values()]
-        state = {
-            "step": step, "round": self.round, "steps": self.steps, **self.schedule.state(), "plan": asdict(self.plan),
-            "schedule": self.schedule.name, "num_clients": self.num_clients, "sync_every": self.sync_every,
-            "sync_transfers": self.sync_transfers, "server_max_steps": self.server_max_steps, "members": members,
-            "federation_settings": self.federation_settings,
-        }  # fmt: skip
-        write_federation_state(folder, self.half, state)
-
     def _resume(self, state: dict) -> None:
-        """The federation as the checkpoint left it at a round's end: plan, round, the client half, the server half
-        with its optimizer and schedule. Its clients are expected back, as live members that have not joined."""
-        self.plan = FederationPlan(**state["plan"])
-        self.members.planned = True
-        self.round, self.sync_transfers = state["round"], state["sync_transfers"]
-        self.schedule.restore(state)
-        self.half = read_client_half(self.resume_from)
-        expected = half_size(self.client_tensors)
-        if self.half.shape != (expected,):
-            raise Refused(f"the checkpoint's client half has {self.half.numel()} values; this split's has {expected}.")
-        self.members.members = {m["client_id"]: Member(**m, joined=False) for m in state["members"]}
-        self.server_max_steps = state["server_max_steps"]
-        self.server_half.make_optimizer(self.server_max_steps)
-        self.server_half.load_checkpoint(self.resume_from)
-        self.server_half.steps = state["steps"]
+        resume_federation(self, state)
         self.resumed_at = time.monotonic()
         logger.info("Resumed the federation at step %d (round %d).", self.resumed_step, self.round)
 
