@@ -96,6 +96,11 @@ def test_splitfed_averages_unequal_shards_by_size_and_refuses_clients_that_diffe
         assert "client 1 resumes from step 2, but this server did not resume the federation" in reason
         assert "--resume_from_checkpoint .../checkpoint-2" in reason
         assert "client 0 is already training" in refusal(address, settings, **{**plan, "client_id": 0})
+        impostor = WireClient(address, settings, client_id=2)  # a member's kit, claiming another member's id
+        with pytest.raises(Refused, match=r"client_id=1 disagrees with the client's certificate \(client-2\)"):
+            impostor.welcome()
+            impostor.send_plan(**plan)
+            impostor.plan()
         assert f"has {half_bytes + 4} bytes; this server's has {half_bytes}" in refusal(
             address, settings, **{**plan, "half_bytes": half_bytes + 4}
         )
@@ -131,7 +136,7 @@ def test_splitfed_averages_unequal_shards_by_size_and_refuses_clients_that_diffe
     assert {cid: client["shard_size"] for cid, client in report["clients"].items()} == {"0": 30, "1": 90}
     assert report["clients"]["1"]["uplink_bytes"] == 10.0 and report["total"]["sync_bytes"] == 33.0
     assert report["sync_transfers"] == 4  # two halves up, the average down twice
-    assert log.count("refused") == 9, log[-3000:]
+    assert log.count("refused") == 10, log[-3000:]
     # The server keeps the averaged half as the split's client half.
     saved = hf_adc.SplitViTForImageClassification.from_pretrained(output_dir)
     torch.testing.assert_close(half_vector(client_side_tensors(saved)), expected, rtol=1e-6, atol=1e-6)

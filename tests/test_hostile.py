@@ -8,6 +8,7 @@ import sys
 import textwrap
 from datetime import timedelta
 
+import pytest
 import torch
 from helpers import (
     ROOT,
@@ -63,8 +64,15 @@ def test_no_hostile_session_takes_the_server_down_and_an_honest_client_then_trai
 ):
     address, output_dir = free_address(), tmp_path / "run"
     shared = [*model_args(tiny_vit_path), "--compression", "none", "--max_grad_norm", "1.0"]
-    server = start_server(address, output_dir, *shared, "--max_steps", "3", "--handshake_timeout", "2")
+    revoked = tmp_path / "revoked.txt"
+    revoked.write_text(f"# left the consortium\nclient-3\n{client_kit(4).serial:#x}\n")
+    server = start_server(
+        address, output_dir, *shared, "--max_steps", "3", "--handshake_timeout", "2", "--revoked", str(revoked)
+    )
     settings, _ = client_hello(shared, LABELS)
+    for member in (3, 4):  # revoked by name, and by serial: refused before any session starts
+        connection = connect(address, timedelta(seconds=float(TIMEOUT)), client_kit(member))
+        assert "is revoked" in refused(connection, (Kind.HELLO, {"settings": json_tensor(settings)}, 0.0))
     handshakes = {  # before the handshake is done: strangers' and broken HELLOs
         "must carry the settings": [(Kind.HELLO, {}, 0.0)],
         "nest too deeply": [(Kind.HELLO, {"settings": text_tensor("[" * 30000 + "]" * 30000)}, 0.0)],
@@ -138,3 +146,14 @@ def test_a_checkpoint_file_is_whole_or_absent_when_the_disk_fills(tmp_path):
     assert f"refused: could not write {tmp_path}/checkpoint-1/server_state.safetensors" in done.stdout, done.stdout
     assert "the previous version, if any, is intact" in done.stdout
     assert "intact: True" in done.stdout and "left: ['server_state.safetensors']" in done.stdout, done.stdout
+
+
+def test_a_client_id_other_than_its_certificates_is_refused_before_connecting(tmp_path):
+    from helpers import kits
+
+    from hf_adc.distributed.arguments import FederationArguments, RemoteArguments
+    from hf_adc.distributed.launch import remote_split
+
+    remote = RemoteArguments(server="127.0.0.1:9", credentials=str(kits() / "client-0"))
+    with pytest.raises(ValueError, match=r"--client_id 1 disagrees with this client's certificate \(client-0\)"):
+        remote_split(None, None, remote, FederationArguments(num_clients=2, client_id=1))
