@@ -49,4 +49,4 @@ def main(argv: list[str]) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s server %(name)s: %(message)s")
-    main(sys.argv[1:])
+    sys.exit(1 if main(sys.argv[1:])["status"] == "failed" else 0)

@@ -52,6 +52,19 @@ class WireClient:
         self.channel.recv(Kind.DONE)
 
 
+def step_bytes(half_norms: int = 36, batch: int = 16) -> int:
+    """What one optimizer step of the tiny split (17 tokens of width 32, float32, no compression) costs one process:
+    activations and int64 labels up and the gradient down, the link's control values (16 up and 8 down a
+    micro-batch; a float32 norm per client tensor and the max norm up, the global norm down, per step)."""
+    activations = batch * 17 * 32 * 4
+    return (activations + batch * 8) + activations + 16 + 8 + 4 * half_norms + 8 + 8
+
+
+def epoch_bytes(rows: int) -> int:
+    """The uncompressed traffic of `rows` samples: a sample's activations both ways and its int64 label."""
+    return rows * (2 * 17 * 32 * 4 + 8)
+
+
 def refusal(address: str, settings: dict, **plan) -> str:
     """The server's reason for refusing a client with these settings (at its HELLO, or at its PLAN if given)."""
     client = WireClient(address, settings, client_id=plan.get("client_id", 0))
@@ -76,7 +89,7 @@ def test_splitfed_averages_unequal_shards_by_size_and_refuses_clients_that_diffe
     try:
         first = WireClient(address, settings)
         assert first.welcome() == 60.0  # the round timeout: how long a client may wait on the others
-        first.send_plan(0, shard_size=30, step_bytes=1000, half_bytes=half_bytes, epoch_bytes=5000)
+        first.send_plan(0, shard_size=30, step_bytes=step_bytes(), half_bytes=half_bytes, epoch_bytes=epoch_bytes(30))
         first_plan = pool.submit(first.plan)  # answered once both clients have planned
 
         # While the first client waits for the second, clients that differ from it or from the server are refused.
@@ -91,11 +104,17 @@ def test_splitfed_averages_unequal_shards_by_size_and_refuses_clients_that_diffe
         assert "max_steps: client 4, server 2" in refusal(address, differing(max_steps=4))
         reason = refusal(address, differing(save_strategy="steps", save_steps=2))
         assert "save_steps: client 2, server 500" in reason and "save_strategy: client 'steps', server 'no'" in reason
-        plan = {"client_id": 1, "shard_size": 90, "step_bytes": 3000, "half_bytes": half_bytes, "epoch_bytes": 15000}
+        plan = {
+            "client_id": 1, "shard_size": 90, "step_bytes": step_bytes(), "half_bytes": half_bytes,
+            "epoch_bytes": epoch_bytes(90),
+        }  # fmt: skip
         reason = refusal(address, settings, **{**plan, "resume_step": 2})
         assert "client 1 resumes from step 2, but this server did not resume the federation" in reason
         assert "--resume_from_checkpoint .../checkpoint-2" in reason
         assert "client 0 is already training" in refusal(address, settings, **{**plan, "client_id": 0})
+        understated = refusal(address, settings, **{**plan, "step_bytes": step_bytes() - 1})
+        assert f"announces {step_bytes() - 1} bytes a step; this split's is {step_bytes()}" in understated
+        assert "this split's is 392400" in refusal(address, settings, **{**plan, "epoch_bytes": 1})
         impostor = WireClient(address, settings, client_id=2)  # a member's kit, claiming another member's id
         with pytest.raises(Refused, match=r"client_id=1 disagrees with the client's certificate \(client-2\)"):
             impostor.welcome()
@@ -111,7 +130,7 @@ def test_splitfed_averages_unequal_shards_by_size_and_refuses_clients_that_diffe
         plans = [first_plan.result(timeout=REPLY.total_seconds()), second.plan()]
         # max_steps, sync_every, schedule (splitfed), clients, rounds, no budget (-1), and a round's bytes: every
         # client's steps and each half up with its sample count (float64) and back down.
-        round_bytes = (1000 + 3000) * 1 + 2 * (2 * half_bytes + 8)
+        round_bytes = 2 * step_bytes() * 1 + 2 * (2 * half_bytes + 8)
         for reply in plans:
             assert reply["scalars"].tolist() == [2, 1, 1, 2, 2, -1, round_bytes]
             assert "weights" not in reply  # no averaged half yet
@@ -136,7 +155,7 @@ def test_splitfed_averages_unequal_shards_by_size_and_refuses_clients_that_diffe
     assert {cid: client["shard_size"] for cid, client in report["clients"].items()} == {"0": 30, "1": 90}
     assert report["clients"]["1"]["uplink_bytes"] == 10.0 and report["total"]["sync_bytes"] == 33.0
     assert report["sync_transfers"] == 4  # two halves up, the average down twice
-    assert log.count("refused") == 10, log[-3000:]
+    assert log.count("refused") == 12, log[-3000:]
     # The server keeps the averaged half as the split's client half.
     saved = hf_adc.SplitViTForImageClassification.from_pretrained(output_dir)
     torch.testing.assert_close(half_vector(client_side_tensors(saved)), expected, rtol=1e-6, atol=1e-6)
@@ -163,7 +182,9 @@ def test_a_federation_it_cannot_plan_fails_with_the_reason_in_server_results(tin
         clients = [WireClient(address, settings, client_id=client_id) for client_id in range(coming)]
         for client_id, client in enumerate(clients):
             client.welcome()
-            client.send_plan(client_id, shard_size=48, step_bytes=1000, half_bytes=half_bytes, epoch_bytes=5000)
+            client.send_plan(
+                client_id, shard_size=48, step_bytes=step_bytes(), half_bytes=half_bytes, epoch_bytes=epoch_bytes(48)
+            )
         for client in clients:
             with pytest.raises(Refused, match=re.escape(reason)):
                 client.plan()

@@ -157,3 +157,52 @@ def test_a_client_id_other_than_its_certificates_is_refused_before_connecting(tm
     remote = RemoteArguments(server="127.0.0.1:9", credentials=str(kits() / "client-0"))
     with pytest.raises(ValueError, match=r"--client_id 1 disagrees with this client's certificate \(client-0\)"):
         remote_split(None, None, remote, FederationArguments(num_clients=2, client_id=1))
+
+
+def test_a_disk_that_fills_during_a_checkpoint_ends_the_run_with_the_file_named_and_the_last_one_whole(
+    tiny_vit_path, tmp_path
+):
+    import resource
+
+    from safetensors.torch import load_file
+
+    address, output_dir = free_address(), tmp_path / "run"
+    shared = [*model_args(tiny_vit_path), "--compression", "none", "--max_grad_norm", "1.0"]
+    server = start_server(address, output_dir, *shared, "--max_steps", "3")
+    settings, _ = client_hello(shared, LABELS)
+    connection = session(address, settings)
+
+    def step_and_save(step: int) -> None:
+        connection.send(*forward()[:2])
+        connection.recv(Kind.LOSS)
+        connection.send(Kind.BACKWARD, value=1.0)
+        connection.recv(Kind.GRADIENT)
+        connection.send(Kind.STEP, {"norm": torch.ones(36)}, value=1.0)
+        connection.recv(Kind.NORM)
+        connection.send(Kind.SAVE, step=step)
+        connection.recv(Kind.DONE)
+
+    step_and_save(1)
+    first = output_dir / "checkpoint-1"
+    weights = (first / "server_state.safetensors").stat().st_size
+    limit = weights // 2  # the disk is full from now on: no checkpoint fits, the server's log still does
+    assert limit > 16384
+    resource.prlimit(server.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    try:
+        step_and_save(2)
+    except Refused as error:
+        reason = str(error)
+    else:
+        raise AssertionError("the server acknowledged a checkpoint it could not write")
+    assert f"could not write {output_dir}/checkpoint-2/server_" in reason, reason
+    assert "previous version, if any, is intact" in reason
+    log = finish(server)
+    assert server.returncode == 1 and "server: failed after 2 optimizer steps" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert sorted(p.name for p in first.iterdir()) == [
+        "server_optimizer.pt", "server_scheduler.pt", "server_state.safetensors"
+    ]  # fmt: skip
+    assert load_file(first / "server_state.safetensors") and torch.load(first / "server_optimizer.pt")
+    leftovers = list((output_dir / "checkpoint-2").iterdir()) if (output_dir / "checkpoint-2").exists() else []
+    assert all(path.name in ("server_optimizer.pt", "server_scheduler.pt") for path in leftovers), leftovers
+    assert not (output_dir / "checkpoint-2" / "server_state.safetensors").exists()  # so it is no checkpoint

@@ -158,7 +158,9 @@ class RemoteLink(Link):
 
 class PeerCallback(TrainerCallback):
     """Tells the server where training starts (the schedule's length, a resumed step) and when to checkpoint, so
-    both sides save the same steps."""
+    both sides save the same steps. The server saves first (at the end of the step, before the Trainer writes and
+    rotates its own checkpoints): a server that cannot write its checkpoint stops the client before the client
+    writes or deletes anything, so both keep their last common step."""
 
     def __init__(self, link: RemoteLink):
         self.link = link
@@ -166,8 +168,9 @@ class PeerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.link.begin(state.max_steps, state.global_step)
 
-    def on_save(self, args, state, control, **kwargs):
-        self.link.checkpoint(state.global_step)
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self.link.checkpoint(state.global_step)
 
 
 class RemoteSplitViT(SplitViTForImageClassification):

@@ -24,6 +24,7 @@ from .arguments import JOIN_TOKEN_VARIABLE, FederationArguments, RemoteArguments
 from .client import RemoteLink, RemoteSplitViT
 from .connect import Listener, connect
 from .federation import FederatedLink, FederatedServer
+from .files import CheckpointError, write_atomically
 from .provision import ephemeral_kits
 from .server import SplitServer
 from .settings import message_cap, session_settings
@@ -158,7 +159,11 @@ def run_server(
         listener.stop()
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "server_results.json").write_text(json.dumps(results, indent=2))
+    try:
+        text = json.dumps(results, indent=2)
+        write_atomically(output_dir / "server_results.json", lambda path: path.write_text(text))
+    except CheckpointError as error:  # a full disk: the results still reach the log and the caller
+        logger.error("%s", error)
     if results["status"] == "finished" and training_args.push_to_hub:
         if isinstance(server, FederatedServer):  # the server holds both halves (the client's averaged)
             results["hub_urls"] = server.split.push_to_hub(

@@ -11,11 +11,12 @@ from ..link import wire_dtype_name
 from ..split import SplitViTForImageClassification
 
 # The optimizer's, and those the server checks every message against (it never takes them as sent): the clipping
-# norm of STEP, the smoothing of FORWARD, the backward seed's scale (1 / accumulation steps, times a loss scale).
+# norm of STEP, the smoothing of FORWARD, the backward seed's scale (1 / accumulation steps, times a loss scale),
+# and a federation's plan costs (from the batch size).
 TRAINING_SETTINGS = (
     "learning_rate", "weight_decay", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "optim",
     "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "seed", "max_grad_norm", "label_smoothing_factor",
-    "gradient_accumulation_steps", "fp16",
+    "gradient_accumulation_steps", "fp16", "per_device_train_batch_size",
 )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..client import RemoteLink
 from ..files import CheckpointError
 from ..server import Session, check_split_settings, read_hello
 from ..server_half import ServerHalf
@@ -29,6 +30,7 @@ from .session import FederatedSession, StepLock
 
 logger = logging.getLogger(__name__)
 
+MAX_PROCESSES = 1024  # a client's processes (DDP ranks) a step's cost may be announced for
 FEDERATION_ARGS = ("communication_budget", "budget_epochs", "max_steps", "save_strategy", "save_steps")
 
 
@@ -205,6 +207,7 @@ class FederatedServer:
                 f"client_id={client_id} disagrees with the client's certificate ({connection.peer_name}): a client's "
                 "id is the one its kit was made for (client-N)."
             )
+        self._check_costs(client_id, shard_size, step_bytes, epoch_bytes)
         with members.condition:
             member, existing = members.admit(
                 client_id, shard_size, (step_bytes, half_bytes, epoch_bytes), half_size(self.client_tensors) * 4,
@@ -225,6 +228,28 @@ class FederatedServer:
                 self.sync_transfers += 1
         connection.send(Kind.PLAN, tensors)
         return member
+
+    def _check_costs(self, client_id: int, shard_size: int, step_bytes: int, epoch_bytes: int) -> None:
+        """The costs a PLAN announces, against what the server computes for the agreed split and batch (the plan
+        is made from them: a client that understated them would make the federation overspend its budget). An
+        epoch is the shard's uncompressed traffic exactly; a step at least one process's full batches with their
+        control values (more for a client of several processes, or a ragged batch that costs more)."""
+        split = self.split
+        epoch = sum(split.wire_bytes(1, compressed=False)) * shard_size
+        if epoch_bytes != epoch:
+            raise Refused(
+                f"client {client_id} announces {epoch_bytes} bytes for an uncompressed epoch of {shard_size} rows; "
+                f"this split's is {epoch}."
+            )
+        up, down = RemoteLink.control_bytes
+        least = (sum(split.wire_bytes(self.args.per_device_train_batch_size)) + up + down) * (
+            self.args.gradient_accumulation_steps
+        ) + 4 * self.server_half.num_client_norms + 16  # fmt: skip
+        if not least <= step_bytes <= MAX_PROCESSES * least:
+            raise Refused(
+                f"client {client_id} announces {step_bytes} bytes a step; this split's is {least} for one process "
+                f"(at most {MAX_PROCESSES} processes)."
+            )
 
     def _accept_settings(self, settings: dict) -> None:
         """The federation's settings (the same number of clients, and the same partition and budget for every
