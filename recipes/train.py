@@ -51,8 +51,8 @@ from hf_adc.experiment import (
     ModelArguments,
     SplitArguments,
     resolve_checkpoint,
-    run_split_training,
     summary_text,
+    train_from_arguments,
     with_defaults,
 )
 from hf_adc.training import ADCTrainingArguments
@@ -69,18 +69,7 @@ def main(argv: list[str]) -> dict:
     resolve_checkpoint(model_args, split_args, data_args, use_cpu=training_args.use_cpu)
     if remote_args.distributed and federation_args.num_clients is not None:
         return run_federation_here(*args)  # prints the federation's table
-    if remote_args.distributed:
-        results = run_with_local_server(*args)
-    else:
-        results = run_split_training(
-            model_args,
-            split_args,
-            data_args,
-            training_args,
-            resume_from_checkpoint=training_args.resume_from_checkpoint,
-            remote_args=remote_args,
-            federation_args=federation_args,
-        )
+    results = (run_with_local_server if remote_args.distributed else train_from_arguments)(*args)
     if training_args.process_index == 0:
         print(summary_text(results))
     return results

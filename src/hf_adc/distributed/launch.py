@@ -17,7 +17,7 @@ import torch
 from ..experiment.arguments import DataArguments, ModelArguments, SplitArguments
 from ..experiment.models import build_split, model_config
 from ..experiment.report import federation_table, summary_text
-from ..experiment.run import run_split_training
+from ..experiment.run import run_split_training, train_from_arguments
 from ..split import SplitViTForImageClassification
 from ..training import ADCTrainer, ADCTrainingArguments
 from .arguments import JOIN_TOKEN_VARIABLE, FederationArguments, RemoteArguments
@@ -241,15 +241,7 @@ def run_with_local_server(
     client's results once the server has stopped (or been stopped, `timeout` seconds after the client)."""
     remote_args, server_process = start_local_server(model_args, split_args, training_args, remote_args)
     try:
-        return run_split_training(
-            model_args,
-            split_args,
-            data_args,
-            training_args,
-            resume_from_checkpoint=training_args.resume_from_checkpoint,
-            remote_args=remote_args,
-            federation_args=federation_args,
-        )
+        return train_from_arguments(model_args, split_args, data_args, training_args, remote_args, federation_args)
     finally:
         server_process.join(timeout=remote_args.timeout)
         if server_process.is_alive():

@@ -4,7 +4,7 @@
 - `defaults`: the recipes' defaults and `with_defaults`, the one way they reach the parser;
 - `models`: the data, the ViT and the split a run trains (`load_data`, `load_vit`, `build_split`);
 - `pretrained`: the default checkpoint, made once by `run_pretraining` and cached (`default_checkpoint`);
-- `run`: one split training run (`train_split`, `run_split_training`);
+- `run`: one split training run (`train_split`, `run_split_training`, `train_from_arguments`);
 - `report`: what a run writes and prints (`save_split`, `summary_text`, `federation_table`).
 
 Client and server in separate processes live in `hf_adc.distributed` (`RemoteArguments`, `FederationArguments`,
@@ -29,7 +29,7 @@ from .defaults import (
 from .models import build_split, fresh_classifier, load_data, load_vit, load_vit_for_labels, with_transforms
 from .pretrained import DEFAULT_PRETRAINING, cache_dir, default_checkpoint, resolve_checkpoint, run_pretraining
 from .report import federation_table, save_split, summary_text, write_results
-from .run import run_split_training, train_split
+from .run import run_split_training, train_from_arguments, train_split
 
 _DISTRIBUTED = {
     "JOIN_TOKEN_VARIABLE": "arguments",
@@ -73,6 +73,7 @@ __all__ = [
     "resolve_checkpoint",
     "run_pretraining",
     "run_split_training",
+    "train_from_arguments",
     "save_split",
     "summary_text",
     "train_split",

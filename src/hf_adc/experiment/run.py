@@ -140,3 +140,17 @@ def run_split_training(
                 token=training_args.hub_token,
             )
     return results
+
+
+def train_from_arguments(model_args, split_args, data_args, training_args, remote_args=None, federation_args=None):
+    """`run_split_training` with the arguments as the recipe parses them (the checkpoint to resume from is
+    `training_args.resume_from_checkpoint`)."""
+    return run_split_training(
+        model_args,
+        split_args,
+        data_args,
+        training_args,
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+        remote_args=remote_args,
+        federation_args=federation_args,
+    )
