@@ -118,7 +118,7 @@ def one_run(
             eval_seconds += entry["eval_runtime"]
             evals.append((entry["wall_seconds"] - eval_seconds, entry["eval_accuracy"]))
     train_seconds = results["train_seconds"] - eval_seconds
-    transport = results["transport"]
+    traffic = results["transport"]
     return {
         "method": method,
         "transport": transport,
@@ -128,8 +128,8 @@ def one_run(
         "step_ms": 1e3 * train_seconds / results["steps"],
         "evals": evals,
         "ledger_bytes": results["total_bytes"] + results["inference_bytes"],
-        "payload_bytes": transport["payload_sent"] + transport["payload_received"],
-        "framing_bytes": transport["framing_sent"] + transport["framing_received"],
+        "payload_bytes": traffic["payload_sent"] + traffic["payload_received"],
+        "framing_bytes": traffic["framing_sent"] + traffic["framing_received"],
         "wire_bytes": wire,
     }
 

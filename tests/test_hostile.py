@@ -79,7 +79,10 @@ def test_no_hostile_session_takes_the_server_down_and_an_honest_client_then_trai
         "wrong join token": [(Kind.HELLO, {"settings": json_tensor({**settings, "token": "gü€ss"})}, 0.0)],
         "settings name no labels": [(Kind.HELLO, {"settings": json_tensor({"token": "secret"})}, 0.0)],
         "expected a HELLO message; got FORWARD": [forward()],
-    }
+        "not plain JSON": [(Kind.HELLO, {"settings": text_tensor('{"labels": NaN, "token": "secret"}')}, 0.0)],
+        "expects a federation": [(Kind.HELLO, {"settings": json_tensor({**settings, "token": "secret",
+                                                                        "federation": 1})}, 0.0)],
+    }  # fmt: skip
     for expected, frames in handshakes.items():
         assert expected in refused(session(address), *frames), expected
     raw = session(address)
@@ -101,6 +104,14 @@ def test_no_hostile_session_takes_the_server_down_and_an_honest_client_then_trai
         "backward seed 4.0 is not 1 / k": [forward(), (Kind.BACKWARD, {}, 4.0)],
         "a gradient norm is negative": [
             forward(), (Kind.BACKWARD, {}, 1.0), (Kind.STEP, {"norm": -torch.ones(36)}, 1.0)
+        ],
+        "a STEP message must carry 'norm'": [forward(), (Kind.BACKWARD, {}, 1.0), (Kind.STEP, {}, 1.0)],
+        "a step of over 1 micro-batches": [forward(), (Kind.BACKWARD, {}, 1.0), forward()],
+        "clipping norm inf is not the agreed max_grad_norm 1.0": [
+            forward(), (Kind.BACKWARD, {}, 1.0), (Kind.STEP, {"norm": torch.ones(36)}, float("inf"))
+        ],
+        "EVAL activations of (2, 40, 32) do not fit 17 x 32": [
+            (Kind.EVAL, {"activations": torch.randn(2, 40, WIDTH)}, 0.0)
         ],
         "clipping norm -1.0 is not the agreed max_grad_norm 1.0": [
             forward(), (Kind.BACKWARD, {}, 1.0), (Kind.STEP, {"norm": torch.ones(36)}, -1.0)

@@ -106,8 +106,16 @@ def test_messages_out_of_order_end_the_session(kinds, message):
             session.advance(kind)
 
 
+def test_a_step_of_more_micro_batches_than_the_agreed_accumulation_ends_the_session():
+    session = Session(1, connection=None, micro_batches=2)
+    for kind in (Kind.BEGIN, Kind.FORWARD, Kind.BACKWARD, Kind.FORWARD, Kind.BACKWARD):
+        session.advance(kind)
+    with pytest.raises(WireError, match="a step of over 2 micro-batches"):
+        session.advance(Kind.FORWARD)
+
+
 def test_the_order_of_an_honest_session_is_accepted():
-    session = Session(1, connection=None)
+    session = Session(1, connection=None, micro_batches=2)
     for kind in (Kind.BEGIN, Kind.TURN, Kind.FORWARD, Kind.BACKWARD, Kind.FORWARD, Kind.BACKWARD, Kind.STEP,
                  Kind.HANDOFF, Kind.SAVE, Kind.EVAL, Kind.EVAL, Kind.SYNC, Kind.END):  # fmt: skip
         session.advance(kind)

@@ -10,8 +10,9 @@ names the address it dialled, and the server reads the client's name and serial 
 gRPC bounds every message (`max_message_bytes`, derived from the agreed split by the caller) before it is
 allocated, and the header is checked again against the frame's length and the session's cap (`max_frame_bytes`,
 small until the handshake is done). Every send and receive ends at a timeout (`PeerLost`); a REFUSE from the peer
-becomes `Refused`. The server's `Listener` hands out a `Connection` per session; at most `max_sessions` streams
-are open at once and at most `max_pending` of them have not finished their handshake (more are refused at once).
+becomes `Refused`. The server's `Listener` hands out a `Connection` per session; at most `max_sessions + max_pending`
+streams are open at once and at most `max_pending` of them have not been admitted (more are refused at once); a
+TLS handshake must finish within the handshake timeout.
 """
 
 import logging
@@ -257,9 +258,15 @@ class Listener:
         self.pending = 0
         self.lock = threading.Lock()
         workers = max_sessions + max_pending
+        options = [
+            *_channel_options(max_message_bytes),
+            ("grpc.server_handshake_timeout_ms", int(self.handshake_timeout.total_seconds() * 1000)),  # TLS, HTTP/2
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),  # the clients' keepalive pings are welcome
+            ("grpc.http2.max_ping_strikes", 0),
+        ]
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hf_adc-stream"),
-            options=_channel_options(max_message_bytes),
+            options=options,
             maximum_concurrent_rpcs=workers,
         )
         handler = grpc.stream_stream_rpc_method_handler(self._stream)

@@ -12,13 +12,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from transformers import TrainingArguments
 
 from ..split import SplitViTForImageClassification
 from .connect import Connection
 from .files import CheckpointError
 from .server_half import PendingBackward, ServerHalf
-from .settings import differing_settings, session_settings
+from .settings import MAX_LABELS, differing_settings, session_settings
 from .wire import Frame, Kind, PeerLost, Refused, WireError, tensor_json
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ def check_split_settings(
     adopted half's split, or for the first client a new one built for the class names the client announces)."""
     labels = settings.get("labels")
     if not isinstance(labels, list) or not labels or not all(isinstance(name, str) for name in labels):
-        raise Refused(f"the client's labels {labels!r} are not a list of class names.")
+        raise Refused(f"the client's labels {str(labels)[:200]} are not a list of class names.")
+    if len(labels) > MAX_LABELS:
+        raise Refused(f"the client names {len(labels)} classes; at most {MAX_LABELS}.")
     split = half.split if half is not None else build(labels)
     differences = differing_settings(settings, session_settings(split, args))
     if differences:
@@ -62,6 +65,13 @@ NEXT_KINDS = {
     "accumulating": (Kind.FORWARD, Kind.STEP),
 }
 PHASE_AFTER = {Kind.BEGIN: "idle", Kind.FORWARD: "forwarded", Kind.BACKWARD: "accumulating", Kind.STEP: "idle"}
+MAX_STEPS = 2**31  # a schedule's length BEGIN may announce
+
+
+def _unexpected(session: "Session", error: Exception) -> WireError:
+    """A session's message that broke something the checks did not foresee: logged in full, the session ended."""
+    logger.error("Session %d: unexpected %s", session.number, type(error).__name__, exc_info=error)
+    return WireError(f"the server could not handle this session's message ({type(error).__name__}).")
 
 
 class ServerFault(RuntimeError):
@@ -73,23 +83,50 @@ class Session:
     """One client's session: its connection, its phase (what may come next) and the FORWARD whose BACKWARD is
     still to come."""
 
-    def __init__(self, number: int, connection: Connection):
+    def __init__(self, number: int, connection: Connection, micro_batches: int = 1):
         self.number = number
         self.connection = connection
+        self.micro_batches = micro_batches  # FORWARDs an optimizer step may have (the accumulation steps)
         self.phase = "joined"
+        self.forwards = 0
         self.pending: PendingBackward | None = None
 
     def advance(self, kind: Kind) -> None:
-        """Refuses a message out of place (`WireError`, naming what was expected); moves to the next phase."""
+        """Refuses a message out of place (`WireError`, naming what was expected): out of order, or a micro-batch
+        beyond the agreed accumulation steps; moves to the next phase."""
         allowed = NEXT_KINDS[self.phase]
         if kind not in allowed:
             raise WireError(
                 f"a {kind.name} message is out of place here: expected {' or '.join(k.name for k in allowed)}."
             )
+        if kind == Kind.FORWARD:
+            self.forwards += 1
+            if self.forwards > self.micro_batches:
+                raise WireError(f"a step of over {self.micro_batches} micro-batches (the agreed accumulation steps).")
+        elif kind == Kind.STEP:
+            self.forwards = 0
         self.phase = PHASE_AFTER.get(kind, self.phase)
 
     def reply(self, kind: Kind, tensors: dict | None = None, value: float = 0.0) -> None:
         self.connection.send(kind, tensors, value=value)
+
+
+def required(frame: Frame, name: str):
+    """The tensor `name` of `frame`, or a `WireError` saying the message lacks it."""
+    if name not in frame.tensors:
+        raise WireError(f"a {frame.kind.name} message must carry {name!r}.")
+    return frame.tensors[name]
+
+
+def begin_scalars(frame: Frame) -> tuple[int, int]:
+    """BEGIN's (max_steps, global_step): two int64 scalars, 1 <= max_steps, 0 <= global_step <= max_steps."""
+    scalars = required(frame, "scalars")
+    if scalars.dtype != torch.int64 or scalars.shape != (2,):
+        raise WireError(f"a BEGIN must carry 2 int64 scalars; got {scalars.dtype} {tuple(scalars.shape)}.")
+    max_steps, global_step = scalars.tolist()
+    if not 1 <= max_steps <= MAX_STEPS or not 0 <= global_step <= max_steps:
+        raise WireError(f"BEGIN's max_steps={max_steps}, global_step={global_step} are out of range.")
+    return max_steps, global_step
 
 
 def answer_forward(half: ServerHalf, session: Session, frame: Frame) -> None:
@@ -107,12 +144,12 @@ def answer_backward(half: ServerHalf, session: Session, frame: Frame) -> None:
 
 def answer_step(half: ServerHalf, session: Session, frame: Frame) -> None:
     """STEP: clips by the global norm, steps, and sends the norm back (NORM)."""
-    session.reply(Kind.NORM, value=float(half.optimizer_step(frame.tensors["norm"], frame.value)))
+    session.reply(Kind.NORM, value=float(half.optimizer_step(required(frame, "norm"), frame.value)))
 
 
 def answer_eval(half: ServerHalf, session: Session, frame: Frame) -> None:
     """EVAL: the logits for eval-mode activations (LOGITS)."""
-    session.reply(Kind.LOGITS, half.logits(frame.tensors["activations"]))
+    session.reply(Kind.LOGITS, half.logits(required(frame, "activations")))
 
 
 class SplitServer:
@@ -142,6 +179,7 @@ class SplitServer:
         if self.resume_from is not None and not self.resume_from.is_dir():
             raise ValueError(f"resume_from_checkpoint={str(resume_from)!r} is not a folder.")
         self.server_half: ServerHalf | None = None
+        self.max_steps = 0  # BEGIN's
         self.handlers = {
             Kind.BEGIN: self._begin,
             Kind.FORWARD: lambda session, frame: answer_forward(self.server_half, session, frame),
@@ -174,10 +212,11 @@ class SplitServer:
                 continue
             if accepted is None:
                 return {"status": "no client", "steps": self.steps}
-            session = Session(*accepted)
+            session = Session(*accepted, micro_batches=self.args.gradient_accumulation_steps)
             try:
                 self._handshake(session.connection)
-            except (WireError, Refused, PeerLost) as error:
+            except Exception as error:  # noqa: BLE001 - a handshake that breaks anything ends that session only
+                error = error if isinstance(error, (WireError, Refused, PeerLost)) else _unexpected(session, error)
                 logger.warning("Session %d refused: %s", session.number, error)
                 session.connection.refuse(str(error))
                 continue
@@ -186,11 +225,6 @@ class SplitServer:
                 results = self._train(session)
                 session.connection.close()
                 return results
-            except (Refused, WireError) as error:  # a message out of place or out of shape: that session ends
-                logger.warning("Session %d refused: %s. Waiting for the next client.", session.number, error)
-                session.connection.refuse(str(error))
-                self.server_half = None  # the next session starts from a fresh half, or from a checkpoint
-                continue
             except (PeerLost, ServerFault) as error:
                 logger.error(
                     "Session %d lost: %s. The last checkpoint in %s is kept.", session.number, error, self.output_dir
@@ -199,14 +233,17 @@ class SplitServer:
                 traffic = vars(session.connection.traffic)
                 status = "failed" if isinstance(error, ServerFault) else "client lost"
                 return {"status": status, "error": str(error), "steps": self.steps, "traffic": traffic}
+            except Exception as error:  # noqa: BLE001 - a message out of place or out of shape: that session ends
+                error = error if isinstance(error, (WireError, Refused)) else _unexpected(session, error)
+                logger.warning("Session %d refused: %s. Waiting for the next client.", session.number, error)
+                session.connection.refuse(str(error))
+                self.server_half = None  # the next session starts from a fresh half, or from a checkpoint
+                continue
 
     def _handshake(self, connection: Connection) -> None:
         settings = read_hello(connection, self.join_token)
         if settings.get("federation"):
-            raise Refused(
-                f"the client expects a federation of {settings['federation'].get('num_clients')} clients; this "
-                "server serves one (start it with --num_clients)."
-            )
+            raise Refused("the client expects a federation; this server serves one client (see --num_clients).")
         split = check_split_settings(settings, self.args, self.build, self.server_half)
         if self.server_half is None:
             self.server_half = ServerHalf(split, self.args)
@@ -237,7 +274,10 @@ class SplitServer:
 
     def _begin(self, session: Session, frame: Frame) -> None:
         """BEGIN: the schedule's length and the step the client starts from (a resumed checkpoint's)."""
-        max_steps, global_step = frame.tensors["scalars"].tolist()
+        max_steps, global_step = begin_scalars(frame)
+        if self.args.max_steps > 0 and max_steps > self.args.max_steps:
+            raise WireError(f"BEGIN's max_steps={max_steps} is over the server's max_steps={self.args.max_steps}.")
+        self.max_steps = max_steps
         self.server_half.make_optimizer(max_steps)
         if global_step or self.resume_from is not None:
             folder = self._resume_folder(global_step)
@@ -253,6 +293,8 @@ class SplitServer:
     def _save(self, session: Session, frame: Frame) -> None:
         """SAVE: the server's checkpoint of the client's step; one it cannot write ends the session with the reason
         (the previous checkpoint intact), so that the client stops too instead of training on unsaved."""
+        if not 1 <= frame.step <= self.max_steps:
+            raise WireError(f"SAVE of step {frame.step} is out of range: 1 .. {self.max_steps} (BEGIN's max_steps).")
         try:
             self.server_half.save_checkpoint(self._checkpoint_dir(frame.step))
         except CheckpointError as error:

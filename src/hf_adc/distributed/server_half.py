@@ -114,6 +114,8 @@ class ServerHalf:
         check_labels(labels, split.num_labels)
         config = split.server.config
         batch = labels.shape[0]
+        if batch > self.args.per_device_train_batch_size:
+            raise WireError(f"{batch} samples are over the agreed batch of {self.args.per_device_train_batch_size}.")
         shape = (batch, (config.image_size // config.patch_size) ** 2 + 1, config.hidden_size)
         try:
             context = split.bridge.receiver_context(tensors, shape, dtype)
@@ -144,6 +146,16 @@ class ServerHalf:
     def logits(self, activations: torch.Tensor) -> dict[str, torch.Tensor]:
         """The server half's logits for eval-mode activations, as they go down."""
         split = self.split
+        config = split.server.config
+        tokens = (config.image_size // config.patch_size) ** 2 + 1
+        batch = self.args.per_device_eval_batch_size
+        if not activations.is_floating_point() or activations.dim() != 3 or not 1 <= activations.shape[0] <= batch:
+            raise WireError(f"EVAL activations must be (1 .. {batch}, tokens, width) floats; got {activations.dtype} "
+                            f"{tuple(activations.shape)}.")  # fmt: skip
+        if not 1 <= activations.shape[1] <= tokens or activations.shape[2] != config.hidden_size:
+            shape = tuple(activations.shape)
+            raise WireError(f"EVAL activations of {shape} do not fit {tokens} x {config.hidden_size}.")
+        check_finite({"activations": activations})
         split.server.eval()
         split.bridge.eval()
         hidden_states = activations.to(split.server.device, split.server.dtype)
@@ -153,7 +165,7 @@ class ServerHalf:
         """Clips by the global norm and steps; the norm is the norm of every per-tensor norm in the one-process
         parameter order (client, bridge, server), as `torch.nn.utils.get_total_norm` forms it."""
         expected = self.args.max_grad_norm if self.args.max_grad_norm else math.inf
-        if max_norm != expected and max_norm != math.inf:
+        if max_norm != expected:
             raise WireError(f"the clipping norm {max_norm} is not the agreed max_grad_norm {expected}.")
         if client_norms.dtype != torch.float32 or client_norms.shape != (self.num_client_norms,):
             raise WireError(

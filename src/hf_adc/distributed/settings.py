@@ -16,7 +16,7 @@ from ..split import SplitViTForImageClassification
 TRAINING_SETTINGS = (
     "learning_rate", "weight_decay", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "optim",
     "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "seed", "max_grad_norm", "label_smoothing_factor",
-    "gradient_accumulation_steps", "fp16", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "fp16", "per_device_train_batch_size", "per_device_eval_batch_size",
 )  # fmt: skip
 
 

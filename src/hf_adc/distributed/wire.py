@@ -136,13 +136,17 @@ def json_tensor(data: dict) -> torch.Tensor:
     return text_tensor(json.dumps(data, sort_keys=True))
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a plain setting")
+
+
 def tensor_json(tensor: torch.Tensor) -> dict:
     try:
-        data = json.loads(tensor_text(tensor))
-    except json.JSONDecodeError as error:
-        raise WireError(f"the settings are not JSON: {error}.") from error
+        data = json.loads(tensor_text(tensor), parse_constant=_no_constant)
     except RecursionError:
         raise WireError("the settings nest too deeply to be plain settings.") from None
+    except ValueError as error:  # not JSON, NaN / Infinity, an integer of thousands of digits
+        raise WireError(f"the settings are not plain JSON: {str(error)[:200]}.") from error
     if not isinstance(data, dict):
         raise WireError(f"the settings must be a JSON object; got {type(data).__name__}.")
     return data

@@ -96,6 +96,8 @@ class Membership:
         existing = self.members.get(client_id)
         if existing is not None and existing.joined and existing.live and not existing.finished:
             raise Refused(f"client {client_id} is already training in this federation.")
+        if existing is not None and existing.finished:
+            raise Refused(f"client {client_id} has finished its training in this federation.")
         if self.planned and existing is None:
             raise Refused(f"the federation started without client {client_id}; only dropped clients rejoin.")
         step_bytes, half_bytes, epoch_bytes = costs

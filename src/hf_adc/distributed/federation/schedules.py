@@ -144,6 +144,7 @@ class Sequential(Schedule):
     def __init__(self, federation=None):
         super().__init__(federation)
         self.turn: int | None = None
+        self.holder: int | None = None  # the client that took the turn (TURN) and has not handed it off
         self.turn_started = 0.0
         self.in_turn = False  # a client's: it holds its turn
 
@@ -176,6 +177,8 @@ class Sequential(Schedule):
     def take_turn(self, member) -> dict:
         federation = self.federation
         members = federation.members
+        if self.holder == member.client_id:
+            raise WireError(f"client {member.client_id} asked for the turn it holds (a turn ends with HANDOFF).")
         while self.turn != member.client_id and not members.failure:
             holder = members.get(self.turn)
             if members.condition.wait(timeout=1.0) or holder is None:
@@ -186,6 +189,7 @@ class Sequential(Schedule):
         if members.failure:
             raise Refused(members.failure)
         self.turn_started = time.monotonic()
+        self.holder = member.client_id
         if federation.half is None:
             return {}
         federation.sync_transfers += 1
@@ -193,8 +197,9 @@ class Sequential(Schedule):
 
     def hand_off(self, member, weights) -> None:
         federation = self.federation
-        if self.turn != member.client_id:
+        if self.turn != member.client_id or self.holder != member.client_id:
             raise WireError(f"client {member.client_id} handed off outside its turn.")
+        self.holder = None
         federation.half = check_half(weights, federation.half_values, member.client_id).clone()
         federation.sync_transfers += 1
         round_number = federation.round
@@ -203,6 +208,8 @@ class Sequential(Schedule):
             federation.round_done()
 
     def dropped(self, member) -> None:
+        if self.holder == member.client_id:
+            self.holder = None
         if self.turn == member.client_id:
             self._advance()
 

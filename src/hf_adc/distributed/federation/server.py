@@ -7,6 +7,7 @@ the `ServerHalf` (the compute, the optimizer, the half's files) are composed her
 """
 
 import logging
+import re
 import threading
 import time
 from dataclasses import replace
@@ -95,6 +96,11 @@ class FederatedServer:
         check_federation_settings(args, schedule, num_clients, min_clients, sync_every, round_timeout)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={aggregation!r} is unknown: choose one of {', '.join(AGGREGATIONS)}.")
+        if aggregation != "fedavg" and schedule != "splitfed":
+            raise ValueError(
+                f"aggregation={aggregation!r} averages a SplitFed round; the {schedule} schedule hands one half on "
+                "and averages nothing: use --schedule splitfed, or aggregation fedavg."
+            )
         self.aggregation, self.aggregate = aggregation, AGGREGATIONS[aggregation]
         self.build, self.args, self.output_dir, self.join_token = build, args, Path(output_dir), join_token
         self.resume_from = None if resume_from is None else Path(resume_from)
@@ -154,7 +160,7 @@ class FederatedServer:
                 if accept_seconds is not None and not members.members and time.monotonic() - started > accept_seconds:
                     return {"status": "no client", "steps": self.steps}
                 continue
-            session = Session(*accepted)
+            session = Session(*accepted, micro_batches=self.args.gradient_accumulation_steps)
             thread = threading.Thread(target=self._session, args=(session,), name=f"session-{session.number}")
             thread.daemon = True
             thread.start()
@@ -173,36 +179,41 @@ class FederatedServer:
             logger.info("Session %d: client %d joined.", session.number, member.client_id)
             FederatedSession(self, member, session).run()
             session.connection.close()
-        except (WireError, Refused, PeerLost) as error:
+        except Exception as error:  # noqa: BLE001 - whatever a session does wrong ends that session, never the server
+            if not isinstance(error, (WireError, Refused, PeerLost)):
+                logger.exception("Session %d broke the server's expectations", session.number)
+                error = WireError(f"the server could not handle this session's message ({type(error).__name__}).")
             if member is None:
                 logger.warning("Session %d refused: %s", session.number, error)
             else:
                 logger.warning("Client %d dropped: %s", member.client_id, error)
-                self._drop(member)
+            self._drop(member, session)
             session.connection.refuse(str(error))
 
-    def _drop(self, member: Member) -> None:
-        """Takes a lost client out: frees the server half if it was mid-step (its partial gradients discarded)."""
+    def _drop(self, member: Member | None, session: Session) -> None:
+        """Takes a lost session out: frees the server half if it was mid-step (its partial gradients discarded), and
+        drops its member."""
         with self.members.condition:
-            if self.step_lock.owner == member.client_id:
+            if self.step_lock.owner == session.number:
                 self.server_half.discard_gradients()
                 self.step_lock.give_back()
-            self.members.drop(member)
+            if member is not None:
+                self.members.drop(member)
 
     def _join(self, session: Session) -> Member:
         """HELLO (the settings), WELCOME, PLAN: admits the client, waits for the others (or `round_timeout`), and
         answers with the plan (and the current client half for a client rejoining afresh)."""
         connection, members = session.connection, self.members
+        certified = self._certified_id(connection)  # who it is, before anything it says is taken in
         settings = read_hello(connection, self.join_token)
         with members.condition:
             self._accept_settings(settings)
         connection.send(Kind.WELCOME, value=members.round_timeout)  # how long the client may wait on the others
-        connection.open_up()
         scalars = connection.recv(Kind.PLAN).tensors.get("scalars")
         if scalars is None or scalars.shape != (6,) or scalars.dtype != torch.int64:
             raise WireError("a PLAN must carry 6 int64 scalars (id, shard size, step, half, epoch bytes, resume step).")
         client_id, shard_size, step_bytes, half_bytes, epoch_bytes, resume_step = scalars.tolist()
-        if connection.peer_name is not None and connection.peer_name != f"client-{client_id}":
+        if certified is not None and client_id != certified:
             raise Refused(
                 f"client_id={client_id} disagrees with the client's certificate ({connection.peer_name}): a client's "
                 "id is the one its kit was made for (client-N)."
@@ -227,7 +238,21 @@ class FederatedServer:
                 tensors["weights"] = self.half
                 self.sync_transfers += 1
         connection.send(Kind.PLAN, tensors)
+        connection.open_up()  # admitted: full-size frames from now on
         return member
+
+    def _certified_id(self, connection) -> int | None:
+        """The client id its certificate names (`client-N`, N < num_clients); None over plaintext."""
+        name = connection.peer_name
+        if name is None:
+            return None
+        match = re.fullmatch(r"client-(\d{1,9})", name)
+        if match is None or int(match.group(1)) >= self.num_clients:
+            raise Refused(
+                f"the certificate of {name!r} names no client of this federation (client-0 .. "
+                f"client-{self.num_clients - 1}): provision federation members with --num_clients."
+            )
+        return int(match.group(1))
 
     def _check_costs(self, client_id: int, shard_size: int, step_bytes: int, epoch_bytes: int) -> None:
         """The costs a PLAN announces, against what the server computes for the agreed split and batch (the plan
@@ -255,7 +280,7 @@ class FederatedServer:
         """The federation's settings (the same number of clients, and the same partition and budget for every
         client: the first to join sets them), then the split's, as for one client."""
         federation = settings.pop("federation", None)
-        if not federation:
+        if not isinstance(federation, dict) or not federation:
             raise Refused(f"this server runs a federation of {self.num_clients} clients: join with --client_id.")
         if federation.get("num_clients") != self.num_clients:
             raise Refused(f"num_clients: client {federation.get('num_clients')!r}, server {self.num_clients}.")

@@ -2,28 +2,32 @@
 that every client's optimizer step takes alone (`StepLock`)."""
 
 import threading
+from datetime import timedelta
 
-from ..server import Session, answer_backward, answer_eval, answer_forward
+import torch
+
+from ..server import Session, answer_backward, answer_eval, answer_forward, begin_scalars, required
 from ..server_half import ServerHalf
-from ..wire import Frame, Kind, PeerLost, Refused
+from ..wire import Frame, Kind, PeerLost, Refused, WireError
 from .client import RESULT_FIELDS
 from .members import Member
 
 
 class StepLock:
-    """The server half, held by one client for a whole optimizer step; a wait for it ends at `timeout`."""
+    """The server half, held by one session for a whole optimizer step; a wait for it ends at `timeout`, and so
+    does the holder's wait for its next message (a lease: a holder that goes quiet is dropped, not the waiters)."""
 
     def __init__(self, timeout: float):
         self.timeout = timeout
         self.lock = threading.Lock()
-        self.owner: int | None = None
+        self.owner: int | None = None  # the session number holding it
 
-    def take(self, client_id: int) -> None:
-        if self.owner == client_id:
+    def take(self, session: int) -> None:
+        if self.owner == session:
             return
         if not self.lock.acquire(timeout=self.timeout):
-            raise PeerLost(f"client {client_id} waited over {self.timeout} s for the server half.")
-        self.owner = client_id
+            raise PeerLost(f"session {session} waited over {self.timeout} s for the server half.")
+        self.owner = session
 
     def give_back(self) -> None:
         self.owner = None
@@ -58,8 +62,10 @@ class FederatedSession:
         return self.federation.server_half
 
     def run(self) -> None:
+        lease = timedelta(seconds=self.federation.step_lock.timeout)
         while True:
-            frame = self.session.connection.recv(*self.handlers)
+            holding = self.federation.step_lock.owner == self.session.number
+            frame = self.session.connection.recv(*self.handlers, timeout=lease if holding else None)
             if not self.member.live:
                 raise Refused(f"client {self.member.client_id} was dropped from the federation.")
             self.session.advance(frame.kind)
@@ -67,25 +73,29 @@ class FederatedSession:
                 return
 
     def _begin(self, frame: Frame) -> None:
-        start, planned = int(frame.tensors["scalars"][1]), self.member.resume_step
+        start, planned = begin_scalars(frame)[1], self.member.resume_step
         if start != planned:
             raise Refused(f"client {self.member.client_id} begins at step {start}; it planned {planned}.")
         self.session.reply(Kind.DONE)
 
     def _forward(self, frame: Frame) -> None:
-        self.federation.step_lock.take(self.member.client_id)
+        self.federation.step_lock.take(self.session.number)
         answer_forward(self.server_half, self.session, frame)
 
     def _step(self, frame: Frame) -> None:
         step_lock = self.federation.step_lock
-        step_lock.take(self.member.client_id)
-        total = self.server_half.optimizer_step(frame.tensors["norm"], frame.value)
+        step_lock.take(self.session.number)
+        total = self.server_half.optimizer_step(required(frame, "norm"), frame.value)
         step_lock.give_back()
         self.session.reply(Kind.NORM, value=float(total))
 
     def _eval(self, frame: Frame) -> None:
-        with self.federation.step_lock.lock:
+        step_lock = self.federation.step_lock
+        step_lock.take(self.session.number)  # between steps only (the session's phase), so it holds no step
+        try:
             answer_eval(self.server_half, self.session, frame)
+        finally:
+            step_lock.give_back()
 
     def _sync(self, frame: Frame) -> None:
         with self.federation.members.condition:
@@ -99,11 +109,14 @@ class FederatedSession:
 
     def _hand_off(self, frame: Frame) -> None:
         with self.federation.members.condition:
-            self.federation.schedule.hand_off(self.member, frame.tensors["weights"])
+            self.federation.schedule.hand_off(self.member, required(frame, "weights"))
         self.session.reply(Kind.DONE)
 
     def _end(self, frame: Frame) -> bool:
-        self.member.results = dict(zip(RESULT_FIELDS, frame.tensors["scalars"].tolist(), strict=True))
+        scalars = required(frame, "scalars")
+        if scalars.dtype != torch.float64 or scalars.shape != (len(RESULT_FIELDS),):
+            raise WireError(f"an END must carry {len(RESULT_FIELDS)} float64 results.")
+        self.member.results = dict(zip(RESULT_FIELDS, scalars.tolist(), strict=True))
         with self.federation.members.condition:
             self.member.finished = True
             self.federation.members.condition.notify_all()
