@@ -152,14 +152,17 @@ class ServerHalf:
         if not activations.is_floating_point() or activations.dim() != 3 or not 1 <= activations.shape[0] <= batch:
             raise WireError(f"EVAL activations must be (1 .. {batch}, tokens, width) floats; got {activations.dtype} "
                             f"{tuple(activations.shape)}.")  # fmt: skip
-        if not 1 <= activations.shape[1] <= tokens or activations.shape[2] != config.hidden_size:
-            shape = tuple(activations.shape)
-            raise WireError(f"EVAL activations of {shape} do not fit {tokens} x {config.hidden_size}.")
         check_finite({"activations": activations})
         split.server.eval()
         split.bridge.eval()
-        hidden_states = activations.to(split.server.device, split.server.dtype)
-        return split.link.send({"logits": split.server(split.bridge.decode(hidden_states)).logits})
+        try:
+            decoded = split.bridge.decode(activations.to(split.server.device, split.server.dtype))
+        except (ValueError, RuntimeError) as error:  # BottleNet++'s decoder: a width that does not fit
+            raise WireError(f"the EVAL activations do not fit the {type(split.bridge).__name__}: {error}") from error
+        if not 1 <= decoded.shape[1] <= tokens or decoded.shape[2] != config.hidden_size:
+            shape = tuple(decoded.shape)
+            raise WireError(f"EVAL activations of {shape} do not fit {tokens} x {config.hidden_size}.")
+        return split.link.send({"logits": split.server(decoded).logits})
 
     def optimizer_step(self, client_norms: torch.Tensor, max_norm: float) -> torch.Tensor:
         """Clips by the global norm and steps; the norm is the norm of every per-tensor norm in the one-process
