@@ -28,8 +28,8 @@ from .modeling import (
     ViTServerModel,
 )
 from .split import SplitViTForImageClassification, SplitViTOutput, split_vit
-from .ushape import USplitViTForImageClassification
 from .training import ADCTrainer, ADCTrainingArguments
+from .ushape import USplitViTForImageClassification
 
 __version__ = "0.1.0"
 

@@ -156,7 +156,8 @@ def push_parts(
     if it has any); the image processor goes with the client. Returns the URLs by part."""
     for role, repo_id in repos.items():
         if not isinstance(repo_id, str) or not repo_id.strip():
-            raise ValueError(f"push_to_hub needs {role}_repo_id (a repo id such as 'me/vit-adc-{role}'); got {repo_id!r}.")
+            example = f"'me/vit-adc-{role}'"
+            raise ValueError(f"push_to_hub needs {role}_repo_id (a repo id such as {example}); got {repo_id!r}.")
     if len(set(repos.values())) < len(repos):
         raise ValueError(f"Each part needs a repo of its own; the repo ids given are {repos}.")
     api = HfApi(token=token)

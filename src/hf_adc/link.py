@@ -262,7 +262,9 @@ class Link(nn.Module):
         self.ledger.uncompressed_uplink_bytes += uncompressed
         return _Cut.apply(message.hidden_states, self, bridge, record, uncompressed), record
 
-    def transmit_head(self, returned: torch.Tensor, record: CommunicationRecord, uncompressed_numel: int) -> torch.Tensor:
+    def transmit_head(
+        self, returned: torch.Tensor, record: CommunicationRecord, uncompressed_numel: int
+    ) -> torch.Tensor:
         """The second cut of a U-shaped split: `returned` (what the server's last layer hands the client's head)
         comes down as `head_activations`, its gradient goes back up as `head_gradients` in backward, both charged
         in `record` and the ledger. `uncompressed_numel` is the size of what the uncompressed U-shaped split would

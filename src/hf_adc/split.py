@@ -58,7 +58,9 @@ def _half_config(config_class: type, config: ViTConfig, split_layer: int, compre
     return half
 
 
-def load_bridge_and_link(directory: Path, settings: dict, client: ViTClientModel, num_labels: int) -> tuple[Bridge, Link]:
+def load_bridge_and_link(
+    directory: Path, settings: dict, client: ViTClientModel, num_labels: int
+) -> tuple[Bridge, Link]:
     """The bridge (with the weights saved next to the parts, if any) and the link recorded in `settings`."""
     bridge = build_bridge(
         config_from_dict(settings["compression"]),

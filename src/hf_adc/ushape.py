@@ -119,7 +119,7 @@ class USplitViTForImageClassification(SplitViTForImageClassification):
             loss = None if labels is None else F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
             return SplitViTOutput(loss=loss, logits=logits)
         if labels is None:
-            raise ValueError("A training step needs labels: the client's head computes the loss. Call .eval() to infer.")
+            raise ValueError("A training step needs labels: the client's head computes the loss. Call .eval() to infer")
 
         targets = self._targets(message.labels, label_smoothing)  # the client's own, never sent
         received, record = self.link.transmit_activations(message, self.bridge, hidden_states.numel())
