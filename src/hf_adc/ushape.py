@@ -161,10 +161,15 @@ class USplitViTForImageClassification(SplitViTForImageClassification):
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
     ) -> None:
-        """As the standard split's; a head without layers has nothing to recompute."""
+        """As the standard split's; a head without layers has nothing to recompute (transformers refuses it)."""
         for part in self.parts().values():
             if len(part.layers):
                 part.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def activation_checkpointing_disable(self) -> None:
+        for part in self.parts().values():
+            if len(part.layers):
+                part.activation_checkpointing_disable()
 
 
 def split_ushaped(
