@@ -14,10 +14,22 @@ from .bridges import (
     kmeans,
 )
 from .link import ChannelConfig, CommunicationRecord, Ledger, Link
-from .merge import merge_halves
-from .modeling import ViTClientConfig, ViTClientModel, ViTServerConfig, ViTServerModel
+from .merge import merge_halves, merge_ushaped
+from .modeling import (
+    ViTBottomConfig,
+    ViTBottomModel,
+    ViTClientConfig,
+    ViTClientModel,
+    ViTHeadConfig,
+    ViTHeadModel,
+    ViTMiddleConfig,
+    ViTMiddleModel,
+    ViTServerConfig,
+    ViTServerModel,
+)
 from .split import SplitViTForImageClassification, SplitViTOutput, split_vit
 from .training import ADCTrainer, ADCTrainingArguments
+from .ushape import USplitViTForImageClassification
 
 __version__ = "0.1.0"
 
@@ -29,6 +41,7 @@ __all__ = [
     "image_processor_for",
     "load_image_dataset",
     "merge_halves",
+    "merge_ushaped",
     "BottleNetConfig",
     "Bridge",
     "C3SLConfig",
@@ -44,6 +57,13 @@ __all__ = [
     "TopKConfig",
     "SplitViTForImageClassification",
     "SplitViTOutput",
+    "USplitViTForImageClassification",
+    "ViTBottomConfig",
+    "ViTBottomModel",
+    "ViTHeadConfig",
+    "ViTHeadModel",
+    "ViTMiddleConfig",
+    "ViTMiddleModel",
     "ViTClientConfig",
     "ViTClientModel",
     "ViTServerConfig",

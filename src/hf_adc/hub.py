@@ -1,5 +1,5 @@
-"""Loading from the Hub without long retries, and pushing the two halves of a split ViT to it, each a normal
-model repo with a model card."""
+"""Loading from the Hub without long retries, and pushing the parts of a split ViT to it (the two halves, or a
+U-shaped split's bottom, middle and head), each a normal model repo with a model card."""
 
 import tempfile
 import urllib.error
@@ -17,8 +17,11 @@ CARD_TEMPLATE = """---
 
 # {{ model_name }}
 
-The **{{ role }} half** of a Vision Transformer trained with split learning by hf_adc (a Hugging Face
-Transformers extension): the model is cut after encoder layer {{ split_layer }};
+The **{{ role }} {{ "part" if head_layers is not none else "half" }}** of a Vision Transformer trained with split
+learning by hf_adc (a Hugging Face Transformers extension): the model is cut after encoder layer {{ split_layer }}
+{%- if head_layers is not none %} and again before its head (the last {{ head_layers }} layers, the final layernorm
+and the classifier), which runs on the client: a U-shaped split, whose labels never leave the client
+{%- endif %};
 {{ role_text }}
 
 - base model: {{ base_model or "a ViT built from a config" }}
@@ -45,18 +48,32 @@ from transformers import AutoModel
 {{ role }} = AutoModel.from_pretrained("{{ model_name }}")
 ```
 
+{% if head_layers is not none -%}
+Merge the parts back into a plain `ViTForImageClassification` with `hf_adc.merge_ushaped(client, server, head)`.
+{%- else -%}
 Merge both halves back into a plain `ViTForImageClassification` with `hf_adc.merge_halves(client, server)`.
+{%- endif %}
 """
 
 ROLE_TEXT = {
     "client": "this half holds the patch embeddings and the layers before the cut, and runs where the data is.",
     "server": "this half holds the layers after the cut, the final layernorm and the classifier.",
 }
+USHAPED_ROLE_TEXT = {
+    "client": "this part holds the patch embeddings and the layers before the first cut, and runs where the data is "
+    "(with the head, pushed to a repo of its own).",
+    "server": "this part holds the middle layers and no classifier: it returns what its last layer computes to the "
+    "client's head and never sees a label.",
+    "head": "this part holds the last layers, the final layernorm and the classifier, and runs on the client: the "
+    "labels and the loss never leave it.",
+}
 
 
 def model_card(half, role: str, repo_id: str, dataset: str | None = None) -> ModelCard:
-    """A model card for one half: base model, dataset, accuracy as an eval result, compression and bytes."""
+    """A model card for one part (`role`: client, server, or a U-shaped split's head): base model, dataset, accuracy
+    as an eval result, compression and bytes."""
     config = half.config
+    head_layers = getattr(config, "head_layers", None)  # only a U-shaped split's parts have it
     communication = config.communication or {}
     accuracy = communication.get("test_accuracy")
     compression = {k: v for k, v in (config.compression or {}).items() if v is not None}
@@ -76,9 +93,12 @@ def model_card(half, role: str, repo_id: str, dataset: str | None = None) -> Mod
         datasets=[dataset] if dataset else None,
         eval_results=eval_results,
         library_name="transformers",
-        pipeline_tag="image-classification" if role == "server" else "image-feature-extraction",
+        pipeline_tag="image-classification" if hasattr(half, "classifier") else "image-feature-extraction",
         model_name=repo_id,
-        tags=["split-learning", "hf-adc", "vision-transformer", f"split-{role}", compression.get("method", "none")],
+        tags=[
+            "split-learning", "hf-adc", "vision-transformer", f"split-{role}", compression.get("method", "none"),
+            *(["u-shaped-split"] if head_layers is not None else []),
+        ],  # fmt: skip
     )
     sent = sum(communication.get(key, 0) for key in ("uplink_bytes", "downlink_bytes", "sync_bytes"))
     uncompressed = communication.get("uncompressed_bytes", 0)
@@ -87,8 +107,9 @@ def model_card(half, role: str, repo_id: str, dataset: str | None = None) -> Mod
         template_str=CARD_TEMPLATE,
         model_name=repo_id,
         role=role,
-        role_text=ROLE_TEXT[role],
+        role_text=(USHAPED_ROLE_TEXT if head_layers is not None else ROLE_TEXT)[role],
         split_layer=config.split_layer,
+        head_layers=head_layers,
         base_model=config.base_model_name_or_path,
         compression=compression,
         communication=communication,
@@ -113,16 +134,37 @@ def push_halves(
 ) -> dict[str, str]:
     """Pushes `split.client` (with the image processor) and `split.server` to their repos, each with a model
     card and the split's `split_config.json` (plus the bridge's weights, if it has any). Returns the URLs."""
-    for name, repo_id in (("client_repo_id", client_repo_id), ("server_repo_id", server_repo_id)):
+    repos = {"client": client_repo_id, "server": server_repo_id}
+    return push_parts(
+        split, repos, image_processor=image_processor, dataset=dataset, private=private, token=token,
+        commit_message=commit_message,
+    )  # fmt: skip
+
+
+def push_parts(
+    split,
+    repos: dict[str, str],
+    *,
+    image_processor: BaseImageProcessor | None = None,
+    dataset: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload split ViT half with hf_adc",
+) -> dict[str, str]:
+    """Pushes each part of `split` (`repos` maps a folder `save_pretrained` writes, `client`, `server` or `head`, to
+    its repo id) to its own repo with a model card and the split's `split_config.json` (plus the bridge's weights,
+    if it has any); the image processor goes with the client. Returns the URLs by part."""
+    for role, repo_id in repos.items():
         if not isinstance(repo_id, str) or not repo_id.strip():
-            raise ValueError(f"push_to_hub needs {name} (a repo id such as 'me/vit-adc-client'); got {repo_id!r}.")
-    if client_repo_id == server_repo_id:
-        raise ValueError(f"The halves need two repos; both repo ids are {client_repo_id!r}.")
+            example = f"'me/vit-adc-{role}'"
+            raise ValueError(f"push_to_hub needs {role}_repo_id (a repo id such as {example}); got {repo_id!r}.")
+    if len(set(repos.values())) < len(repos):
+        raise ValueError(f"Each part needs a repo of its own; the repo ids given are {repos}.")
     api = HfApi(token=token)
     urls = {}
     with tempfile.TemporaryDirectory() as staging:
         split.save_pretrained(staging)
-        for role, repo_id in (("client", client_repo_id), ("server", server_repo_id)):
+        for role, repo_id in repos.items():
             folder = Path(staging) / role
             for shared in Path(staging).glob("*.*"):
                 (folder / shared.name).write_bytes(shared.read_bytes())

@@ -5,6 +5,10 @@ their gradient comes down through it in the backward pass. Every floating-point 
 wire dtype (float32 by default, whatever the model computes in); integer tensors (class ids, indices, codes)
 cross as they are. Every tensor that crosses is charged at `numel * element_size` in the link's `Ledger`,
 next to what the uncompressed split, sending in the same wire dtype, would have sent.
+
+A U-shaped split (labels that stay on the client) crosses twice: `transmit_activations` sends the bridge's
+activations up without labels, and `transmit_head` brings what the server's last layer returns down to the
+client's head, its gradient going back up.
 """
 
 from dataclasses import dataclass, field
@@ -83,7 +87,8 @@ class CommunicationRecord:
     @property
     def achieved_ratio(self) -> float:
         """Bytes that carried the activations up (labels aside) over the uncompressed activations (whose
-        gradient is exactly the uncompressed downlink): T*k/(B*n) for ADC."""
+        gradient is exactly the uncompressed downlink): T*k/(B*n) for ADC. In a U-shaped split, once backward has
+        run: everything sent up (both cuts) over what the uncompressed U-shaped split sends each way."""
         activations = self.uplink_bytes - self.uplink.get("labels", 0)
         return activations / self.uncompressed_downlink_bytes
 
@@ -135,22 +140,45 @@ class _Cut(torch.autograd.Function):
     """Carries activations up in the bridge's wire form and their gradient down, charging both."""
 
     @staticmethod
-    def forward(ctx, activations, link, bridge, record):
+    def forward(ctx, activations, link, bridge, record, uncompressed_gradient_bytes):
         wire, context = bridge.pack(activations.detach())
         wire = link.send(wire)
         record.uplink.update({name: nbytes(tensor) for name, tensor in wire.items()})
         link.ledger.uplink_bytes += sum(nbytes(tensor) for tensor in wire.values())
         ctx.link, ctx.bridge, ctx.record, ctx.context = link, bridge, record, context
-        ctx.dtype = activations.dtype
+        ctx.dtype, ctx.uncompressed = activations.dtype, uncompressed_gradient_bytes
         return bridge.unpack(wire, context).to(activations.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad):
         wire = ctx.link.send(ctx.bridge.pack_gradient(grad, ctx.context))
         ctx.record.downlink.update({name: nbytes(tensor) for name, tensor in wire.items()})
-        ctx.link.ledger.downlink_bytes += ctx.record.downlink_bytes
-        ctx.link.ledger.uncompressed_downlink_bytes += ctx.record.uncompressed_downlink_bytes
-        return ctx.bridge.unpack_gradient(wire, ctx.context).to(ctx.dtype), None, None, None
+        ctx.link.ledger.downlink_bytes += sum(nbytes(tensor) for tensor in wire.values())
+        ctx.link.ledger.uncompressed_downlink_bytes += ctx.uncompressed
+        return ctx.bridge.unpack_gradient(wire, ctx.context).to(ctx.dtype), None, None, None, None
+
+
+class _HeadCut(torch.autograd.Function):
+    """The second cut of a U-shaped split: carries what the server returns down to the client's head, and the
+    head's gradient of it back up, both in the wire dtype, charging both as `head_activations` / `head_gradients`
+    next to what the uncompressed U-shaped split would send (`uncompressed_bytes` each way)."""
+
+    @staticmethod
+    def forward(ctx, returned, link, record, uncompressed_bytes):
+        wire = link.send({"head_activations": returned.detach()})
+        record.downlink["head_activations"] = nbytes(wire["head_activations"])
+        link.ledger.downlink_bytes += nbytes(wire["head_activations"])
+        link.ledger.uncompressed_downlink_bytes += uncompressed_bytes
+        ctx.link, ctx.record, ctx.dtype, ctx.uncompressed = link, record, returned.dtype, uncompressed_bytes
+        return wire["head_activations"].to(returned.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        wire = ctx.link.send({"head_gradients": grad})
+        ctx.record.uplink["head_gradients"] = nbytes(wire["head_gradients"])
+        ctx.link.ledger.uplink_bytes += nbytes(wire["head_gradients"])
+        ctx.link.ledger.uncompressed_uplink_bytes += ctx.uncompressed
+        return wire["head_gradients"].to(ctx.dtype), None, None, None
 
 
 class Link(nn.Module):
@@ -222,4 +250,26 @@ class Link(nn.Module):
         record.uplink["labels"] = nbytes(sent_labels)
         self.ledger.uplink_bytes += nbytes(sent_labels)
         self.ledger.uncompressed_uplink_bytes += record.uncompressed_uplink_bytes
-        return _Cut.apply(message.hidden_states, self, bridge, record), sent_labels, record
+        return _Cut.apply(message.hidden_states, self, bridge, record, uncompressed), sent_labels, record
+
+    def transmit_activations(
+        self, message: Message, bridge: Bridge, activations_numel: int
+    ) -> tuple[torch.Tensor, CommunicationRecord]:
+        """The first cut of a U-shaped split: as `transmit`, but only the activations cross (`message.labels`
+        stays with the client, and the uncompressed split it is measured against sends no labels either)."""
+        uncompressed = self.activation_bytes(activations_numel)
+        record = CommunicationRecord(uncompressed_uplink_bytes=uncompressed, uncompressed_downlink_bytes=uncompressed)
+        self.ledger.uncompressed_uplink_bytes += uncompressed
+        return _Cut.apply(message.hidden_states, self, bridge, record, uncompressed), record
+
+    def transmit_head(
+        self, returned: torch.Tensor, record: CommunicationRecord, uncompressed_numel: int
+    ) -> torch.Tensor:
+        """The second cut of a U-shaped split: `returned` (what the server's last layer hands the client's head)
+        comes down as `head_activations`, its gradient goes back up as `head_gradients` in backward, both charged
+        in `record` and the ledger. `uncompressed_numel` is the size of what the uncompressed U-shaped split would
+        return (the CLS row, or every token, of every sample)."""
+        uncompressed = self.activation_bytes(uncompressed_numel)
+        record.uncompressed_uplink_bytes += uncompressed
+        record.uncompressed_downlink_bytes += uncompressed
+        return _HeadCut.apply(returned, self, record, uncompressed)

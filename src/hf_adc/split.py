@@ -41,7 +41,9 @@ class SplitViTOutput(ModelOutput):
     communication: CommunicationRecord | None = None
 
 
-def _half_config(config_class: type, config: ViTConfig, split_layer: int, compression: dict | None):
+def _half_config(config_class: type, config: ViTConfig, split_layer: int, compression: dict | None, **extra):
+    """The config of one part of a split of `config`'s model, recording the cut, the base model and the compression
+    (and `extra` fields, such as the U-shaped split's `head_layers`)."""
     fields = config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "auto_map"):
         fields.pop(key, None)
@@ -50,9 +52,30 @@ def _half_config(config_class: type, config: ViTConfig, split_layer: int, compre
         split_layer=split_layer,
         base_model_name_or_path=config._name_or_path or None,
         compression=compression,
+        **extra,
     )
     half._attn_implementation = config._attn_implementation
     return half
+
+
+def load_bridge_and_link(
+    directory: Path, settings: dict, client: ViTClientModel, num_labels: int
+) -> tuple[Bridge, Link]:
+    """The bridge (with the weights saved next to the parts, if any) and the link recorded in `settings`."""
+    bridge = build_bridge(
+        config_from_dict(settings["compression"]),
+        num_tokens=client.embeddings.patch_embeddings.num_patches + 1,
+        hidden_size=client.config.hidden_size,
+        num_labels=num_labels,
+    ).to(client.device, client.dtype)
+    state = {}
+    for name in (BRIDGE_WEIGHTS_NAME, SERVER_BRIDGE_WEIGHTS_NAME):
+        if (directory / name).exists():
+            state.update(load_file(directory / name, device=str(client.device)))
+    if state:
+        bridge.load_state_dict(state)
+    channel = ChannelConfig(**settings["channel"]) if settings["channel"] else None
+    return bridge, Link(channel, settings.get("wire_dtype", "float32"))
 
 
 class SplitViTForImageClassification(nn.Module):
@@ -75,51 +98,58 @@ class SplitViTForImageClassification(nn.Module):
         self.link = link
         self.server = server
 
-    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
-        """Saves `client/` and `server/` as normal checkpoints, the bridge's weights (if it has any) and
-        `split_config.json` (compression and channel settings). `kwargs` go to each half's `save_pretrained`.
-        Across processes each side saves what it holds (the client side has no `server` half)."""
-        directory = Path(save_directory)
-        for name, half in (("client", self.client), ("server", self.server)):
-            if half is not None:
-                half.save_pretrained(directory / name, **kwargs)
-        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.bridge.state_dict().items()}
-        if state:
-            save_file(state, directory / BRIDGE_WEIGHTS_NAME)
-        settings = {
+    def parts(self) -> dict[str, nn.Module]:
+        """The model's parts by folder name, as `save_pretrained` writes them: `client` and `server` (across
+        processes each side holds only its own, the other is None)."""
+        return {"client": self.client, "server": self.server}
+
+    def split_settings(self) -> dict:
+        """What `split_config.json` records: the cut, the compression, the channel and the wire dtype."""
+        return {
             "split_layer": self.client.config.split_layer,
             "compression": self.client.config.compression,
             "channel": asdict(self.link.channel) if self.link.channel else None,
             "wire_dtype": wire_dtype_name(self.link.wire_dtype),
         }
-        (directory / SPLIT_CONFIG_NAME).write_text(json.dumps(settings, indent=2))
 
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, **kwargs) -> "SplitViTForImageClassification":
-        """Loads what `save_pretrained` wrote; `kwargs` go to each half's `from_pretrained`."""
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """Saves `client/` and `server/` (each part in `parts()`) as normal checkpoints, the bridge's weights (if
+        it has any) and `split_config.json` (compression and channel settings). `kwargs` go to each part's
+        `save_pretrained`. Across processes each side saves what it holds (the client side has no `server` half)."""
+        directory = Path(save_directory)
+        for name, part in self.parts().items():
+            if part is not None:
+                part.save_pretrained(directory / name, **kwargs)
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.bridge.state_dict().items()}
+        if state:
+            save_file(state, directory / BRIDGE_WEIGHTS_NAME)
+        (directory / SPLIT_CONFIG_NAME).write_text(json.dumps(self.split_settings(), indent=2))
+
+    @staticmethod
+    def read_settings(directory: str | Path) -> dict:
+        """The `split_config.json` of a folder written by `save_pretrained`."""
         directory = Path(directory)
         if not (directory / SPLIT_CONFIG_NAME).exists():
             raise FileNotFoundError(
                 f"{directory} has no {SPLIT_CONFIG_NAME}: it is not a folder written by "
                 "SplitViTForImageClassification.save_pretrained."
             )
-        settings = json.loads((directory / SPLIT_CONFIG_NAME).read_text())
+        return json.loads((directory / SPLIT_CONFIG_NAME).read_text())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **kwargs) -> "SplitViTForImageClassification":
+        """Loads what `save_pretrained` wrote, a U-shaped split included (`split_config.json` records the
+        topology); `kwargs` go to each part's `from_pretrained`."""
+        directory = Path(directory)
+        settings = cls.read_settings(directory)
+        if settings.get("topology", "standard") != "standard":
+            from .ushape import load_ushaped  # the U-shaped split builds on this class
+
+            return load_ushaped(directory, settings, **kwargs)
         client = ViTClientModel.from_pretrained(directory / "client", **kwargs)
         server = ViTServerModel.from_pretrained(directory / "server", **kwargs)
-        bridge = build_bridge(
-            config_from_dict(settings["compression"]),
-            num_tokens=client.embeddings.patch_embeddings.num_patches + 1,
-            hidden_size=client.config.hidden_size,
-            num_labels=server.config.num_labels,
-        ).to(client.device, client.dtype)
-        state = {}
-        for name in (BRIDGE_WEIGHTS_NAME, SERVER_BRIDGE_WEIGHTS_NAME):
-            if (directory / name).exists():
-                state.update(load_file(directory / name, device=str(client.device)))
-        if state:
-            bridge.load_state_dict(state)
-        channel = ChannelConfig(**settings["channel"]) if settings["channel"] else None
-        return cls(client, server, bridge, Link(channel, settings.get("wire_dtype", "float32")))
+        bridge, link = load_bridge_and_link(directory, settings, client, server.config.num_labels)
+        return cls(client, server, bridge, link)
 
     def push_to_hub(self, client_repo_id: str, server_repo_id: str, **kwargs) -> dict[str, str]:
         """Pushes each half to its own repo with a model card (see `hf_adc.hub.push_halves` for `kwargs`:
@@ -156,12 +186,12 @@ class SplitViTForImageClassification(nn.Module):
     ) -> None:
         """Recomputes each half's layer activations in backward instead of keeping them (what the `Trainer`
         calls for `--gradient_checkpointing`)."""
-        for half in (self.client, self.server):
-            half.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+        for part in self.parts().values():
+            part.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
 
     def activation_checkpointing_disable(self) -> None:
-        for half in (self.client, self.server):
-            half.activation_checkpointing_disable()
+        for part in self.parts().values():
+            part.activation_checkpointing_disable()
 
     @torch.no_grad()
     def client_payload(self, pixel_values: torch.Tensor, keep_tokens: float | None = None) -> torch.Tensor:
@@ -235,6 +265,15 @@ class SplitViTForImageClassification(nn.Module):
         hidden_states = client_output.last_hidden_state
         return hidden_states, self.bridge.encode(hidden_states, labels, client_output.cls_attention)
 
+    def _targets(self, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        """The distributions the loss is taken against: soft labels normalised (ADC's merged ones) or class ids
+        one-hot, mixed with the uniform distribution by `label_smoothing`."""
+        if labels.is_floating_point():
+            targets = labels.float() / labels.float().sum(dim=1, keepdim=True)
+        else:
+            targets = F.one_hot(labels, self.num_labels).float()
+        return targets * (1 - label_smoothing) + label_smoothing / self.num_labels
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -253,11 +292,7 @@ class SplitViTForImageClassification(nn.Module):
             raise ValueError("A training step needs labels: the server computes the loss. Call .eval() to infer.")
 
         received, sent_labels, record = self.link.transmit(message, self.bridge, hidden_states.numel(), labels)
-        if sent_labels.is_floating_point():
-            targets = sent_labels.float() / sent_labels.float().sum(dim=1, keepdim=True)
-        else:
-            targets = F.one_hot(sent_labels, self.num_labels).float()
-        targets = targets * (1 - label_smoothing) + label_smoothing / self.num_labels
+        targets = self._targets(sent_labels, label_smoothing)
         server_output = self.server(self.bridge.decode(received.to(self.server.dtype)), labels=targets)
         return SplitViTOutput(
             loss=server_output.loss,
@@ -275,6 +310,8 @@ def split_vit(
     compression: BridgeConfig | None = None,
     channel: ChannelConfig | None = None,
     wire_dtype: str | torch.dtype = "float32",
+    label_privacy: bool = False,
+    head_layers: int = 0,
 ) -> SplitViTForImageClassification:
     """Cuts `model` after `split_layer` encoder layers, sharing its modules (no weight is copied).
 
@@ -284,6 +321,8 @@ def split_vit(
     adds noise to what crosses.
     `wire_dtype` (`"float32"`, `"bfloat16"` or `"float16"`) is the dtype every floating-point tensor crosses
     in, whatever the model computes in (bf16 autocast included): it fixes the bytes charged and planned.
+    `label_privacy=True` makes the split U-shaped (`hf_adc.ushape`): the client also keeps the last `head_layers`
+    layers, the final layernorm and the classifier, and computes the loss itself, so no label crosses.
     """
     if isinstance(model, str):
         model = load_pretrained(ViTForImageClassification, model)
@@ -306,6 +345,15 @@ def split_vit(
     ).to(model.device, model.dtype)
     link = Link(channel, wire_dtype)
     settings = compression.to_dict() if compression is not None else {"method": "none"}
+    if label_privacy:
+        from .ushape import split_ushaped  # the U-shaped split builds on this module
+
+        return split_ushaped(model, split_layer, head_layers, bridge, link, settings)
+    if head_layers != 0:
+        raise ValueError(
+            f"head_layers={head_layers!r} keeps layers in a client-side head, which only a U-shaped split has: pass "
+            "label_privacy=True too, or leave head_layers at 0."
+        )
     client_config = _half_config(ViTClientConfig, model.config, split_layer, settings)
     server_config = _half_config(ViTServerConfig, model.config, split_layer, settings)
     with torch.device("meta"):

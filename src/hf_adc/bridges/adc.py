@@ -206,6 +206,14 @@ class ADCBridge(SeededBridge):
         activations = math.prod(shape) * element_size
         return activations + labels, activations
 
+    def label_bytes(self, batch_size, num_labels, element_size):
+        """One soft label (a distribution over the classes, in the wire dtype) per cluster; T does not depend on the
+        number of tokens."""
+        return self.config.sizes(batch_size, 1)[0] * num_labels * element_size
+
+    def server_tokens(self, batch_size, num_tokens):
+        return self.config.sizes(batch_size, num_tokens)
+
     def encode(
         self,
         hidden_states: torch.Tensor,

@@ -88,6 +88,16 @@ class Bridge(nn.Module):
         """
         raise NotImplementedError
 
+    def label_bytes(self, batch_size: int, num_labels: int, element_size: int) -> int:
+        """The part of `wire_bytes`' uplink that carries the labels: one int64 class id per sample unless the
+        bridge sends other labels (ADC's soft labels). A U-shaped split sends none of it."""
+        return batch_size * 8
+
+    def server_tokens(self, batch_size: int, num_tokens: int) -> tuple[int, int]:
+        """(samples, tokens) the server's layers run on in training, once decoded: every sample and token unless
+        the bridge merges samples or drops tokens (ADC). What a U-shaped split's server returns has this shape."""
+        return batch_size, num_tokens
+
 
 class SeededBridge(Bridge):
     """A bridge that draws random numbers: a fresh generator per batch from `config.seed` and the number

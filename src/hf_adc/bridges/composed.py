@@ -126,6 +126,12 @@ class ComposedBridge(Bridge):
         values = self.codec.unpack_gradient(wire, codec_context)
         return self.reducer.unpack_gradient({"gradients": values}, reducer_context)
 
+    def label_bytes(self, batch_size, num_labels, element_size):
+        return self.reducer.label_bytes(batch_size, num_labels, element_size)
+
+    def server_tokens(self, batch_size, num_tokens):
+        return self.reducer.server_tokens(batch_size, num_tokens)
+
     def wire_bytes(self, batch_size, num_tokens, hidden_size, num_labels, element_size):
         shape, labels, side = self.reducer.sent_values(batch_size, num_tokens, hidden_size, num_labels, element_size)
         up, down = self.codec.coded_bytes(shape, element_size)

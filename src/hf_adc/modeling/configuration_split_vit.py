@@ -9,7 +9,7 @@ from transformers import ViTConfig
 
 
 class _HalfConfigLoading:
-    """Refuses to load the other half's checkpoint (transformers would only warn and build a wrong model)."""
+    """Refuses to load another part's checkpoint (transformers would only warn and build a wrong model)."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -18,7 +18,7 @@ class _HalfConfigLoading:
         if found != cls.model_type:
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds a '{found}' checkpoint, not a '{cls.model_type}' one: load "
-                "the client folder with ViTClientModel and the server folder with ViTServerModel (or AutoModel)."
+                "each folder with the class of its own part, or with AutoModel (which reads the part from the config)."
             )
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
