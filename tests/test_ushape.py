@@ -274,3 +274,11 @@ def test_activation_checkpointing_keeps_the_gradients(tiny_vit, batch, head_laye
     for expected, grad in zip(_gradients(plain), _gradients(checkpointed), strict=True):
         torch.testing.assert_close(grad, expected)
     checkpointed.activation_checkpointing_disable()
+
+
+def test_a_u_shaped_split_is_refused_across_processes_until_the_wire_carries_the_head(tiny_vit):
+    from hf_adc.distributed import RemoteLink, RemoteSplitViT
+
+    split = hf_adc.split_vit(tiny_vit, 2, label_privacy=True)
+    with pytest.raises(ValueError, match="runs in one process only for now"):
+        RemoteSplitViT(split, RemoteLink(peer=None))

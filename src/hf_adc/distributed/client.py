@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 from ..bridges import Bridge
 from ..link import CommunicationRecord, Link, nbytes
 from ..split import SplitViTForImageClassification, SplitViTOutput
+from ..ushape import USplitViTForImageClassification
 from .connect import Connection
 from .settings import drop_modules
 from .wire import Kind, json_tensor
@@ -182,6 +183,11 @@ class RemoteSplitViT(SplitViTForImageClassification):
     """
 
     def __init__(self, split: SplitViTForImageClassification, link: RemoteLink):
+        if isinstance(split, USplitViTForImageClassification):
+            raise ValueError(
+                "label_privacy=True (a U-shaped split) runs in one process only for now: across processes the server "
+                "would need the head's round trip (HEAD / HEAD_BACKWARD messages), which the wire does not carry yet."
+            )
         bridge = drop_modules(split.bridge, split.bridge.server_modules)
         super().__init__(split.client, None, bridge, link)
         link.num_norms = sum(1 for parameter in self.parameters() if parameter.requires_grad)
