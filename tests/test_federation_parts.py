@@ -109,7 +109,7 @@ def test_a_one_process_link_answers_no_to_every_role_the_trainer_asks():
 
 def test_training_imports_nothing_of_the_distributed_package():
     code = "import sys, hf_adc.training; print(sorted(m for m in sys.modules if m.startswith('hf_adc.distributed')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
     assert out.strip() == "[]"
 
 

@@ -78,6 +78,16 @@ def load_bridge_and_link(
     return bridge, Link(channel, settings.get("wire_dtype", "float32"))
 
 
+def soft_targets(labels: torch.Tensor, num_labels: int, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The label distributions to train on: soft labels renormalised in float32, or class ids one-hot, mixed
+    with the uniform distribution by `label_smoothing`."""
+    if labels.is_floating_point():
+        targets = labels.float() / labels.float().sum(dim=1, keepdim=True)
+    else:
+        targets = F.one_hot(labels, num_labels).float()
+    return targets * (1 - label_smoothing) + label_smoothing / num_labels
+
+
 class SplitViTForImageClassification(nn.Module):
     """A ViT image classifier cut in two: `client` -> `bridge.encode` -> `link` -> `bridge.decode` -> `server`.
 
@@ -268,11 +278,7 @@ class SplitViTForImageClassification(nn.Module):
     def _targets(self, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
         """The distributions the loss is taken against: soft labels normalised (ADC's merged ones) or class ids
         one-hot, mixed with the uniform distribution by `label_smoothing`."""
-        if labels.is_floating_point():
-            targets = labels.float() / labels.float().sum(dim=1, keepdim=True)
-        else:
-            targets = F.one_hot(labels, self.num_labels).float()
-        return targets * (1 - label_smoothing) + label_smoothing / self.num_labels
+        return soft_targets(labels, self.num_labels, label_smoothing)
 
     def forward(
         self,

@@ -6,12 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments, get_scheduler
 
-from ..split import SERVER_BRIDGE_WEIGHTS_NAME, SplitViTForImageClassification
+from ..split import SERVER_BRIDGE_WEIGHTS_NAME, SplitViTForImageClassification, soft_targets
 from .files import CheckpointError, read_checked, write_atomically
 from .settings import drop_modules
 from .wire import WireError
@@ -127,12 +126,7 @@ class ServerHalf:
             raise WireError(f"activations of {tuple(decoded.shape)} do not fit {batch} labels and {shape[1]} tokens.")
         if decoded.shape[2] != config.hidden_size:
             raise WireError(f"activations of width {decoded.shape[2]} do not fit the split's {config.hidden_size}.")
-        if labels.is_floating_point():
-            targets = labels.float() / labels.float().sum(dim=1, keepdim=True)
-        else:
-            targets = F.one_hot(labels, split.num_labels).float()
-        targets = targets * (1 - smoothing) + smoothing / split.num_labels
-        loss = split.server(decoded, labels=targets).loss
+        loss = split.server(decoded, labels=soft_targets(labels, split.num_labels, smoothing)).loss
         return PendingBackward(received, context, loss)
 
     def backward(self, pending: PendingBackward, seed: float) -> dict[str, torch.Tensor]:

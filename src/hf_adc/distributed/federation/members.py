@@ -1,10 +1,12 @@
 """Who is in a federation: the server's view of each client, the checks a joining client must pass, and drops."""
 
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..client import RemoteLink
 from ..wire import Refused
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ class Member:
     results: dict = field(default_factory=dict)
 
 
+MAX_PROCESSES = 1024  # a client's processes (DDP ranks) a step's cost may be announced for
 MAX_SHARD_SIZE = 2**31  # rows; a FedAvg weight beyond any real shard is refused at join
 SAVED_MEMBER_FIELDS = ("client_id", "shard_size", "step_bytes", "half_bytes", "epoch_bytes", "live")
 
@@ -145,3 +148,39 @@ class Membership:
                 f"client {client_id} has a shard of {shard_size} rows; at step {resume_step} it had "
                 f"{existing.shard_size}: resume with the same data, partition and seed."
             )
+
+
+def certified_client_id(peer_name: str | None, num_clients: int) -> int | None:
+    """The client id a certificate names (`client-N`, N < num_clients); None over plaintext. Anything else is
+    refused before the session's HELLO can shape any shared state."""
+    if peer_name is None:
+        return None
+    match = re.fullmatch(r"client-(\d{1,9})", peer_name)
+    if match is None or int(match.group(1)) >= num_clients:
+        raise Refused(
+            f"the certificate of {peer_name!r} names no client of this federation (client-0 .. "
+            f"client-{num_clients - 1}): provision federation members with --num_clients."
+        )
+    return int(match.group(1))
+
+
+def check_plan_costs(split, args, num_client_norms: int, client_id: int, shard_size: int, step_bytes: int,
+                     epoch_bytes: int) -> None:  # fmt: skip
+    """The costs a PLAN announces, against what the server computes for the agreed split and batch (the plan
+    is made from them: a client that understated them would make the federation overspend its budget). An
+    epoch is the shard's uncompressed traffic exactly; a step at least one process's full batches with their
+    control values (more for a client of several processes, or a ragged batch that costs more)."""
+    epoch = sum(split.wire_bytes(1, compressed=False)) * shard_size
+    if epoch_bytes != epoch:
+        raise Refused(
+            f"client {client_id} announces {epoch_bytes} bytes for an uncompressed epoch of {shard_size} rows; "
+            f"this split's is {epoch}."
+        )
+    up, down = RemoteLink.control_bytes
+    micro_batch = sum(split.wire_bytes(args.per_device_train_batch_size)) + up + down
+    least = micro_batch * args.gradient_accumulation_steps + 4 * num_client_norms + 16
+    if not least <= step_bytes <= MAX_PROCESSES * least:
+        raise Refused(
+            f"client {client_id} announces {step_bytes} bytes a step; this split's is {least} for one process "
+            f"(at most {MAX_PROCESSES} processes)."
+        )

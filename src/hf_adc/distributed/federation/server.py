@@ -7,7 +7,6 @@ the `ServerHalf` (the compute, the optimizer, the half's files) are composed her
 """
 
 import logging
-import re
 import threading
 import time
 from dataclasses import replace
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from ..client import RemoteLink
 from ..files import CheckpointError
 from ..server import Session, check_split_settings, read_hello
 from ..server_half import ServerHalf
@@ -23,7 +21,7 @@ from ..settings import checkpoint_every, differing_settings, plain
 from ..wire import Kind, PeerLost, Refused, WireError
 from .checkpoint import read_federation_state, resume_federation, save_federation_checkpoint
 from .halves import AGGREGATIONS, client_side_tensors, half_size, load_half_vector
-from .members import Member, Membership
+from .members import Member, Membership, certified_client_id, check_plan_costs
 from .plan import PLAN_BYTES, FederationPlan, PlanError, plan_rounds, plan_scalars
 from .results import federation_results, save_federation
 from .schedules import SCHEDULES, make_schedule
@@ -31,7 +29,6 @@ from .session import FederatedSession, StepLock
 
 logger = logging.getLogger(__name__)
 
-MAX_PROCESSES = 1024  # a client's processes (DDP ranks) a step's cost may be announced for
 FEDERATION_ARGS = ("communication_budget", "budget_epochs", "max_steps", "save_strategy", "save_steps")
 
 
@@ -204,7 +201,7 @@ class FederatedServer:
         """HELLO (the settings), WELCOME, PLAN: admits the client, waits for the others (or `round_timeout`), and
         answers with the plan (and the current client half for a client rejoining afresh)."""
         connection, members = session.connection, self.members
-        certified = self._certified_id(connection)  # who it is, before anything it says is taken in
+        certified = certified_client_id(connection.peer_name, self.num_clients)  # before anything it says counts
         settings = read_hello(connection, self.join_token)
         with members.condition:
             self._accept_settings(settings)
@@ -218,7 +215,8 @@ class FederatedServer:
                 f"client_id={client_id} disagrees with the client's certificate ({connection.peer_name}): a client's "
                 "id is the one its kit was made for (client-N)."
             )
-        self._check_costs(client_id, shard_size, step_bytes, epoch_bytes)
+        check_plan_costs(self.split, self.args, self.server_half.num_client_norms, client_id, shard_size,
+                         step_bytes, epoch_bytes)  # fmt: skip
         with members.condition:
             member, existing = members.admit(
                 client_id, shard_size, (step_bytes, half_bytes, epoch_bytes), half_size(self.client_tensors) * 4,
@@ -240,41 +238,6 @@ class FederatedServer:
         connection.send(Kind.PLAN, tensors)
         connection.open_up()  # admitted: full-size frames from now on
         return member
-
-    def _certified_id(self, connection) -> int | None:
-        """The client id its certificate names (`client-N`, N < num_clients); None over plaintext."""
-        name = connection.peer_name
-        if name is None:
-            return None
-        match = re.fullmatch(r"client-(\d{1,9})", name)
-        if match is None or int(match.group(1)) >= self.num_clients:
-            raise Refused(
-                f"the certificate of {name!r} names no client of this federation (client-0 .. "
-                f"client-{self.num_clients - 1}): provision federation members with --num_clients."
-            )
-        return int(match.group(1))
-
-    def _check_costs(self, client_id: int, shard_size: int, step_bytes: int, epoch_bytes: int) -> None:
-        """The costs a PLAN announces, against what the server computes for the agreed split and batch (the plan
-        is made from them: a client that understated them would make the federation overspend its budget). An
-        epoch is the shard's uncompressed traffic exactly; a step at least one process's full batches with their
-        control values (more for a client of several processes, or a ragged batch that costs more)."""
-        split = self.split
-        epoch = sum(split.wire_bytes(1, compressed=False)) * shard_size
-        if epoch_bytes != epoch:
-            raise Refused(
-                f"client {client_id} announces {epoch_bytes} bytes for an uncompressed epoch of {shard_size} rows; "
-                f"this split's is {epoch}."
-            )
-        up, down = RemoteLink.control_bytes
-        least = (sum(split.wire_bytes(self.args.per_device_train_batch_size)) + up + down) * (
-            self.args.gradient_accumulation_steps
-        ) + 4 * self.server_half.num_client_norms + 16  # fmt: skip
-        if not least <= step_bytes <= MAX_PROCESSES * least:
-            raise Refused(
-                f"client {client_id} announces {step_bytes} bytes a step; this split's is {least} for one process "
-                f"(at most {MAX_PROCESSES} processes)."
-            )
 
     def _accept_settings(self, settings: dict) -> None:
         """The federation's settings (the same number of clients, and the same partition and budget for every
