@@ -14,8 +14,9 @@ from .members import Member
 
 
 class StepLock:
-    """The server half, held by one session for a whole optimizer step; a wait for it ends at `timeout`, and so
-    does the holder's wait for its next message (a lease: a holder that goes quiet is dropped, not the waiters)."""
+    """The server half, held by one session for a whole optimizer step. The holder waits at most `timeout` for
+    each of its next messages (a lease, see `FederatedSession.run`) and a waiter twice that, so that a holder that
+    goes quiet is the one dropped, never the clients waiting behind it."""
 
     def __init__(self, timeout: float):
         self.timeout = timeout
@@ -25,8 +26,8 @@ class StepLock:
     def take(self, session: int) -> None:
         if self.owner == session:
             return
-        if not self.lock.acquire(timeout=self.timeout):
-            raise PeerLost(f"session {session} waited over {self.timeout} s for the server half.")
+        if not self.lock.acquire(timeout=2 * self.timeout):  # the holder's lease (at most `timeout`) ends first
+            raise PeerLost(f"session {session} waited over {2 * self.timeout} s for the server half.")
         self.owner = session
 
     def give_back(self) -> None:
@@ -62,7 +63,7 @@ class FederatedSession:
         return self.federation.server_half
 
     def run(self) -> None:
-        lease = timedelta(seconds=self.federation.step_lock.timeout)
+        lease = min(timedelta(seconds=self.federation.step_lock.timeout), self.session.connection.timeout)
         while True:
             holding = self.federation.step_lock.owner == self.session.number
             frame = self.session.connection.recv(*self.handlers, timeout=lease if holding else None)
