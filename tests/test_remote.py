@@ -35,7 +35,8 @@ from hf_adc.distributed.wire import FIXED, PROTOCOL_VERSION, encode_header, json
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     weights = {}
-    files = ("client/model.safetensors", "server/model.safetensors", "bridge.safetensors", "server_bridge.safetensors")
+    files = ("client/model.safetensors", "server/model.safetensors", "head/model.safetensors", "bridge.safetensors",
+             "server_bridge.safetensors")  # fmt: skip
     for name in files:
         if (folder / name).exists():
             weights.update({f"{name.split('/')[0]}:{key}": value for key, value in load_file(folder / name).items()})
@@ -109,6 +110,56 @@ def test_two_processes_train_exactly_like_one(tiny_vit_path, digits_dir, tmp_pat
     transport = two["transport"]
     assert transport["payload_sent"] + transport["payload_received"] >= two["total_bytes"]
     assert hf_adc.SplitViTForImageClassification.from_pretrained(tmp_path / "split").server is not None
+
+
+USHAPED_CASES = [("adc", 0, 1), ("bottlenet", 0, 1), ("c3sl", 0, 1), ("adc+quantize8", 0, 1), ("none", 1, 2)]
+HEAD_TENSORS = 4  # the head's layernorm (weight, bias) and classifier (weight, bias); 16 more per head layer
+
+
+@pytest.mark.parametrize(("method", "head_layers", "accumulation"), USHAPED_CASES,
+                         ids=[f"{m}-head{h}-acc{a}" for m, h, a in USHAPED_CASES])  # fmt: skip
+def test_a_ushaped_pair_trains_exactly_like_one_process_and_no_label_crosses(
+    tiny_vit_path, digits_dir, tmp_path, method, head_layers, accumulation
+):
+    run = (*REMOTE_METHODS[method], "--label_privacy", "--head_layers", str(head_layers),
+           "--gradient_accumulation_steps", str(accumulation), "--max_steps", str(STEPS))  # fmt: skip
+    shared = model_args(tiny_vit_path, *run)
+    address = free_address()
+    server = start_server(address, tmp_path / "split", *shared)
+    client = start_client(address, tiny_vit_path, digits_dir, tmp_path / "split", *run)
+    train_here([*shared, *data_args(digits_dir, tmp_path / "alone")])
+    client_log = wait_output(client, 300)
+    server_log = finish(server)
+    assert client.returncode == 0, client_log[-3000:] + server_log[-3000:]
+    assert server.returncode == 0, server_log[-3000:]
+
+    one = json.loads((tmp_path / "alone" / "results.json").read_text())
+    two = json.loads((tmp_path / "split" / "results.json").read_text())
+    losses = [[entry["loss"] for entry in run["log_history"] if "loss" in entry] for run in (one, two)]
+    assert len(losses[0]) == STEPS
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+    assert two["test_accuracy"] == one["test_accuracy"]
+    expected, actual = _weights(tmp_path / "alone"), _weights(tmp_path / "split")
+    assert expected.keys() == actual.keys() and any(key.startswith("head:") for key in expected)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0, msg=key)
+
+    # No label crosses either way: per micro-batch only the row count of the FORWARD goes up as a control value
+    # (float64), nothing comes down (the client holds the loss); per optimizer step the norms as in the standard
+    # split, one per client tensor, the head's included.
+    norms = CLIENT_TENSORS + HEAD_TENSORS + 16 * head_layers + ENCODER_TENSORS * ("bottlenet" in method)
+    micro_batches = STEPS * accumulation
+    control_up = micro_batches * 8 + STEPS * (4 * norms + 8)
+    control_down = STEPS * 8
+    assert two["uplink_bytes"] == one["uplink_bytes"] + control_up
+    assert two["downlink_bytes"] == one["downlink_bytes"] + control_down
+    assert two["uncompressed_bytes"] == one["uncompressed_bytes"] + control_up + control_down
+    # Evaluation: the eval-mode activations up, the head's input down (the CLS row, or every token with head layers).
+    head_tokens = TOKENS if head_layers else 1
+    assert two["inference_bytes"] == EVAL_ROWS * (TOKENS * EVAL_WIDTH.get(method, WIDTH) + head_tokens * WIDTH) * 4
+    assert two["topology"] == one["topology"] == "u-shaped"
+    merged = hf_adc.SplitViTForImageClassification.from_pretrained(tmp_path / "split")
+    assert isinstance(merged, hf_adc.USplitViTForImageClassification) and merged.server is not None
 
 
 def _latest_checkpoint_both_saved(folder: Path) -> Path | None:

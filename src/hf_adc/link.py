@@ -226,6 +226,12 @@ class Link(nn.Module):
             name: self._send_values(tensor) if tensor.is_floating_point() else tensor for name, tensor in wire.items()
         }
 
+    def cast(self, wire: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors as a sender puts them on a real wire: floating-point ones in the wire dtype, without the
+        channel: across processes the client's end applies it, both ways (`send`), so that what crosses is noised
+        once, as in one process."""
+        return {name: tensor.to(self.wire_dtype) if tensor.is_floating_point() else tensor for name, tensor in wire.items()}
+
     def _send_values(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(self.wire_dtype)
         return self.channel.apply(tensor) if self.channel else tensor

@@ -13,7 +13,7 @@
 - `arguments.py`, `launch.py`: the command-line arguments and the code that starts servers and clients.
 """
 
-from .client import PeerCallback, RemoteLink, RemoteSplitViT
+from .client import PeerCallback, RemoteLink, RemoteSplitViT, RemoteUSplitViT
 from .connect import Connection, Listener, connect, parse_address
 from .federation import FederatedLink, FederatedServer, FederationPlan
 from .server import SplitServer
@@ -34,6 +34,7 @@ __all__ = [
     "Refused",
     "RemoteLink",
     "RemoteSplitViT",
+    "RemoteUSplitViT",
     "ServerHalf",
     "SplitServer",
     "Traffic",

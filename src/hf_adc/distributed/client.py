@@ -35,7 +35,7 @@ from ..split import SplitViTForImageClassification, SplitViTOutput
 from ..ushape import USplitViTForImageClassification
 from .connect import Connection
 from .settings import drop_modules
-from .wire import Kind, json_tensor
+from .wire import Kind, WireError, json_tensor
 
 
 class _RemoteLoss(torch.autograd.Function):
@@ -60,6 +60,32 @@ class _RemoteLoss(torch.autograd.Function):
         return gradient, None, None, None, None, None
 
 
+class _RemoteMiddle(torch.autograd.Function):
+    """A U-shaped split's server middle as a function of what the client sent: forward is what came down
+    (`head_activations`); backward sends the head's gradient of it up (HEAD_BACKWARD) and brings the gradient of
+    the cut down through the bridge (GRADIENT)."""
+
+    @staticmethod
+    def forward(ctx, activations, link, bridge, context, record, returned, uncompressed_gradient_bytes):
+        ctx.link, ctx.bridge, ctx.context, ctx.record = link, bridge, context, record
+        ctx.device, ctx.dtype, ctx.uncompressed = activations.device, activations.dtype, uncompressed_gradient_bytes
+        return returned.clone()
+
+    @staticmethod
+    def backward(ctx, grad_returned):
+        link, record = ctx.link, ctx.record
+        sent = link.send({"head_gradients": grad_returned.detach()})
+        link.peer.send(Kind.HEAD_BACKWARD, sent)
+        record.uplink["head_gradients"] = nbytes(sent["head_gradients"])
+        link.ledger.uplink_bytes += record.uplink["head_gradients"]
+        wire = link.send(link.peer.recv(Kind.GRADIENT).tensors)
+        record.downlink.update({name: nbytes(tensor) for name, tensor in wire.items()})
+        link.ledger.downlink_bytes += sum(nbytes(tensor) for tensor in wire.values())
+        link.ledger.uncompressed_downlink_bytes += ctx.uncompressed
+        gradient = ctx.bridge.unpack_gradient(wire, ctx.context).to(ctx.device, ctx.dtype)
+        return gradient, None, None, None, None, None, None
+
+
 class RemoteLink(Link):
     """The client's end of a cut that crosses to a server process over `peer` (a `Connection`).
 
@@ -67,7 +93,7 @@ class RemoteLink(Link):
     ways), and charges every tensor in `ledger`; the server half runs in the other process.
     """
 
-    control_bytes = (16, 8)  # up: label smoothing, backward seed; down: the loss (float64 each)
+    ushaped = False  # a U-shaped split's link (`RemoteUSplitViT` sets it): no labels, no loss, a head round trip
     peer_steps = True  # the server's half steps with ours: clipping spans both ends (`optimizer_step`)
     reply_timeout: timedelta | None = None  # the wait for a reply that may queue behind others (None: the channel's)
 
@@ -75,6 +101,12 @@ class RemoteLink(Link):
         super().__init__(channel, wire_dtype)
         self.peer = peer
         self.num_norms = 0
+
+    @property
+    def control_bytes(self) -> tuple[int, int]:
+        """Per micro-batch: up, label smoothing and the backward seed, down, the loss (float64 each); a U-shaped
+        split's, up, the row count of what FORWARD carries (float64), nothing down (the client has the loss)."""
+        return (8, 0) if self.ushaped else (16, 8)
 
     @property
     def step_control_bytes(self) -> tuple[int, int]:
@@ -118,6 +150,37 @@ class RemoteLink(Link):
         loss = torch.tensor(reply.value, dtype=torch.float32, device=device)
         return _RemoteLoss.apply(message.hidden_states, self, bridge, context, record, loss), record
 
+    def head_step(
+        self, message, bridge: Bridge, activations_numel: int, head_numel: int
+    ) -> tuple[torch.Tensor, CommunicationRecord]:
+        """A U-shaped split's forward across the two cuts: sends `message`'s activations up (no labels), returns
+        what came down for the head (`head_activations`, whose backward sends its gradient up and brings the cut's
+        gradient down) and the record. `activations_numel` and `head_numel` size the uncompressed U-shaped split's
+        two cuts, as `Link.transmit_activations` and `Link.transmit_head` count them."""
+        uncompressed, head = self.activation_bytes(activations_numel), self.activation_bytes(head_numel)
+        control_up, _ = self.control_bytes
+        record = CommunicationRecord(
+            uncompressed_uplink_bytes=uncompressed + head + control_up, uncompressed_downlink_bytes=uncompressed + head
+        )
+        wire, context = bridge.pack(message.hidden_states.detach())
+        wire = self.send(wire)
+        self.peer.send(Kind.FORWARD, wire, value=float(message.labels.shape[0]))
+        record.uplink.update({name: nbytes(tensor) for name, tensor in wire.items()})
+        record.uplink["control"] = control_up
+        self.ledger.uplink_bytes += record.uplink_bytes
+        self.ledger.uncompressed_uplink_bytes += record.uncompressed_uplink_bytes
+        returned = self.send(self.peer.recv(Kind.HEAD, timeout=self.reply_timeout).tensors)
+        if set(returned) != {"head_activations"}:
+            raise WireError(f"a HEAD must carry head_activations only; got {sorted(returned)}.")
+        returned = returned["head_activations"]
+        record.downlink["head_activations"] = nbytes(returned)
+        self.ledger.downlink_bytes += nbytes(returned)
+        self.ledger.uncompressed_downlink_bytes += head
+        device = message.hidden_states.device
+        returned = returned.to(device)
+        output = _RemoteMiddle.apply(message.hidden_states, self, bridge, context, record, returned, uncompressed)
+        return output, record
+
     def optimizer_step(self, client_norms: torch.Tensor, max_norm: float) -> torch.Tensor:
         """Sends the norm of each client gradient (in parameter order; `num_norms` of them); the server clips by
         the global norm and steps. Returns that norm."""
@@ -135,10 +198,15 @@ class RemoteLink(Link):
         return total
 
     def evaluate(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The server's logits for (eval-mode) activations; charged in `inference_ledger`."""
+        """The server's logits for (eval-mode) activations (a U-shaped split's: its head's input); charged in
+        `inference_ledger`."""
         activations = self.send({"activations": hidden_states})["activations"]
         self.peer.send(Kind.EVAL, {"activations": activations})
-        logits = self.send(self.peer.recv(Kind.LOGITS, timeout=self.reply_timeout).tensors)["logits"]
+        kind, name = (Kind.HEAD, "head_activations") if self.ushaped else (Kind.LOGITS, "logits")
+        reply = self.send(self.peer.recv(kind, timeout=self.reply_timeout).tensors)
+        if name not in reply:
+            raise WireError(f"a {kind.name} must carry {name}.")
+        logits = reply[name]
         for ledger_field, size in (("uplink_bytes", nbytes(activations)), ("downlink_bytes", nbytes(logits))):
             setattr(self.inference_ledger, ledger_field, getattr(self.inference_ledger, ledger_field) + size)
             uncompressed = f"uncompressed_{ledger_field}"
@@ -183,11 +251,6 @@ class RemoteSplitViT(SplitViTForImageClassification):
     """
 
     def __init__(self, split: SplitViTForImageClassification, link: RemoteLink):
-        if isinstance(split, USplitViTForImageClassification):
-            raise ValueError(
-                "label_privacy=True (a U-shaped split) runs in one process only for now: across processes the server "
-                "would need the head's round trip (HEAD / HEAD_BACKWARD messages), which the wire does not carry yet."
-            )
         bridge = drop_modules(split.bridge, split.bridge.server_modules)
         super().__init__(split.client, None, bridge, link)
         link.num_norms = sum(1 for parameter in self.parameters() if parameter.requires_grad)
@@ -204,3 +267,45 @@ class RemoteSplitViT(SplitViTForImageClassification):
         return SplitViTOutput(
             loss=loss, cluster_ids=message.cluster_ids, token_indices=message.token_indices, communication=record
         )
+
+
+class RemoteUSplitViT(USplitViTForImageClassification):
+    """The client's side of a U-shaped split (`label_privacy`) whose middle runs in another process: the bottom, the
+    client's part of the bridge and the head. Forward sends the activations (no labels), takes back what the head
+    needs (HEAD), and computes the targets, the logits and the loss here; eval the same, with no compression.
+    `save_pretrained` writes the client's parts (`client/`, `head/`); the server writes `server/`."""
+
+    def __init__(self, split: USplitViTForImageClassification, link: RemoteLink):
+        bridge = drop_modules(split.bridge, split.bridge.server_modules)
+        super().__init__(split.client, None, split.head, bridge, link)
+        link.ushaped = True
+        link.num_norms = sum(1 for parameter in self.parameters() if parameter.requires_grad)
+
+    def forward(self, pixel_values, labels=None, interpolate_pos_encoding=False, label_smoothing=0.0):
+        hidden_states, message = self._client_side(pixel_values, labels, interpolate_pos_encoding, label_smoothing)
+        if not self.training:
+            logits = self.head(self.link.evaluate(message.hidden_states).to(self.head.dtype)).logits
+            loss = None if labels is None else F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            return SplitViTOutput(loss=loss, logits=logits)
+        if labels is None:
+            raise ValueError("A training step needs labels: the client's head computes the loss. Call .eval() to infer")
+        targets = self._targets(message.labels, label_smoothing)  # the client's own, never sent
+        batch_size, num_tokens, hidden_size = hidden_states.shape
+        head_numel = batch_size * self.head_tokens(num_tokens) * hidden_size
+        returned, record = self.link.head_step(message, self.bridge, hidden_states.numel(), head_numel)
+        head_output = self.head(returned.to(self.head.dtype), labels=targets)
+        return SplitViTOutput(
+            loss=head_output.loss,
+            logits=head_output.logits,
+            targets=targets,
+            cluster_ids=message.cluster_ids,
+            token_indices=message.token_indices,
+            communication=record,
+        )
+
+
+def remote_model(split: SplitViTForImageClassification, link: RemoteLink) -> RemoteSplitViT | RemoteUSplitViT:
+    """The client's side of `split` over `link`, for either topology."""
+    if isinstance(split, USplitViTForImageClassification):
+        return RemoteUSplitViT(split, link)
+    return RemoteSplitViT(split, link)

@@ -19,9 +19,10 @@ from ..experiment.models import build_split, model_config
 from ..experiment.report import federation_table, summary_text
 from ..experiment.run import run_split_training, train_from_arguments
 from ..split import SplitViTForImageClassification
+from ..ushape import USplitViTForImageClassification
 from ..training import ADCTrainer, ADCTrainingArguments
 from .arguments import JOIN_TOKEN_VARIABLE, FederationArguments, RemoteArguments
-from .client import RemoteLink, RemoteSplitViT
+from .client import RemoteLink, RemoteSplitViT, remote_model
 from .connect import Listener, connect
 from .federation import FederatedLink, FederatedServer
 from .files import CheckpointError, write_atomically
@@ -30,6 +31,12 @@ from .server import SplitServer
 from .settings import message_cap, session_settings
 
 logger = logging.getLogger(__name__)
+
+
+LABEL_PRIVACY_FEDERATION = (
+    "--label_privacy (a U-shaped split) runs with one client across processes, not yet in a federation "
+    "(--num_clients): averaging the client-side heads is not built. Train one client, or drop --label_privacy."
+)
 
 
 def _federated(federation_args: FederationArguments | None) -> bool:
@@ -44,6 +51,8 @@ def remote_split(
 ) -> RemoteSplitViT:
     """`split`'s client side, joined to the server at `remote_args.server` (as client `client_id` of a federation
     when `federation_args` names one): the handshake sends the settings the server must agree with."""
+    if _federated(federation_args) and isinstance(split, USplitViTForImageClassification):
+        raise ValueError(LABEL_PRIVACY_FEDERATION)
     kit = remote_args.kit()
     if _federated(federation_args) and kit is not None and kit.name != f"client-{federation_args.client_id}":
         raise ValueError(
@@ -57,7 +66,7 @@ def remote_split(
         link = FederatedLink(peer, federation_args.client_id, split.link.channel, split.link.wire_dtype)
     else:
         link = RemoteLink(peer, split.link.channel, split.link.wire_dtype)
-    split = RemoteSplitViT(split, link)
+    split = remote_model(split, link)
     settings = session_settings(split, training_args)
     if _federated(federation_args):
         settings["federation"] = federation_args.shared_settings(training_args)
@@ -125,6 +134,8 @@ def run_server(
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id: the server half goes to <id>-server.")
     split_args.validate()
+    if split_args.label_privacy and federation_args is not None and federation_args.num_clients is not None:
+        raise ValueError(LABEL_PRIVACY_FEDERATION)
 
     def build(labels):
         return build_split(model_args, split_args, labels, training_args.seed)[0].to(training_args.device)

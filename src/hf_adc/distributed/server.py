@@ -61,10 +61,13 @@ def check_split_settings(
 NEXT_KINDS = {
     "joined": (Kind.BEGIN,),
     "idle": (Kind.FORWARD, Kind.EVAL, Kind.SAVE, Kind.END, Kind.SYNC, Kind.TURN, Kind.HANDOFF),
-    "forwarded": (Kind.BACKWARD,),
+    "forwarded": (Kind.BACKWARD, Kind.HEAD_BACKWARD),  # the standard split's, the U-shaped's (the half refuses the other)
     "accumulating": (Kind.FORWARD, Kind.STEP),
 }
-PHASE_AFTER = {Kind.BEGIN: "idle", Kind.FORWARD: "forwarded", Kind.BACKWARD: "accumulating", Kind.STEP: "idle"}
+PHASE_AFTER = {
+    Kind.BEGIN: "idle", Kind.FORWARD: "forwarded", Kind.BACKWARD: "accumulating", Kind.HEAD_BACKWARD: "accumulating",
+    Kind.STEP: "idle",
+}  # fmt: skip
 MAX_STEPS = 2**31  # a schedule's length BEGIN may announce
 
 
@@ -130,7 +133,12 @@ def begin_scalars(frame: Frame) -> tuple[int, int]:
 
 
 def answer_forward(half: ServerHalf, session: Session, frame: Frame) -> None:
-    """FORWARD: the server half's loss on what came, sent back (LOSS); the rest is kept for BACKWARD."""
+    """FORWARD: the server half's loss on what came, sent back (LOSS); the rest is kept for BACKWARD. A U-shaped
+    split's: what the client's head needs (HEAD), computed from the activations alone (no labels came)."""
+    if half.ushaped:
+        session.pending, returned = half.forward_head(frame.tensors, frame.value)
+        session.reply(Kind.HEAD, returned)
+        return
     session.pending = half.forward(frame.tensors, frame.value)
     session.reply(Kind.LOSS, value=float(session.pending.loss.detach()))
 
@@ -142,14 +150,21 @@ def answer_backward(half: ServerHalf, session: Session, frame: Frame) -> None:
     session.reply(Kind.GRADIENT, half.backward(session.pending, frame.value))
 
 
+def answer_head_backward(half: ServerHalf, session: Session, frame: Frame) -> None:
+    """HEAD_BACKWARD (a U-shaped split): back-propagates the head's gradient; the gradient of what came (GRADIENT)."""
+    if session.pending is None:
+        raise WireError("a HEAD_BACKWARD message came before any FORWARD.")
+    session.reply(Kind.GRADIENT, half.backward_head(session.pending, required(frame, "head_gradients")))
+
+
 def answer_step(half: ServerHalf, session: Session, frame: Frame) -> None:
     """STEP: clips by the global norm, steps, and sends the norm back (NORM)."""
     session.reply(Kind.NORM, value=float(half.optimizer_step(required(frame, "norm"), frame.value)))
 
 
 def answer_eval(half: ServerHalf, session: Session, frame: Frame) -> None:
-    """EVAL: the logits for eval-mode activations (LOGITS)."""
-    session.reply(Kind.LOGITS, half.logits(required(frame, "activations")))
+    """EVAL: the logits for eval-mode activations (LOGITS); a U-shaped split's head's input (HEAD)."""
+    session.reply(Kind.HEAD if half.ushaped else Kind.LOGITS, half.logits(required(frame, "activations")))
 
 
 class SplitServer:
@@ -184,6 +199,7 @@ class SplitServer:
             Kind.BEGIN: self._begin,
             Kind.FORWARD: lambda session, frame: answer_forward(self.server_half, session, frame),
             Kind.BACKWARD: lambda session, frame: answer_backward(self.server_half, session, frame),
+            Kind.HEAD_BACKWARD: lambda session, frame: answer_head_backward(self.server_half, session, frame),
             Kind.STEP: lambda session, frame: answer_step(self.server_half, session, frame),
             Kind.EVAL: lambda session, frame: answer_eval(self.server_half, session, frame),
             Kind.SAVE: self._save,

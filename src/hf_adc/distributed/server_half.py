@@ -11,6 +11,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments, get_scheduler
 
 from ..split import SERVER_BRIDGE_WEIGHTS_NAME, SplitViTForImageClassification, soft_targets
+from ..ushape import USplitViTForImageClassification
 from .files import CheckpointError, read_checked, write_atomically
 from .settings import drop_modules
 from .wire import WireError
@@ -23,7 +24,8 @@ SCHEDULER_NAME = "server_scheduler.pt"
 @dataclass
 class PendingBackward:
     """What a FORWARD leaves for its BACKWARD: the activations as received (with their gradient to come), the
-    bridge's context for packing that gradient, and the loss."""
+    bridge's context for packing that gradient, and what the gradient flows back from: the loss, or in a U-shaped
+    split what went down to the client's head."""
 
     received: torch.Tensor
     context: object
@@ -62,11 +64,16 @@ class ServerHalf:
 
     def __init__(self, split: SplitViTForImageClassification, args: TrainingArguments, keep_client: bool = False):
         bridge = split.bridge
+        self.ushaped = isinstance(split, USplitViTForImageClassification)
         server_side = {id(p) for name in bridge.server_modules for p in bridge.get_submodule(name).parameters()}
         client_side = [*split.client.parameters(), *(p for p in bridge.parameters() if id(p) not in server_side)]
-        self.num_client_norms = sum(1 for parameter in client_side if parameter.requires_grad)  # what STEP carries
+        head = list(split.head.parameters()) if self.ushaped else []
+        self.num_client_norms = sum(1 for parameter in [*client_side, *head] if parameter.requires_grad)  # STEP's
+        self.num_head_norms = sum(1 for parameter in head if parameter.requires_grad)  # the last of them
         if not keep_client:
             split.client = None
+            if self.ushaped:
+                split.head = None  # the client's: the server never holds the head
             drop_modules(split.bridge, split.bridge.client_modules)
         self.split = split
         self.args = args
@@ -99,22 +106,48 @@ class ServerHalf:
 
     def forward(self, tensors: dict[str, torch.Tensor], smoothing: float) -> PendingBackward:
         """The loss of the server half on what a FORWARD carried (the bridge's tensors and the labels)."""
-        split = self.split
-        split.server.train()
-        split.bridge.train()
+        if self.ushaped:
+            raise WireError("this split is U-shaped: its FORWARD is answered by forward_head, with no labels.")
         if smoothing != self.args.label_smoothing_factor:
             raise WireError(f"label smoothing {smoothing} is not the agreed {self.args.label_smoothing_factor}.")
         check_finite(tensors)
-        tensors = {name: tensor.to(self.device) for name, tensor in tensors.items()}
-        dtype = split.server.dtype
         if "labels" not in tensors:
             raise WireError("a FORWARD must carry the labels.")
-        labels = tensors.pop("labels")
-        check_labels(labels, split.num_labels)
+        tensors = dict(tensors)
+        labels = tensors.pop("labels").to(self.device)
+        check_labels(labels, self.split.num_labels)
+        received, context, decoded = self._receive(tensors, labels.shape[0], "labels")
+        loss = self.split.server(decoded, labels=soft_targets(labels, self.split.num_labels, smoothing)).loss
+        return PendingBackward(received, context, loss)
+
+    def forward_head(self, tensors: dict[str, torch.Tensor], rows: float) -> tuple[PendingBackward, torch.Tensor]:
+        """A U-shaped split's FORWARD: the middle on what came (the bridge's tensors, no labels; `rows`: how many
+        samples, or merged samples, they hold). Returns what is kept for HEAD_BACKWARD and what goes down to the
+        client's head (`head_activations`: the CLS rows, or every token when the head has layers)."""
+        if not self.ushaped:
+            raise WireError("this split is not U-shaped: a FORWARD must carry the labels.")
+        if "labels" in tensors:
+            raise WireError("a U-shaped split's FORWARD carries no labels: they stay on the client.")
+        check_finite(tensors)
+        if not float(rows).is_integer():
+            raise WireError(f"a FORWARD's row count {rows} is not a whole number.")
+        received, context, decoded = self._receive(tensors, int(rows), "rows")
+        features = self.split.server(decoded).last_hidden_state
+        returned = self._returned(features)
+        return PendingBackward(received, context, returned), self.split.link.cast({"head_activations": returned})
+
+    def _receive(self, tensors: dict[str, torch.Tensor], batch: int, counted: str):
+        """The activations a FORWARD carried for `batch` rows (as many as its `counted`), unpacked and decoded,
+        each step checked against the agreed batch, tokens and width: (received, context, decoded)."""
+        split = self.split
+        split.server.train()
+        split.bridge.train()
+        if not 1 <= batch <= self.args.per_device_train_batch_size:
+            raise WireError(f"{batch} samples are out of range: 1 .. the agreed batch of "
+                            f"{self.args.per_device_train_batch_size}.")  # fmt: skip
+        tensors = {name: tensor.to(self.device) for name, tensor in tensors.items()}
+        dtype = split.server.dtype
         config = split.server.config
-        batch = labels.shape[0]
-        if batch > self.args.per_device_train_batch_size:
-            raise WireError(f"{batch} samples are over the agreed batch of {self.args.per_device_train_batch_size}.")
         shape = (batch, (config.image_size // config.patch_size) ** 2 + 1, config.hidden_size)
         try:
             context = split.bridge.receiver_context(tensors, shape, dtype)
@@ -123,22 +156,42 @@ class ServerHalf:
         except (KeyError, ValueError, RuntimeError) as error:  # a missing tensor, a shape that does not fit
             raise WireError(f"the activations do not fit the {type(split.bridge).__name__}: {error}") from error
         if decoded.dim() != 3 or decoded.shape[0] != batch or not 1 <= decoded.shape[1] <= shape[1]:
-            raise WireError(f"activations of {tuple(decoded.shape)} do not fit {batch} labels and {shape[1]} tokens.")
+            raise WireError(f"activations of {tuple(decoded.shape)} do not fit {batch} {counted} and {shape[1]} tokens.")
         if decoded.shape[2] != config.hidden_size:
             raise WireError(f"activations of width {decoded.shape[2]} do not fit the split's {config.hidden_size}.")
-        loss = split.server(decoded, labels=soft_targets(labels, split.num_labels, smoothing)).loss
-        return PendingBackward(received, context, loss)
+        return received, context, decoded
+
+    def _returned(self, features: torch.Tensor) -> torch.Tensor:
+        """What a U-shaped split's middle hands the head: the CLS rows, or every token when the head has layers
+        (the middle's config records `head_layers`; the server holds no head)."""
+        return features if self.split.server.config.head_layers else features[:, :1]
 
     def backward(self, pending: PendingBackward, seed: float) -> dict[str, torch.Tensor]:
         """Back-propagates the client's seed through the server half; the gradient of what came, as it goes down."""
+        if self.ushaped:
+            raise WireError("this split is U-shaped: its backward is HEAD_BACKWARD, with the head's gradient.")
         self._check_seed(seed)
         loss = pending.loss
         loss.backward(torch.tensor(seed, dtype=loss.dtype, device=loss.device))
-        return self.split.link.send(self.split.bridge.pack_gradient(pending.received.grad, pending.context))
+        return self.split.link.cast(self.split.bridge.pack_gradient(pending.received.grad, pending.context))
+
+    def backward_head(self, pending: PendingBackward, gradient: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A U-shaped split's HEAD_BACKWARD: back-propagates the head's gradient of what went down (its shape, a
+        float, finite) through the middle; the gradient of what came, as it goes down."""
+        if not self.ushaped:
+            raise WireError("this split is not U-shaped: its backward is BACKWARD, with the loss's seed.")
+        returned = pending.loss
+        if not gradient.is_floating_point() or gradient.shape != returned.shape:
+            raise WireError(f"head_gradients must be floats of {tuple(returned.shape)}, as head_activations went; "
+                            f"got {gradient.dtype} {tuple(gradient.shape)}.")  # fmt: skip
+        check_finite({"head_gradients": gradient})
+        returned.backward(gradient.to(returned.device, returned.dtype))
+        return self.split.link.cast(self.split.bridge.pack_gradient(pending.received.grad, pending.context))
 
     @torch.no_grad()
     def logits(self, activations: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The server half's logits for eval-mode activations, as they go down."""
+        """The server half's logits for eval-mode activations, as they go down (a U-shaped split's: what its head
+        needs, `head_activations`)."""
         split = self.split
         config = split.server.config
         tokens = (config.image_size // config.patch_size) ** 2 + 1
@@ -156,11 +209,14 @@ class ServerHalf:
         if not 1 <= decoded.shape[1] <= tokens or decoded.shape[2] != config.hidden_size:
             shape = tuple(decoded.shape)
             raise WireError(f"EVAL activations of {shape} do not fit {tokens} x {config.hidden_size}.")
-        return split.link.send({"logits": split.server(decoded).logits})
+        if self.ushaped:
+            return split.link.cast({"head_activations": self._returned(split.server(decoded).last_hidden_state)})
+        return split.link.cast({"logits": split.server(decoded).logits})
 
     def optimizer_step(self, client_norms: torch.Tensor, max_norm: float) -> torch.Tensor:
         """Clips by the global norm and steps; the norm is the norm of every per-tensor norm in the one-process
-        parameter order (client, bridge, server), as `torch.nn.utils.get_total_norm` forms it."""
+        parameter order (client, bridge, server, then a U-shaped split's head), as `torch.nn.utils.get_total_norm`
+        forms it."""
         expected = self.args.max_grad_norm if self.args.max_grad_norm else math.inf
         if max_norm != expected:
             raise WireError(f"the clipping norm {max_norm} is not the agreed max_grad_norm {expected}.")
@@ -176,7 +232,10 @@ class ServerHalf:
         if not parameters:
             raise WireError("a STEP came before any BACKWARD: there are no gradients to step with.")
         norms = [torch.nn.utils.get_total_norm([p.grad]) for p in parameters]
-        total = torch.linalg.vector_norm(torch.stack([*client_norms.to(norms[0].device), *norms]))
+        client_norms = list(client_norms.to(norms[0].device))
+        cut = len(client_norms) - self.num_head_norms
+        bottom, head = client_norms[:cut], client_norms[cut:]
+        total = torch.linalg.vector_norm(torch.stack([*bottom, *norms, *head]))  # a U-shaped split's head: last
         if math.isfinite(max_norm):
             torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
         if torch.isfinite(total):

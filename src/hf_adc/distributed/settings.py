@@ -9,6 +9,7 @@ from transformers import TrainingArguments
 from ..bridges import Bridge
 from ..link import wire_dtype_name
 from ..split import SplitViTForImageClassification
+from ..ushape import USplitViTForImageClassification
 
 # The optimizer's, and those the server checks every message against (it never takes them as sent): the clipping
 # norm of STEP, the smoothing of FORWARD, the backward seed's scale (1 / accumulation steps, times a loss scale),
@@ -31,6 +32,8 @@ def session_settings(split: SplitViTForImageClassification, args: TrainingArgume
         "num_labels": config.num_labels,
         "labels": [config.id2label[i] for i in range(config.num_labels)],
         "compression": config.compression,
+        "topology": "u-shaped" if isinstance(split, USplitViTForImageClassification) else "standard",
+        "head_layers": getattr(config, "head_layers", None),  # a U-shaped split's parts record it
         "wire_dtype": wire_dtype_name(split.link.wire_dtype),
         "channel": asdict(split.link.channel) if split.link.channel else None,
         **{name: plain(getattr(args, name)) for name in TRAINING_SETTINGS},

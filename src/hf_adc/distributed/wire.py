@@ -27,7 +27,7 @@ from enum import IntEnum
 
 import torch
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAGIC = 0x48464144  # "HFAD"
 MAX_TENSORS = 8
 MAX_RANK = 4
@@ -41,7 +41,7 @@ MAX_TEXT_BYTES = 2**16
 NAMES = (
     "activations", "gradients", "labels", "values", "indices", "codes", "minimum", "step",
     "gradient_codes", "gradient_minimum", "gradient_step", "loss", "seed", "norm", "logits",
-    "settings", "reason", "scalars", "shape", "weights",
+    "settings", "reason", "scalars", "shape", "weights", "head_activations", "head_gradients",
 )  # fmt: skip
 DTYPES = (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8, torch.int32, torch.int64,
@@ -54,7 +54,9 @@ class Kind(IntEnum):
     server to client: WELCOME, REFUSE, LOSS, GRADIENT, NORM, LOGITS, DONE. Several clients
     (`hf_adc.distributed.federation`) also exchange PLAN (the client's shard and step cost; the server's schedule
     back), SYNC (a client half up; the average back), TURN (a request; the current client half back) and HANDOFF
-    (a client half up)."""
+    (a client half up). A U-shaped split (`label_privacy`) answers FORWARD and EVAL with HEAD (what the client's
+    head needs) instead of LOSS and LOGITS, and its client sends HEAD_BACKWARD (the head's gradient) instead of
+    BACKWARD."""
 
     HELLO = 1
     WELCOME = 2
@@ -75,6 +77,8 @@ class Kind(IntEnum):
     SYNC = 17
     TURN = 18
     HANDOFF = 19
+    HEAD = 20
+    HEAD_BACKWARD = 21
 
 
 class WireError(ValueError):

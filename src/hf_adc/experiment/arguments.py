@@ -161,6 +161,13 @@ class _SplitArgumentsBehaviour:
         self.channel_config()
 
 
+LABEL_PRIVACY_HELP = (
+    "A U-shaped split: the client keeps the head (final layernorm, classifier) and computes the loss, so no label "
+    "crosses the cut; the server returns what the head needs (hf_adc.ushape)."
+)
+HEAD_LAYERS_HELP = "With --label_privacy: the last encoder layers the client's head keeps too (0 .. layers - split - 1)."
+
+
 def _split_arguments() -> type:
     reducers, codecs = methods_with_role("reducer"), methods_with_role("codec")
     compression_help = (
@@ -174,6 +181,8 @@ def _split_arguments() -> type:
     head = [
         ("split_layer", int, field(default=2, metadata={"help": "Encoder layers on the client (1 .. layers - 1)."})),
         ("compression", str, field(default="adc", metadata={"help": compression_help})),
+        ("label_privacy", bool, field(default=False, metadata={"help": LABEL_PRIVACY_HELP})),
+        ("head_layers", int, field(default=0, metadata={"help": HEAD_LAYERS_HELP})),
     ]
     tail = [
         ("channel", str, field(default="clean", metadata={"help": "Channel at the cut: 'clean' or 'awgn'."})),

@@ -96,6 +96,12 @@ def build_split(
     set_seed(seed)
     model, image_processor = load_vit_for_labels(model_args, label_names)
     split = split_vit(
-        model, split_args.split_layer, compression=compression, channel=channel, wire_dtype=split_args.wire_dtype
+        model,
+        split_args.split_layer,
+        compression=compression,
+        channel=channel,
+        wire_dtype=split_args.wire_dtype,
+        label_privacy=split_args.label_privacy,
+        head_layers=split_args.head_layers,
     )
     return split, image_processor

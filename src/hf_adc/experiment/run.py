@@ -52,6 +52,8 @@ def train_split(
         "world_size": training_args.world_size,
         "train_seconds": train_seconds,
         "compression": split.client.config.compression,
+        "topology": split.split_settings().get("topology", "standard"),
+        "head_layers": split.split_settings().get("head_layers"),
         "log_history": trainer.state.log_history,
     }
     return trainer, results
