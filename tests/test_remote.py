@@ -25,6 +25,7 @@ from helpers import (
     train_here,
     wait_for,
     wait_output,
+    with_credentials,
 )
 from safetensors.torch import load_file
 
@@ -160,6 +161,44 @@ def test_a_ushaped_pair_trains_exactly_like_one_process_and_no_label_crosses(
     assert two["topology"] == one["topology"] == "u-shaped"
     merged = hf_adc.SplitViTForImageClassification.from_pretrained(tmp_path / "split")
     assert isinstance(merged, hf_adc.USplitViTForImageClassification) and merged.server is not None
+
+
+def test_every_frame_of_a_ushaped_session_is_free_of_labels(tiny_vit_path, digits_dir, tmp_path, monkeypatch):
+    """Every frame the client sends and receives, recorded: no tensor named labels, nothing of a label's shape
+    (class ids, one per sample; soft labels, one weight per class), only the names the U-shaped wire carries."""
+    from hf_adc.distributed.connect import Connection
+
+    frames = []
+    send, recv = Connection.send, Connection.recv
+
+    def recording_send(self, kind, tensors=None, step=0, value=0.0):
+        frames.append((kind, dict(tensors or {})))
+        return send(self, kind, tensors, step, value)
+
+    def recording_recv(self, *expected, timeout=None):
+        frame = recv(self, *expected, timeout=timeout)
+        frames.append((frame.kind, frame.tensors))
+        return frame
+
+    monkeypatch.setattr(Connection, "send", recording_send)
+    monkeypatch.setattr(Connection, "recv", recording_recv)
+    monkeypatch.setenv("HF_ADC_JOIN_TOKEN", "secret")
+    run = ("--compression", "adc", "--xi", "0.25", "--label_privacy", "--max_steps", "3")
+    address = free_address()
+    server = start_server(address, tmp_path / "split", *model_args(tiny_vit_path, *run))
+    client = [*model_args(tiny_vit_path, *run), *data_args(digits_dir, tmp_path / "split"), "--server", address,
+              "--timeout", TIMEOUT]  # fmt: skip
+    train_here(with_credentials(client))
+    finish(server)
+    assert server.returncode == 0
+    kinds = [kind for kind, _ in frames]
+    assert kinds.count(Kind.FORWARD) == 3 and kinds.count(Kind.HEAD_BACKWARD) == 3 and Kind.LOSS not in kinds
+    names = {name for kind, tensors in frames if kind != Kind.HELLO for name in tensors}
+    assert names == {"activations", "head_activations", "head_gradients", "gradients", "norm", "scalars"}
+    for kind, tensors in frames:
+        for name, tensor in tensors.items():
+            assert not (tensor.dim() == 1 and tensor.numel() == 16 and not tensor.is_floating_point()), (kind, name)
+            assert not (tensor.dim() == 2 and tensor.shape[1] == LABELS), (kind, name)
 
 
 def _latest_checkpoint_both_saved(folder: Path) -> Path | None:

@@ -120,3 +120,73 @@ def test_the_order_of_an_honest_session_is_accepted():
                  Kind.HANDOFF, Kind.SAVE, Kind.EVAL, Kind.EVAL, Kind.SYNC, Kind.END):  # fmt: skip
         session.advance(kind)
     assert session.phase == "idle"
+
+
+@pytest.fixture
+def ushaped_half(tiny_vit, tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_grad_norm=1.0)
+    server_half = ServerHalf(hf_adc.split_vit(tiny_vit, 2, label_privacy=True), args)
+    server_half.make_optimizer(10)
+    return server_half
+
+
+def test_the_ushaped_server_holds_no_head_and_returns_cls_rows_computed_without_labels(ushaped_half):
+    assert ushaped_half.split.head is None and ushaped_half.split.client is None
+    pending, returned = ushaped_half.forward_head({"activations": torch.randn(BATCH, TOKENS, WIDTH)}, float(BATCH))
+    assert set(returned) == {"head_activations"} and returned["head_activations"].shape == (BATCH, 1, WIDTH)
+    gradient = ushaped_half.backward_head(pending, torch.ones(BATCH, 1, WIDTH))
+    assert gradient["gradients"].shape == (BATCH, TOKENS, WIDTH) and bool(gradient["gradients"].abs().sum() > 0)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "rows", "message"),
+    [
+        ({"labels": torch.tensor([0, 1, 2, 3])}, BATCH, "carries no labels: they stay on the client"),
+        ({}, 9, "9 samples are out of range: 1 .. the agreed batch of 8"),
+        ({}, 0, "0 samples are out of range"),
+        ({}, 2.5, "row count 2.5 is not a whole number"),
+        ({}, 3, "do not fit 3 rows and 17 tokens"),
+        ({"activations": torch.full((BATCH, TOKENS, WIDTH), float("inf"))}, BATCH, "activations that came hold NaN"),
+    ],
+)
+def test_a_ushaped_forward_that_breaks_the_agreed_split_is_refused(ushaped_half, tensors, rows, message):
+    tensors = {"activations": torch.randn(BATCH, TOKENS, WIDTH), **tensors}
+    with pytest.raises(WireError, match=message):
+        ushaped_half.forward_head(tensors, float(rows))
+
+
+@pytest.mark.parametrize(
+    ("gradient", "message"),
+    [
+        (torch.ones(BATCH, 2, WIDTH), "head_gradients must be floats of \\(4, 1, 32\\)"),
+        (torch.ones(BATCH, 1, WIDTH, dtype=torch.int64), "head_gradients must be floats"),
+        (torch.full((BATCH, 1, WIDTH), float("nan")), "head_gradients that came hold NaN"),
+    ],
+)
+def test_a_head_gradient_that_does_not_fit_what_went_down_is_refused(ushaped_half, gradient, message):
+    pending, _ = ushaped_half.forward_head({"activations": torch.randn(BATCH, TOKENS, WIDTH)}, float(BATCH))
+    with pytest.raises(WireError, match=message):
+        ushaped_half.backward_head(pending, gradient)
+
+
+def test_each_topology_refuses_the_other_topologys_messages(half, ushaped_half):
+    with pytest.raises(WireError, match="is U-shaped: its FORWARD is answered by forward_head"):
+        ushaped_half.forward(forward_tensors(), 0.0)
+    pending, _ = ushaped_half.forward_head({"activations": torch.randn(BATCH, TOKENS, WIDTH)}, float(BATCH))
+    with pytest.raises(WireError, match="is U-shaped: its backward is HEAD_BACKWARD"):
+        ushaped_half.backward(pending, 1.0)
+    with pytest.raises(WireError, match="not U-shaped: a FORWARD must carry the labels"):
+        half.forward_head({"activations": torch.randn(BATCH, TOKENS, WIDTH)}, float(BATCH))
+    with pytest.raises(WireError, match="not U-shaped: its backward is BACKWARD"):
+        half.backward_head(half.forward(forward_tensors(), 0.0), torch.ones(1))
+
+
+def test_what_the_server_sends_down_is_cast_to_the_wire_dtype_without_the_channel(tiny_vit, tmp_path):
+    """The client applies the channel to what arrives; noise added on the server too would be added twice."""
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    split = hf_adc.split_vit(tiny_vit, 2, compression=None, channel=hf_adc.ChannelConfig(snr_db=0.0))
+    half = ServerHalf(split, args)
+    half.make_optimizer(10)
+    pending = half.forward(forward_tensors(), 0.0)
+    sent = half.backward(pending, 1.0)["gradients"]
+    torch.testing.assert_close(sent, pending.received.grad, atol=0, rtol=0)

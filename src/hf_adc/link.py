@@ -230,7 +230,8 @@ class Link(nn.Module):
         """The tensors as a sender puts them on a real wire: floating-point ones in the wire dtype, without the
         channel: across processes the client's end applies it, both ways (`send`), so that what crosses is noised
         once, as in one process."""
-        return {name: tensor.to(self.wire_dtype) if tensor.is_floating_point() else tensor for name, tensor in wire.items()}
+        dtype = self.wire_dtype
+        return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in wire.items()}
 
     def _send_values(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(self.wire_dtype)

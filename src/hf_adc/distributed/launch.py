@@ -19,8 +19,8 @@ from ..experiment.models import build_split, model_config
 from ..experiment.report import federation_table, summary_text
 from ..experiment.run import run_split_training, train_from_arguments
 from ..split import SplitViTForImageClassification
-from ..ushape import USplitViTForImageClassification
 from ..training import ADCTrainer, ADCTrainingArguments
+from ..ushape import USplitViTForImageClassification
 from .arguments import JOIN_TOKEN_VARIABLE, FederationArguments, RemoteArguments
 from .client import RemoteLink, RemoteSplitViT, remote_model
 from .connect import Listener, connect

@@ -61,7 +61,7 @@ def check_split_settings(
 NEXT_KINDS = {
     "joined": (Kind.BEGIN,),
     "idle": (Kind.FORWARD, Kind.EVAL, Kind.SAVE, Kind.END, Kind.SYNC, Kind.TURN, Kind.HANDOFF),
-    "forwarded": (Kind.BACKWARD, Kind.HEAD_BACKWARD),  # the standard split's, the U-shaped's (the half refuses the other)
+    "forwarded": (Kind.BACKWARD, Kind.HEAD_BACKWARD),  # the standard split's, the U-shaped's (the half refuses one)
     "accumulating": (Kind.FORWARD, Kind.STEP),
 }
 PHASE_AFTER = {

@@ -156,7 +156,8 @@ class ServerHalf:
         except (KeyError, ValueError, RuntimeError) as error:  # a missing tensor, a shape that does not fit
             raise WireError(f"the activations do not fit the {type(split.bridge).__name__}: {error}") from error
         if decoded.dim() != 3 or decoded.shape[0] != batch or not 1 <= decoded.shape[1] <= shape[1]:
-            raise WireError(f"activations of {tuple(decoded.shape)} do not fit {batch} {counted} and {shape[1]} tokens.")
+            shape_text = tuple(decoded.shape)
+            raise WireError(f"activations of {shape_text} do not fit {batch} {counted} and {shape[1]} tokens.")
         if decoded.shape[2] != config.hidden_size:
             raise WireError(f"activations of width {decoded.shape[2]} do not fit the split's {config.hidden_size}.")
         return received, context, decoded

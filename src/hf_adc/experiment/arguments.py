@@ -165,7 +165,7 @@ LABEL_PRIVACY_HELP = (
     "A U-shaped split: the client keeps the head (final layernorm, classifier) and computes the loss, so no label "
     "crosses the cut; the server returns what the head needs (hf_adc.ushape)."
 )
-HEAD_LAYERS_HELP = "With --label_privacy: the last encoder layers the client's head keeps too (0 .. layers - split - 1)."
+HEAD_LAYERS_HELP = "With --label_privacy: the last encoder layers the client's head keeps (0 .. layers - split - 1)."
 
 
 def _split_arguments() -> type:
