@@ -127,6 +127,10 @@ class USplitViTForImageClassification(SplitViTForImageClassification):
         batch_size, num_tokens, hidden_size = hidden_states.shape
         uncompressed = batch_size * self.head_tokens(num_tokens) * hidden_size
         returned = self.link.transmit_head(self._returned(features), record, uncompressed)
+        return self._head_output(returned, targets, message, record)
+
+    def _head_output(self, returned: torch.Tensor, targets: torch.Tensor, message, record) -> SplitViTOutput:
+        """The head's logits and loss on what came down the second cut, with the step's targets and record."""
         head_output = self.head(returned.to(self.head.dtype), labels=targets)
         return SplitViTOutput(
             loss=head_output.loss,

@@ -12,6 +12,13 @@ One training micro-batch is two round trips, so that the two processes compute e
     STEP     the norm of each client gradient, max norm -> global norm, clip, optimizer and schedule step
              the global norm (the client clips by it)   <- NORM
 
+A U-shaped split (`label_privacy`, `RemoteUSplitViT`) keeps the labels, the head and the loss here:
+
+    FORWARD  bridge's wire tensors, no labels; rows     -> unpack, decode, the middle
+             the head's input                           <- HEAD (head_activations)
+    HEAD_BACKWARD the head's gradient of it              -> backward through the middle
+             the gradient in the bridge's wire form     <- GRADIENT
+
 The global norm is computed as one process computes it (the norm of all per-tensor norms, client's first), so
 clipping is identical too.
 
@@ -293,15 +300,7 @@ class RemoteUSplitViT(USplitViTForImageClassification):
         batch_size, num_tokens, hidden_size = hidden_states.shape
         head_numel = batch_size * self.head_tokens(num_tokens) * hidden_size
         returned, record = self.link.head_step(message, self.bridge, hidden_states.numel(), head_numel)
-        head_output = self.head(returned.to(self.head.dtype), labels=targets)
-        return SplitViTOutput(
-            loss=head_output.loss,
-            logits=head_output.logits,
-            targets=targets,
-            cluster_ids=message.cluster_ids,
-            token_indices=message.token_indices,
-            communication=record,
-        )
+        return self._head_output(returned, targets, message, record)
 
 
 def remote_model(split: SplitViTForImageClassification, link: RemoteLink) -> RemoteSplitViT | RemoteUSplitViT:
