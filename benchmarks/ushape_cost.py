@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    measure("none", False, args.xi, 3)  # warms the process up (allocator, kernels) before anything is timed
     rows = [measure(method, private, args.xi, args.steps) for method in METHODS for private in (False, True)]
     lines = [
         f"B = {BATCH}, {TOKENS} tokens x {WIDTH}, cut after layer 2 of 4, xi = {args.xi}, float32 wire, CPU, 1 thread",
