@@ -300,6 +300,19 @@ class RemoteUSplitViT(USplitViTForImageClassification):
         batch_size, num_tokens, hidden_size = hidden_states.shape
         head_numel = batch_size * self.head_tokens(num_tokens) * hidden_size
         returned, record = self.link.head_step(message, self.bridge, hidden_states.numel(), head_numel)
+        rows, tokens = message.labels.shape[0], self.head_tokens(num_tokens)
+        if (
+            returned.dim() != 3
+            or returned.shape[0] != rows
+            or returned.shape[2] != hidden_size
+            or not (
+                1 <= returned.shape[1] <= tokens
+                and returned.is_floating_point()
+                and bool(torch.isfinite(returned).all())
+            )
+        ):
+            raise WireError(f"the server's head_activations of {returned.dtype} {tuple(returned.shape)} are not "
+                            f"finite floats of ({rows}, 1 .. {tokens}, {hidden_size}).")  # fmt: skip
         return self._head_output(returned, targets, message, record)
 
 
