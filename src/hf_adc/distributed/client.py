@@ -93,6 +93,12 @@ class _RemoteMiddle(torch.autograd.Function):
         return gradient, None, None, None, None, None, None
 
 
+# (up, down) control bytes per micro-batch: label smoothing and the backward seed up, the loss down (float64 each);
+# a U-shaped split's: the row count of what FORWARD carries up (float64), nothing down (the client has the loss).
+STANDARD_CONTROL_BYTES = (16, 8)
+USHAPED_CONTROL_BYTES = (8, 0)
+
+
 class RemoteLink(Link):
     """The client's end of a cut that crosses to a server process over `peer` (a `Connection`).
 
@@ -111,9 +117,8 @@ class RemoteLink(Link):
 
     @property
     def control_bytes(self) -> tuple[int, int]:
-        """Per micro-batch: up, label smoothing and the backward seed, down, the loss (float64 each); a U-shaped
-        split's, up, the row count of what FORWARD carries (float64), nothing down (the client has the loss)."""
-        return (8, 0) if self.ushaped else (16, 8)
+        """Per micro-batch, by topology: `STANDARD_CONTROL_BYTES` or `USHAPED_CONTROL_BYTES`."""
+        return USHAPED_CONTROL_BYTES if self.ushaped else STANDARD_CONTROL_BYTES
 
     @property
     def step_control_bytes(self) -> tuple[int, int]:
