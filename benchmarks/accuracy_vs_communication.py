@@ -27,6 +27,13 @@ an advice table, also printed) and `accuracy_vs_ratio.png`. The committed result
         --output-dir docs/results/cifar10 --methods none adc_tokens adc_a0.25 adc bottlenet c3sl adc+quantize8 \
         adc_tokens+quantize8 adc_a0.75
 
+the labels kept on the client (U-shaped splits) against the standard split, one after the other:
+
+    python benchmarks/accuracy_vs_communication.py --preset quick --budgets 5 --levels 0.1 \
+        --methods none adc adc+quantize8 --output-dir docs/results/ushape/standard
+    python benchmarks/accuracy_vs_communication.py --preset quick --budgets 5 --levels 0.1 \
+        --methods none adc adc+quantize8 --output-dir docs/results/ushape/u-shaped --label-privacy
+
 and on a GPU, from a DeiT-Tiny checkpoint:
 
     python benchmarks/accuracy_vs_communication.py --preset deit --checkpoint facebook/deit-tiny-patch16-224 \
@@ -200,11 +207,19 @@ def chosen_learning_rate(runs: list, selection_seed: int) -> float | None:
 class Sweep:
     """The protocol's runs for one preset: data, model and a runner that appends each finished run to the file."""
 
-    def __init__(self, preset: Preset, checkpoint: str, data_path: str | None, output_dir: Path, device: str):
+    def __init__(self, preset: Preset, checkpoint: str, data_path: str | None, output_dir: Path, device: str,
+                 label_privacy: bool = False):  # fmt: skip
         self.preset, self.checkpoint, self.device = preset, checkpoint, device
+        self.label_privacy, self.topology = label_privacy, "u-shaped" if label_privacy else "standard"
         self.runs_file = output_dir / "runs.jsonl"
         lines = self.runs_file.read_text().splitlines() if self.runs_file.exists() else []
         self.runs = [json.loads(line) for line in lines]
+        others = {run.get("topology", "standard") for run in self.runs} - {self.topology}
+        if others:
+            raise ValueError(
+                f"{self.runs_file} holds {', '.join(sorted(others))} runs; this sweep is {self.topology}: give each "
+                "topology its own --output-dir."
+            )
         data_args = DataArguments(
             dataset_name=data_path or preset.dataset, classes=preset.finetune_classes or None,
             max_train_samples=preset.train_rows + preset.val_rows, max_eval_samples=preset.test_rows,
@@ -233,7 +248,9 @@ class Sweep:
             if method == "none"
             else config_for_ratio(level_method, level, num_tokens, model.config.hidden_size, preset.batch_size, seed)
         )
-        split = hf_adc.split_vit(model.to(self.device), preset.split_layer, compression=compression)
+        split = hf_adc.split_vit(
+            model.to(self.device), preset.split_layer, compression=compression, label_privacy=self.label_privacy
+        )
         args = hf_adc.ADCTrainingArguments(
             output_dir=self.trainer_dir, per_device_train_batch_size=preset.batch_size,
             per_device_eval_batch_size=256, learning_rate=learning_rate, weight_decay=0.05,
@@ -246,7 +263,7 @@ class Sweep:
         results.pop("log_history")
         run = {
             "method": method, "level": level, "budget": budget, "learning_rate": learning_rate, "seed": seed,
-            "val_accuracy": val_accuracy, **results,
+            "val_accuracy": val_accuracy, "topology": self.topology, **results,
         }  # fmt: skip
         with self.runs_file.open("a") as file:
             file.write(json.dumps(run, default=str) + "\n")
@@ -435,6 +452,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--learning-rates", type=float, nargs="+", help="The grid chosen from on validation.")
     parser.add_argument("--output-dir", type=Path, help="Default: benchmarks/results/<preset>.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--label-privacy", action="store_true",
+        help="U-shaped splits (the labels and the head stay on the client; both cuts charged): its own --output-dir.",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     preset = PRESETS[args.preset]
@@ -457,7 +478,7 @@ def main(argv: list[str]) -> None:
         cells += [("none", 1.0, budget)] if "none" in methods else []
         cells += [(method, xi, budget) for xi in levels for method in methods if method not in ("none", "adc_scratch")]
         cells += [("adc_scratch", xi, budget) for xi in preset.scratch_levels] if "adc_scratch" in methods else []
-    runner = Sweep(preset, checkpoint, args.data_path, output_dir, args.device)
+    runner = Sweep(preset, checkpoint, args.data_path, output_dir, args.device, args.label_privacy)
     runs = sweep(runner, cells, list(args.learning_rates or preset.learning_rates), seeds)
     print(summarize(runs, output_dir))
 

@@ -22,6 +22,7 @@ from helpers import (
 from helpers import start_client as start_remote_client
 from hub_server import LocalHub
 from safetensors.torch import load_file
+from transformers import ViTForImageClassification
 
 import hf_adc
 from hf_adc.data import partition_indices
@@ -176,6 +177,50 @@ def test_splitfed_with_one_client_averaging_every_step_equals_the_one_client_run
     actual = load_file(one_client_run / "server" / "client" / "model.safetensors")
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_ushaped_splitfed_client_averaging_every_step_trains_exactly_like_one_process(tiny_vit_path, digits_dir,
+                                                                                      tmp_path):  # fmt: skip
+    """The head is part of the client half: it crosses in every sync (charged) and comes back as the average."""
+    one_client_splitfed(tmp_path / "fed", tiny_vit_path, digits_dir, "--label_privacy")
+    alone = [*model_args(tiny_vit_path, *ONE_CLIENT[:-2], "--label_privacy"), *data_args(digits_dir, tmp_path / "1")]
+    train_here(alone)
+    one = json.loads((tmp_path / "1" / "results.json").read_text())
+    fed = json.loads((tmp_path / "fed" / "client" / "results.json").read_text())
+    losses = [[entry["loss"] for entry in run["log_history"] if "loss" in entry] for run in (one, fed)]
+    assert len(losses[0]) == 6 and losses[1] == pytest.approx(losses[0], abs=1e-6)
+    assert fed["test_accuracy"] == one["test_accuracy"] and fed["topology"] == "u-shaped"
+    split = hf_adc.split_vit(ViTForImageClassification.from_pretrained(tiny_vit_path), 2, label_privacy=True)
+    values = sum(t.numel() for part in (split.client, split.head) for t in part.state_dict().values())
+    assert fed["federation"]["half_bytes"] == 4 * values
+    assert fed["federation"]["sync_transfers"] == 12 and fed["sync_bytes"] == 12 * 4 * values
+    for part in ("client", "head"):
+        expected = load_file(tmp_path / "1" / part / "model.safetensors")
+        for saved in (tmp_path / "fed" / "server", tmp_path / "fed" / "client"):
+            actual = load_file(saved / part / "model.safetensors")
+            for name, tensor in expected.items():
+                torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=0, msg=f"{saved}: {part}: {name}")
+    merged = hf_adc.USplitViTForImageClassification.from_pretrained(tmp_path / "fed" / "server")
+    assert merged.head.config.federation["num_clients"] == 1
+
+
+@pytest.mark.parametrize("schedule", ["splitfed", "sequential"])
+def test_two_ushaped_clients_end_with_the_head_the_server_saved(tiny_vit_path, digits_dir, tmp_path, schedule):
+    server, clients, output_dir = federation(tmp_path, tiny_vit_path, digits_dir, schedule, 2, 4, "--compression",
+                                             "adc", "--xi", "0.25", "--label_privacy")  # fmt: skip
+    server_log, logs = finish_all(server, clients)
+    for client, log in zip(clients, logs, strict=True):
+        assert client.returncode == 0, log[-3000:] + server_log[-3000:]
+    report = json.loads((output_dir / "server" / "server_results.json").read_text())
+    assert report["status"] == "finished" and report["dropped"] == [], report
+    final = {part: load_file(output_dir / "server" / part / "model.safetensors") for part in ("client", "head")}
+    for i in range(2):
+        results = json.loads((output_dir / f"client-{i}" / "results.json").read_text())
+        assert results["steps"] == 4 and results["topology"] == "u-shaped"
+        for part, tensors in final.items():
+            mine = load_file(output_dir / f"client-{i}" / part / "model.safetensors")
+            for name, tensor in tensors.items():
+                torch.testing.assert_close(mine[name], tensor, atol=0, rtol=0, msg=f"client {i}: {part}: {name}")
 
 
 @pytest.fixture(scope="module")

@@ -274,20 +274,3 @@ def test_activation_checkpointing_keeps_the_gradients(tiny_vit, batch, head_laye
     for expected, grad in zip(_gradients(plain), _gradients(checkpointed), strict=True):
         torch.testing.assert_close(grad, expected)
     checkpointed.activation_checkpointing_disable()
-
-
-def test_a_u_shaped_federation_is_refused_by_name_before_anything_is_built(tmp_path):
-    from hf_adc.distributed.arguments import FederationArguments, RemoteArguments
-    from hf_adc.distributed.launch import run_server
-    from hf_adc.experiment import ModelArguments, SplitArguments
-    from hf_adc.training import ADCTrainingArguments
-
-    arguments = (
-        ModelArguments(model_name_or_path=str(tmp_path / "never-loaded")),
-        SplitArguments(label_privacy=True),
-        ADCTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
-        RemoteArguments(listen="127.0.0.1:29999", insecure=True),
-        FederationArguments(num_clients=2),
-    )
-    with pytest.raises(ValueError, match="--label_privacy .* not yet in a federation \\(--num_clients\\)"):
-        run_server(*arguments)

@@ -20,7 +20,6 @@ from ..experiment.report import federation_table, summary_text
 from ..experiment.run import run_split_training, train_from_arguments
 from ..split import SplitViTForImageClassification
 from ..training import ADCTrainer, ADCTrainingArguments
-from ..ushape import USplitViTForImageClassification
 from .arguments import JOIN_TOKEN_VARIABLE, FederationArguments, RemoteArguments
 from .client import RemoteLink, RemoteSplitViT, remote_model
 from .connect import Listener, connect
@@ -31,12 +30,6 @@ from .server import SplitServer
 from .settings import message_cap, session_settings
 
 logger = logging.getLogger(__name__)
-
-
-LABEL_PRIVACY_FEDERATION = (
-    "--label_privacy (a U-shaped split) runs with one client across processes, not yet in a federation "
-    "(--num_clients): averaging the client-side heads is not built. Train one client, or drop --label_privacy."
-)
 
 
 def _federated(federation_args: FederationArguments | None) -> bool:
@@ -51,8 +44,6 @@ def remote_split(
 ) -> RemoteSplitViT:
     """`split`'s client side, joined to the server at `remote_args.server` (as client `client_id` of a federation
     when `federation_args` names one): the handshake sends the settings the server must agree with."""
-    if _federated(federation_args) and isinstance(split, USplitViTForImageClassification):
-        raise ValueError(LABEL_PRIVACY_FEDERATION)
     kit = remote_args.kit()
     if _federated(federation_args) and kit is not None and kit.name != f"client-{federation_args.client_id}":
         raise ValueError(
@@ -134,8 +125,6 @@ def run_server(
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id: the server half goes to <id>-server.")
     split_args.validate()
-    if split_args.label_privacy and federation_args is not None and federation_args.num_clients is not None:
-        raise ValueError(LABEL_PRIVACY_FEDERATION)
 
     def build(labels):
         return build_split(model_args, split_args, labels, training_args.seed)[0].to(training_args.device)

@@ -7,9 +7,11 @@ from ..wire import WireError
 
 
 def client_side_tensors(split) -> list[torch.Tensor]:
-    """The client's trainable side in a fixed order: the client half's floating-point state, then the client-side
-    modules of the bridge (BottleNet++'s encoder). The same order on the client and on the server."""
-    tensors = [tensor for tensor in split.client.state_dict(keep_vars=True).values() if tensor.is_floating_point()]
+    """The client's trainable side in a fixed order: the client half's floating-point state, then a U-shaped split's
+    head (its last layers, final layernorm and classifier), then the client-side modules of the bridge (BottleNet++'s
+    encoder). The same order on the client and on the server."""
+    parts = [split.client, *([split.head] if getattr(split, "head", None) is not None else [])]
+    tensors = [t for part in parts for t in part.state_dict(keep_vars=True).values() if t.is_floating_point()]
     prefixes = tuple(f"{module}." for module in split.bridge.client_modules)
     bridge = split.bridge.state_dict(keep_vars=True)
     names = [name for name in sorted(bridge) if name.startswith(prefixes) and bridge[name].is_floating_point()]

@@ -6,7 +6,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..client import STANDARD_CONTROL_BYTES
+from ...ushape import USplitViTForImageClassification
+from ..client import STANDARD_CONTROL_BYTES, USHAPED_CONTROL_BYTES
 from ..wire import Refused
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,8 @@ def check_plan_costs(split, args, num_client_norms: int, client_id: int, shard_s
             f"client {client_id} announces {epoch_bytes} bytes for an uncompressed epoch of {shard_size} rows; "
             f"this split's is {epoch}."
         )
-    up, down = STANDARD_CONTROL_BYTES  # a federation runs the standard split
+    ushaped = isinstance(split, USplitViTForImageClassification)
+    up, down = USHAPED_CONTROL_BYTES if ushaped else STANDARD_CONTROL_BYTES
     micro_batch = sum(split.wire_bytes(args.per_device_train_batch_size)) + up + down
     least = micro_batch * args.gradient_accumulation_steps + 4 * num_client_norms + 16
     if not least <= step_bytes <= MAX_PROCESSES * least:

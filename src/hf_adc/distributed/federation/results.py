@@ -38,8 +38,9 @@ def federation_results(federation) -> dict:
 
 
 def save_federation(split, results: dict, output_dir: Path) -> None:
-    """The whole split (`client/` is the final averaged or handed-off client half, `server/` the server's), each
-    half's config recording the federation: schedule, clients, and the bytes every client and the sync sent."""
+    """The whole split (`client/` is the final averaged or handed-off client half, `head/` a U-shaped split's head
+    that was averaged with it, `server/` the server's), each part's config recording the federation: schedule,
+    clients, and the bytes every client and the sync sent."""
     record = {key: results[key] for key in ("schedule", "num_clients", "sync_every", "dropped", "total")}
     total = results["total"]
     communication = {
@@ -51,7 +52,7 @@ def save_federation(split, results: dict, output_dir: Path) -> None:
         "steps": results["steps"],
         "test_accuracy": next((c["test_accuracy"] for c in results["clients"].values() if c.get("finished")), None),
     }
-    for half in (split.client, split.server):
+    for half in split.parts().values():
         half.config.federation = record
         half.config.communication = communication
     split.save_pretrained(output_dir)

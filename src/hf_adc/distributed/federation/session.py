@@ -6,7 +6,15 @@ from datetime import timedelta
 
 import torch
 
-from ..server import Session, answer_backward, answer_eval, answer_forward, begin_scalars, required
+from ..server import (
+    Session,
+    answer_backward,
+    answer_eval,
+    answer_forward,
+    answer_head_backward,
+    begin_scalars,
+    required,
+)
 from ..server_half import ServerHalf
 from ..wire import Frame, Kind, PeerLost, Refused, WireError
 from .client import RESULT_FIELDS
@@ -49,6 +57,7 @@ class FederatedSession:
             Kind.BEGIN: self._begin,
             Kind.FORWARD: self._forward,
             Kind.BACKWARD: lambda frame: answer_backward(self.server_half, self.session, frame),
+            Kind.HEAD_BACKWARD: lambda frame: answer_head_backward(self.server_half, self.session, frame),
             Kind.STEP: self._step,
             Kind.EVAL: self._eval,
             Kind.SAVE: lambda frame: self.session.reply(Kind.DONE),  # the server saves at the ends of rounds
