@@ -204,9 +204,8 @@ def test_a_ushaped_splitfed_client_averaging_every_step_trains_exactly_like_one_
     assert merged.head.config.federation["num_clients"] == 1
 
 
-@pytest.mark.parametrize("schedule", ["splitfed", "sequential"])
-def test_two_ushaped_clients_end_with_the_head_the_server_saved(tiny_vit_path, digits_dir, tmp_path, schedule):
-    server, clients, output_dir = federation(tmp_path, tiny_vit_path, digits_dir, schedule, 2, 4, "--compression",
+def test_two_ushaped_splitfed_clients_end_with_the_averaged_head_the_server_saved(tiny_vit_path, digits_dir, tmp_path):
+    server, clients, output_dir = federation(tmp_path, tiny_vit_path, digits_dir, "splitfed", 2, 4, "--compression",
                                              "adc", "--xi", "0.25", "--label_privacy")  # fmt: skip
     server_log, logs = finish_all(server, clients)
     for client, log in zip(clients, logs, strict=True):
@@ -489,19 +488,22 @@ def test_a_federation_client_refuses_to_push_before_any_work(tmp_path):
         )  # fmt: skip
 
 
-def test_the_one_machine_command_starts_the_server_and_every_client_and_pushes_both_halves(tiny_vit_path, digits_dir,
-                                                                                          tmp_path):  # fmt: skip
+@pytest.mark.parametrize("topology", ["standard", "u-shaped"])
+def test_the_one_machine_command_starts_the_server_and_every_client_and_pushes_every_part(
+    tiny_vit_path, digits_dir, tmp_path, topology
+):
+    ushaped = ("--label_privacy",) if topology == "u-shaped" else ()
     with LocalHub() as hub:
         done = launch(
             "train.py",
             [*model_args(tiny_vit_path), *data_args(digits_dir, tmp_path / "run"), "--distributed", "--num_clients",
              "2", "--schedule", "sequential", "--sync_every", "2", "--max_steps", "4", "--partition", "dirichlet",
-             "--push_to_hub", "--hub_model_id", "me/fed"],
+             "--push_to_hub", "--hub_model_id", "me/fed", *ushaped],
             HF_ENDPOINT=hub.endpoint, HF_TOKEN="hf_test_token", HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0",
             HF_HOME=str(tmp_path / "hf_home"),
         )  # fmt: skip
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        assert set(hub.repos) == {"me/fed-client", "me/fed-server"}
+        assert set(hub.repos) == {"me/fed-client", "me/fed-server", *(["me/fed-head"] if ushaped else [])}
         card = hub.repos["me/fed-server"]["README.md"].decode()
     assert "sequential, 2 clients: finished" in done.stdout
     assert "trained by 2 clients on their own shards, schedule `sequential`" in card

@@ -165,11 +165,11 @@ def run_server(
     except CheckpointError as error:  # a full disk: the results still reach the log and the caller
         logger.error("%s", error)
     if results["status"] == "finished" and training_args.push_to_hub:
-        if isinstance(server, FederatedServer):  # the server holds both halves (the client's averaged)
+        if isinstance(server, FederatedServer):  # the server holds every part (the client's averaged)
+            repos = [f"{training_args.hub_model_id}-{part}" for part in server.split.parts()]
             results["hub_urls"] = server.split.push_to_hub(
-                f"{training_args.hub_model_id}-client", f"{training_args.hub_model_id}-server",
-                private=training_args.hub_private_repo, token=training_args.hub_token,
-            )  # fmt: skip
+                *repos, private=training_args.hub_private_repo, token=training_args.hub_token
+            )
         else:
             results["hub_url"] = str(server.split.server.push_to_hub(f"{training_args.hub_model_id}-server"))
     return results
