@@ -98,6 +98,10 @@ def test_three_clients_train_and_sync_bytes_are_the_half_times_its_transfers(req
         assert federation_record["sync_transfers"] == expected
         assert federation_record["sync_bytes"] == half * expected
         assert report["clients"][str(i)]["sync_bytes"] == half * expected
+        # The server's own count of its connections' frames covers everything the client reported (and framing).
+        counted = report["clients"][str(i)]
+        assert counted["counted_uplink_bytes"] + counted["counted_downlink_bytes"] >= results["total_bytes"] > 0
+        assert counted["counted_uplink_bytes"] >= results["uplink_bytes"]
         per_client.append(results)
     assert report["total"]["sync_bytes"] == sum(r["federation"]["sync_bytes"] for r in per_client)
     assert report["total"]["total_bytes"] == sum(r["total_bytes"] for r in per_client)

@@ -153,3 +153,21 @@ def test_a_half_of_the_wrong_shape_dtype_or_not_finite_is_refused(vector, messag
 
     with pytest.raises(WireError, match=message):
         check_half(vector, 4, client_id=2)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_an_end_whose_results_are_negative_or_not_finite_is_refused_and_nothing_is_recorded(bad):
+    from types import SimpleNamespace
+
+    from hf_adc.distributed.federation.client import RESULT_FIELDS
+    from hf_adc.distributed.federation.members import Member
+    from hf_adc.distributed.federation.session import FederatedSession
+    from hf_adc.distributed.wire import Frame, Kind, WireError
+
+    member = Member(client_id=0)
+    session = FederatedSession(SimpleNamespace(), member, SimpleNamespace())
+    scalars = torch.ones(len(RESULT_FIELDS), dtype=torch.float64)
+    scalars[0] = bad
+    with pytest.raises(WireError, match="results must be finite and >= 0"):
+        session.handlers[Kind.END](Frame(Kind.END, tensors={"scalars": scalars}))
+    assert member.results == {} and not member.finished

@@ -154,6 +154,11 @@ def test_splitfed_averages_unequal_shards_by_size_and_refuses_clients_that_diffe
     assert report["status"] == "finished" and report["dropped"] == [], report
     assert {cid: client["shard_size"] for cid, client in report["clients"].items()} == {"0": 30, "1": 90}
     assert report["clients"]["1"]["uplink_bytes"] == 10.0 and report["total"]["sync_bytes"] == 33.0
+    # What each client reported is recorded as reported; beside it, the server's own count of its frames: each sent
+    # its HELLO, PLAN, BEGIN, a half and its END up, and got a plan and the average (and replies) down.
+    for client in report["clients"].values():
+        assert client["counted_uplink_bytes"] > half_bytes and client["counted_downlink_bytes"] > half_bytes
+    assert report["total"]["counted_uplink_bytes"] == sum(c["counted_uplink_bytes"] for c in report["clients"].values())
     assert report["sync_transfers"] == 4  # two halves up, the average down twice
     assert log.count("refused") == 12, log[-3000:]
     # The server keeps the averaged half as the split's client half.

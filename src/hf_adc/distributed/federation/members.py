@@ -28,7 +28,9 @@ class Member:
     finished: bool = False  # sent END
     finished_turns: bool = False  # sequential: took all its turns
     synced_round: int = 0
-    results: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)  # what the client reported at END (its own ledger)
+    counted_uplink_bytes: int = 0  # what the server's connections received from it, every session, framing included
+    counted_downlink_bytes: int = 0  # and sent to it
 
 
 MAX_PROCESSES = 1024  # a client's processes (DDP ranks) a step's cost may be announced for

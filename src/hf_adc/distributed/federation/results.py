@@ -1,20 +1,25 @@
-"""What a federation reports: every client's bytes and accuracy, the totals, and the record kept in the halves."""
+"""What a federation reports: every client's bytes and accuracy (as the client reported them at END, and the bytes as
+the server itself counted them on its connections), the totals, and the record kept in the halves."""
 
 from pathlib import Path
 
 from .halves import half_size
 
-TOTAL_FIELDS = ("uplink_bytes", "downlink_bytes", "sync_bytes", "total_bytes", "uncompressed_bytes")
+TOTAL_FIELDS = ("uplink_bytes", "downlink_bytes", "sync_bytes", "total_bytes", "uncompressed_bytes")  # reported
+COUNTED_FIELDS = ("counted_uplink_bytes", "counted_downlink_bytes")  # the server's own count: frames, both ways
 
 
 def federation_results(federation) -> dict:
     """`server_results.json` of a `FederatedServer`: status, plan, drops and rejoins, per client and in total."""
     members = dict(sorted(federation.members.members.items()))
     clients = {
-        str(cid): {"live": m.live, "finished": m.finished, "shard_size": m.shard_size, **m.results}
+        str(cid): {
+            "live": m.live, "finished": m.finished, "shard_size": m.shard_size, **m.results,
+            "counted_uplink_bytes": m.counted_uplink_bytes, "counted_downlink_bytes": m.counted_downlink_bytes,
+        }
         for cid, m in members.items()
-    }
-    totals = {key: sum(client.get(key, 0) for client in clients.values()) for key in TOTAL_FIELDS}
+    }  # fmt: skip
+    totals = {key: sum(client.get(key, 0) for client in clients.values()) for key in TOTAL_FIELDS + COUNTED_FIELDS}
     dropped = [cid for cid, m in members.items() if not m.live]
     failure = federation.members.failure
     detail = failure or ("finished" if not dropped else "finished without " + ", ".join(map(str, dropped)))

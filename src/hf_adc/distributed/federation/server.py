@@ -186,6 +186,12 @@ class FederatedServer:
                 logger.warning("Client %d dropped: %s", member.client_id, error)
             self._drop(member, session)
             session.connection.refuse(str(error))
+        finally:
+            if member is not None:  # the server's own count, whatever the client reports at END
+                traffic = session.connection.traffic
+                with self.members.condition:
+                    member.counted_uplink_bytes += traffic.payload_received + traffic.framing_received
+                    member.counted_downlink_bytes += traffic.payload_sent + traffic.framing_sent
 
     def _drop(self, member: Member | None, session: Session) -> None:
         """Takes a lost session out: frees the server half if it was mid-step (its partial gradients discarded), and

@@ -126,6 +126,8 @@ class FederatedSession:
         scalars = required(frame, "scalars")
         if scalars.dtype != torch.float64 or scalars.shape != (len(RESULT_FIELDS),):
             raise WireError(f"an END must carry {len(RESULT_FIELDS)} float64 results.")
+        if not bool(torch.isfinite(scalars).all()) or bool((scalars < 0).any()):
+            raise WireError(f"an END's results must be finite and >= 0; got {scalars.tolist()}.")
         self.member.results = dict(zip(RESULT_FIELDS, scalars.tolist(), strict=True))
         with self.federation.members.condition:
             self.member.finished = True
