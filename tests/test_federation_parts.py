@@ -171,3 +171,36 @@ def test_an_end_whose_results_are_negative_or_not_finite_is_refused_and_nothing_
     with pytest.raises(WireError, match="results must be finite and >= 0"):
         session.handlers[Kind.END](Frame(Kind.END, tensors={"scalars": scalars}))
     assert member.results == {} and not member.finished
+
+
+def _member(**fields):
+    from hf_adc.distributed.federation.members import Member
+
+    return Member(client_id=1, **fields)
+
+
+def test_a_round_that_ends_before_its_steps_and_a_step_beyond_the_plan_are_refused():
+    from types import SimpleNamespace
+
+    from hf_adc.distributed.federation.session import FederatedSession
+    from hf_adc.distributed.wire import Frame, Kind, WireError
+
+    from hf_adc.distributed.federation.members import Membership
+
+    federation = SimpleNamespace(sync_every=2, half_values=4, members=Membership(2, 2, round_timeout=1.0))
+    with pytest.raises(WireError, match="client 1's SYNC came after 1 optimizer steps; a round is 2"):
+        SplitFed(federation).sync(_member(steps_since_sync=1), torch.zeros(4))
+    sequential = Sequential(federation)
+    sequential.holder = 1
+    with pytest.raises(WireError, match="client 1's HANDOFF came after 3 optimizer steps; a round is 2"):
+        sequential.turn = 1
+        sequential.hand_off(_member(steps_since_sync=3), torch.zeros(4))
+    with pytest.raises(WireError, match="final SYNC came after 3 of its 4 steps"):
+        sequential.holder = None
+        sequential.sync(_member(steps=3, planned_steps=4), None)
+    with pytest.raises(WireError, match="took a step outside its turn"):
+        sequential.check_step(_member())
+    for member in (_member(steps=4, planned_steps=4), _member(planned_steps=4, steps_since_sync=2)):
+        session = FederatedSession(federation, member, SimpleNamespace())
+        with pytest.raises(WireError, match="took a step beyond its plan"):
+            session.handlers[Kind.STEP](Frame(Kind.STEP, tensors={"norm": torch.ones(3)}, value=1.0))

@@ -43,6 +43,17 @@ class WireClient:
         self.channel.send(Kind.BEGIN, {"scalars": torch.tensor([max_steps, 0])})
         self.channel.recv(Kind.DONE)
 
+    def train_step(self) -> float:
+        """One optimizer step of the uncompressed tiny split (batch 16): FORWARD, BACKWARD, STEP; the global norm."""
+        generator = torch.Generator().manual_seed(7)
+        activations = torch.randn(16, 17, 32, generator=generator)
+        self.channel.send(Kind.FORWARD, {"activations": activations, "labels": torch.arange(16) % 5})
+        self.channel.recv(Kind.LOSS, timeout=REPLY)
+        self.channel.send(Kind.BACKWARD, value=1.0)
+        self.channel.recv(Kind.GRADIENT)
+        self.channel.send(Kind.STEP, {"norm": torch.ones(36)}, value=1.0)
+        return self.channel.recv(Kind.NORM).value
+
     def sync(self, half: torch.Tensor, samples: int) -> torch.Tensor:
         self.channel.send(Kind.SYNC, {"weights": half}, value=float(samples))
         return self.channel.recv(Kind.SYNC, timeout=REPLY).tensors["weights"]
@@ -136,6 +147,8 @@ def test_splitfed_averages_unequal_shards_by_size_and_refuses_clients_that_diffe
             assert "weights" not in reply  # no averaged half yet
         first.begin(2)
         second.begin(2)
+        for client in (first, second):  # a round is one step (sync_every 1): a SYNC comes after it, never before
+            client.train_step()
 
         generator = torch.Generator().manual_seed(0)
         halves = [torch.randn(half_bytes // 4, generator=generator) for _ in range(2)]

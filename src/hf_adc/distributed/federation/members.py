@@ -29,6 +29,9 @@ class Member:
     finished_turns: bool = False  # sequential: took all its turns
     synced_round: int = 0
     results: dict = field(default_factory=dict)  # what the client reported at END (its own ledger)
+    steps: int = 0  # optimizer steps it took in this session (STEPs the server answered)
+    steps_since_sync: int = 0  # since its last round ended (SYNC, HANDOFF)
+    planned_steps: int = 0  # the steps its plan gave it, from its resume step
     counted_uplink_bytes: int = 0  # what the server's connections received from it, every session, framing included
     counted_downlink_bytes: int = 0  # and sent to it
 
@@ -123,6 +126,8 @@ class Membership:
         member = Member(client_id, shard_size, step_bytes, half_bytes, epoch_bytes, resume_step=resume_step)
         if existing is not None:
             member.synced_round = federation_round
+            member.counted_uplink_bytes = existing.counted_uplink_bytes  # its earlier sessions' frames
+            member.counted_downlink_bytes = existing.counted_downlink_bytes
             if not resume_step:
                 self.rejoined.append(client_id)
             how = f"resumed from step {resume_step}" if resume_step else "rejoined"

@@ -64,6 +64,20 @@ class Schedule:
     def dropped(self, member) -> None:
         """A member was dropped (the federation's condition is held)."""
 
+    def check_step(self, member) -> None:
+        """Refuses a member's optimizer step the schedule does not allow it now."""
+
+    def _end_round(self, member, what: str) -> None:
+        """A member's round ends (`what`: its SYNC or HANDOFF) after exactly its `sync_every` steps, else the
+        session is refused: a half that no round of training made is never averaged in or handed on."""
+        every = self.federation.sync_every
+        if member.steps_since_sync != every:
+            raise WireError(
+                f"client {member.client_id}'s {what} came after {member.steps_since_sync} optimizer steps; a round is "
+                f"{every}."
+            )
+        member.steps_since_sync = 0
+
     def _current_half(self, transfers: int) -> dict:
         """The tail of every sync: the federation's failure, or the current half for the reply (counting
         `transfers` halves crossed)."""
@@ -104,6 +118,7 @@ class SplitFed(Schedule):
         members = federation.members
         if weights is None:
             raise WireError("a SplitFed SYNC must carry the client half.")
+        self._end_round(member, "SYNC")
         target = member.synced_round + 1
         self.round_halves[member.client_id] = check_half(weights, federation.half_values, member.client_id)
         member.synced_round = target
@@ -163,16 +178,31 @@ class Sequential(Schedule):
         self.turn_started = time.monotonic()
 
     def sync(self, member, weights) -> dict:
+        """The end: once a member has taken every step of its plan, it waits for the others' last turns (each turn
+        on the clock that `take_turn` keeps: a holder that takes over the round timeout is dropped, the others go
+        on) and gets the final half."""
         members = self.federation.members
+        if member.steps != member.planned_steps or self.holder == member.client_id:
+            raise WireError(
+                f"client {member.client_id}'s final SYNC came after {member.steps} of its {member.planned_steps} "
+                "steps (or inside its turn): a client syncs once its turns are over."
+            )
         member.finished_turns = True
         if self.turn == member.client_id:
             self._advance()
-        deadline = time.monotonic() + members.round_timeout
         while not all(m.finished_turns for m in members.live()) and not members.failure:
-            if not members.condition.wait(timeout=max(deadline - time.monotonic(), 0)):
-                members.drop_laggards(lambda m: not m.finished_turns)
+            if not members.condition.wait(timeout=1.0):
+                self._drop_a_stalled_holder()
         members.condition.notify_all()
         return self._current_half(1 + (weights is not None))
+
+    def _drop_a_stalled_holder(self) -> None:
+        """Drops the member whose turn it is if the turn has lasted over the round timeout."""
+        members = self.federation.members
+        holder = members.get(self.turn)
+        if holder is not None and holder.live and time.monotonic() - self.turn_started > members.round_timeout:
+            logger.warning("Client %d held its turn over %.0f s: dropped.", holder.client_id, members.round_timeout)
+            members.drop(holder)
 
     def take_turn(self, member) -> dict:
         federation = self.federation
@@ -180,12 +210,8 @@ class Sequential(Schedule):
         if self.holder == member.client_id:
             raise WireError(f"client {member.client_id} asked for the turn it holds (a turn ends with HANDOFF).")
         while self.turn != member.client_id and not members.failure:
-            holder = members.get(self.turn)
-            if members.condition.wait(timeout=1.0) or holder is None:
-                continue
-            if time.monotonic() - self.turn_started > members.round_timeout and holder.live:
-                logger.warning("Client %d held its turn over %.0f s: dropped.", holder.client_id, members.round_timeout)
-                members.drop(holder)
+            if not members.condition.wait(timeout=1.0):
+                self._drop_a_stalled_holder()
         if members.failure:
             raise Refused(members.failure)
         self.turn_started = time.monotonic()
@@ -199,6 +225,7 @@ class Sequential(Schedule):
         federation = self.federation
         if self.turn != member.client_id or self.holder != member.client_id:
             raise WireError(f"client {member.client_id} handed off outside its turn.")
+        self._end_round(member, "HANDOFF")
         self.holder = None
         federation.half = check_half(weights, federation.half_values, member.client_id).clone()
         federation.sync_transfers += 1
@@ -206,6 +233,10 @@ class Sequential(Schedule):
         self._advance()
         if federation.round > round_number:
             federation.round_done()
+
+    def check_step(self, member) -> None:
+        if self.holder != member.client_id:
+            raise WireError(f"client {member.client_id} took a step outside its turn (a turn starts with TURN).")
 
     def dropped(self, member) -> None:
         if self.holder == member.client_id:

@@ -189,7 +189,8 @@ class FederatedServer:
         finally:
             if member is not None:  # the server's own count, whatever the client reports at END
                 traffic = session.connection.traffic
-                with self.members.condition:
+                with self.members.condition:  # to the member this client is now (it may have rejoined already)
+                    member = self.members.get(member.client_id) or member
                     member.counted_uplink_bytes += traffic.payload_received + traffic.framing_received
                     member.counted_downlink_bytes += traffic.payload_sent + traffic.framing_sent
 
@@ -237,6 +238,7 @@ class FederatedServer:
             plan = self.plan
             if existing is not None and not resume_step:  # a client rejoining afresh trains the rounds that are left
                 plan = replace(plan, max_steps=max(plan.rounds - self.round, 1) * self.sync_every)
+            member.planned_steps = plan.max_steps - resume_step
             tensors = {"scalars": plan_scalars(plan)}
             if self.half is not None and not resume_step:  # a resumed client's checkpoint holds the half already
                 tensors["weights"] = self.half

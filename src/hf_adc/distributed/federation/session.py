@@ -93,10 +93,20 @@ class FederatedSession:
         answer_forward(self.server_half, self.session, frame)
 
     def _step(self, frame: Frame) -> None:
+        member = self.member
+        if member.steps >= member.planned_steps or member.steps_since_sync >= self.federation.sync_every:
+            raise WireError(
+                f"client {member.client_id} took a step beyond its plan ({member.planned_steps} steps, "
+                f"{self.federation.sync_every} a round); it ends a round before its next step."
+            )
+        with self.federation.members.condition:
+            self.federation.schedule.check_step(member)
         step_lock = self.federation.step_lock
         step_lock.take(self.session.number)
         total = self.server_half.optimizer_step(required(frame, "norm"), frame.value)
         step_lock.give_back()
+        member.steps += 1
+        member.steps_since_sync += 1
         self.session.reply(Kind.NORM, value=float(total))
 
     def _eval(self, frame: Frame) -> None:
