@@ -208,24 +208,6 @@ def test_a_ushaped_splitfed_client_averaging_every_step_trains_exactly_like_one_
     assert merged.head.config.federation["num_clients"] == 1
 
 
-def test_two_ushaped_splitfed_clients_end_with_the_averaged_head_the_server_saved(tiny_vit_path, digits_dir, tmp_path):
-    server, clients, output_dir = federation(tmp_path, tiny_vit_path, digits_dir, "splitfed", 2, 4, "--compression",
-                                             "adc", "--xi", "0.25", "--label_privacy")  # fmt: skip
-    server_log, logs = finish_all(server, clients)
-    for client, log in zip(clients, logs, strict=True):
-        assert client.returncode == 0, log[-3000:] + server_log[-3000:]
-    report = json.loads((output_dir / "server" / "server_results.json").read_text())
-    assert report["status"] == "finished" and report["dropped"] == [], report
-    final = {part: load_file(output_dir / "server" / part / "model.safetensors") for part in ("client", "head")}
-    for i in range(2):
-        results = json.loads((output_dir / f"client-{i}" / "results.json").read_text())
-        assert results["steps"] == 4 and results["topology"] == "u-shaped"
-        for part, tensors in final.items():
-            mine = load_file(output_dir / f"client-{i}" / part / "model.safetensors")
-            for name, tensor in tensors.items():
-                torch.testing.assert_close(mine[name], tensor, atol=0, rtol=0, msg=f"client {i}: {part}: {name}")
-
-
 @pytest.fixture(scope="module")
 def resumed_one_client_run(tiny_vit_path, digits_dir, tmp_path_factory, one_client_run) -> tuple:
     """`one_client_run` as if everything had stopped after step 3: both sides resume from their checkpoint-3."""
@@ -492,16 +474,16 @@ def test_a_federation_client_refuses_to_push_before_any_work(tmp_path):
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("topology", ["standard", "u-shaped"])
+@pytest.mark.parametrize(("topology", "schedule"), [("standard", "sequential"), ("u-shaped", "splitfed")])
 def test_the_one_machine_command_starts_the_server_and_every_client_and_pushes_every_part(
-    tiny_vit_path, digits_dir, tmp_path, topology
+    tiny_vit_path, digits_dir, tmp_path, topology, schedule
 ):
     ushaped = ("--label_privacy",) if topology == "u-shaped" else ()
     with LocalHub() as hub:
         done = launch(
             "train.py",
             [*model_args(tiny_vit_path), *data_args(digits_dir, tmp_path / "run"), "--distributed", "--num_clients",
-             "2", "--schedule", "sequential", "--sync_every", "2", "--max_steps", "4", "--partition", "dirichlet",
+             "2", "--schedule", schedule, "--sync_every", "2", "--max_steps", "4", "--partition", "dirichlet",
              "--push_to_hub", "--hub_model_id", "me/fed", *ushaped],
             HF_ENDPOINT=hub.endpoint, HF_TOKEN="hf_test_token", HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0",
             HF_HOME=str(tmp_path / "hf_home"),
@@ -509,9 +491,16 @@ def test_the_one_machine_command_starts_the_server_and_every_client_and_pushes_e
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         assert set(hub.repos) == {"me/fed-client", "me/fed-server", *(["me/fed-head"] if ushaped else [])}
         card = hub.repos["me/fed-server"]["README.md"].decode()
-    assert "sequential, 2 clients: finished" in done.stdout
-    assert "trained by 2 clients on their own shards, schedule `sequential`" in card
+    assert f"{schedule}, 2 clients: finished" in done.stdout
+    assert f"trained by 2 clients on their own shards, schedule `{schedule}`" in card
     report = json.loads((tmp_path / "run" / "server_results.json").read_text())
     assert report["dropped"] == [] and set(report["clients"]) == {"0", "1"}
+    parts = ("client", "head") if ushaped else ("client",)
+    final = {part: load_file(tmp_path / "run" / part / "model.safetensors") for part in parts}
     for i in range(2):
-        assert json.loads((tmp_path / "run" / f"client-{i}" / "results.json").read_text())["steps"] == 4
+        results = json.loads((tmp_path / "run" / f"client-{i}" / "results.json").read_text())
+        assert results["steps"] == 4 and results["topology"] == topology
+        for part, tensors in final.items():  # U-shaped: the averaged head is every client's, and the server's
+            mine = load_file(tmp_path / "run" / f"client-{i}" / part / "model.safetensors")
+            for name, tensor in tensors.items():
+                torch.testing.assert_close(mine[name], tensor, atol=0, rtol=0, msg=f"client {i}: {part}: {name}")

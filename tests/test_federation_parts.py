@@ -182,10 +182,9 @@ def _member(**fields):
 def test_a_round_that_ends_before_its_steps_and_a_step_beyond_the_plan_are_refused():
     from types import SimpleNamespace
 
+    from hf_adc.distributed.federation.members import Membership
     from hf_adc.distributed.federation.session import FederatedSession
     from hf_adc.distributed.wire import Frame, Kind, WireError
-
-    from hf_adc.distributed.federation.members import Membership
 
     federation = SimpleNamespace(sync_every=2, half_values=4, members=Membership(2, 2, round_timeout=1.0))
     with pytest.raises(WireError, match="client 1's SYNC came after 1 optimizer steps; a round is 2"):
