@@ -2,6 +2,7 @@
 and that nothing a stranger sends takes the listener down. One listener serves every probe of a test."""
 
 import socket
+import threading
 import time
 from datetime import timedelta
 
@@ -142,6 +143,36 @@ def test_a_frame_over_the_handshake_cap_or_with_a_lying_header_is_a_wire_error(k
     server_end.close()
 
 
+def test_a_client_turned_away_by_full_joining_slots_is_let_in_by_grpcs_retry_once_one_frees(kits, served):
+    """The many clients of a federation that start at once: past `max_pending` the server answers "try again"
+    before anything else, and the client's channel tries again (gRPC's retry policy, about 7 s in all)."""
+    ours, _ = kits
+    address, listener = served
+    silent = [connect(address, TIMEOUT, ours["client-0"]) for _ in range(2)]  # max_pending = 2
+    ends = [accept(listener), accept(listener)]
+    late = connect(address, TIMEOUT, ours["client-1"])
+    late.send(Kind.HELLO, value=3.0)
+
+    def free_a_slot_then_answer():
+        time.sleep(1.0)
+        ends[0].open_up()  # admitted: its slot frees
+        server_end = accept(listener, seconds=10)
+        assert server_end.recv(Kind.HELLO).value == 3.0
+        server_end.send(Kind.WELCOME, value=1.0)
+        ends.append(server_end)
+
+    answering = threading.Thread(target=free_a_slot_then_answer)
+    answering.start()
+    assert late.recv(Kind.WELCOME, timeout=timedelta(seconds=15)).value == 1.0
+    answering.join(timeout=15)
+    for end in [*ends, late, *silent]:
+        end.close()
+    deadline = time.monotonic() + 5
+    while listener.pending and time.monotonic() < deadline:  # the shared listener as the next test expects it
+        time.sleep(0.05)
+    assert listener.pending == 0
+
+
 def test_a_silent_peer_costs_one_slot_for_the_handshake_timeout_and_no_more(kits, served):
     ours, _ = kits
     address, listener = served
@@ -149,8 +180,8 @@ def test_a_silent_peer_costs_one_slot_for_the_handshake_timeout_and_no_more(kits
     ends = [accept(listener), accept(listener)]
     extra = connect(address, TIMEOUT, ours["client-1"])
     extra.send(Kind.HELLO)
-    with pytest.raises(Refused, match="too many sessions are joining"):
-        extra.recv(Kind.WELCOME)
+    with pytest.raises(Refused, match="too many sessions are joining"):  # after gRPC's retries (about 7 s)
+        extra.recv(Kind.WELCOME, timeout=timedelta(seconds=15))
     start = time.monotonic()
     for end in ends:
         with pytest.raises(PeerLost, match="timed out after 1 s: the peer at .* sent nothing"):

@@ -15,6 +15,7 @@ streams are open at once and at most `max_pending` of them have not been admitte
 TLS handshake must finish within the handshake timeout.
 """
 
+import json
 import logging
 import queue
 import threading
@@ -44,6 +45,17 @@ from .wire import (
 logger = logging.getLogger(__name__)
 
 METHOD = "/hfadc.Split/Session"
+# A server whose joining slots are full answers RESOURCE_EXHAUSTED before anything else ("try again"): gRPC's own
+# retry (the stream is not committed yet) tries again 4 times over about 7 s, with its jittered backoff.
+JOIN_RETRY = {
+    "methodConfig": [{
+        "name": [{"service": METHOD.split("/")[1]}],
+        "retryPolicy": {
+            "maxAttempts": 5, "initialBackoff": "0.5s", "maxBackoff": "4s", "backoffMultiplier": 2,
+            "retryableStatusCodes": ["RESOURCE_EXHAUSTED"],
+        },
+    }],
+}  # fmt: skip
 HANDSHAKE_FRAME_BYTES = HEADER_BYTES + MAX_TEXT_BYTES  # a HELLO's settings, a REFUSE's reason
 QUEUE_FRAMES = 4  # frames buffered each way before a send waits (the peer's flow control does the rest)
 _CLOSED = object()
@@ -368,7 +380,8 @@ def connect(
     host, _ = parse_address(address)
     if kit is None and not insecure:
         raise ValueError("a client needs credentials (--credentials KITS/client-N), or --insecure for plaintext.")
-    options = _channel_options(max_message_bytes)
+    options = [*_channel_options(max_message_bytes), ("grpc.enable_retries", 1),
+               ("grpc.service_config", json.dumps(JOIN_RETRY))]  # fmt: skip
     if kit is None:
         logger.warning("Connecting in PLAINTEXT to %s (--insecure): anyone on the path reads and forges it.", address)
         channel = grpc.insecure_channel(address, options=options)

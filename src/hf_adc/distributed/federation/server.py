@@ -229,6 +229,7 @@ class FederatedServer:
                 client_id, shard_size, (step_bytes, half_bytes, epoch_bytes), half_size(self.client_tensors) * 4,
                 resume_step, self.resumed_step, self.round,
             )  # fmt: skip
+            connection.open_up()  # admitted: its joining slot is free for the next client while it waits for the plan
             deadline = time.monotonic() + members.round_timeout
             while self.plan is None and len(members.members) < self.num_clients:
                 if not members.condition.wait(timeout=max(deadline - time.monotonic(), 0)):
@@ -244,7 +245,6 @@ class FederatedServer:
                 tensors["weights"] = self.half
                 self.sync_transfers += 1
         connection.send(Kind.PLAN, tensors)
-        connection.open_up()  # admitted: full-size frames from now on
         return member
 
     def _accept_settings(self, settings: dict) -> None:
