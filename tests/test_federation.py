@@ -185,8 +185,9 @@ def test_splitfed_with_one_client_averaging_every_step_equals_the_one_client_run
 
 def test_a_ushaped_splitfed_client_averaging_every_step_trains_exactly_like_one_process(tiny_vit_path, digits_dir,
                                                                                       tmp_path):  # fmt: skip
-    """The head is part of the client half: it crosses in every sync (charged) and comes back as the average."""
-    one_client_splitfed(tmp_path / "fed", tiny_vit_path, digits_dir, "--label_privacy")
+    """With --share_head the head is part of the client half: it crosses in every sync (charged) and comes back as
+    the average."""
+    one_client_splitfed(tmp_path / "fed", tiny_vit_path, digits_dir, "--label_privacy", "--share_head")
     alone = [*model_args(tiny_vit_path, *ONE_CLIENT[:-2], "--label_privacy"), *data_args(digits_dir, tmp_path / "1")]
     train_here(alone)
     one = json.loads((tmp_path / "1" / "results.json").read_text())
@@ -478,7 +479,7 @@ def test_a_federation_client_refuses_to_push_before_any_work(tmp_path):
 def test_the_one_machine_command_starts_the_server_and_every_client_and_pushes_every_part(
     tiny_vit_path, digits_dir, tmp_path, topology, schedule
 ):
-    ushaped = ("--label_privacy",) if topology == "u-shaped" else ()
+    ushaped = ("--label_privacy",) if topology == "u-shaped" else ()  # the heads stay with their clients
     with LocalHub() as hub:
         done = launch(
             "train.py",
@@ -489,18 +490,22 @@ def test_the_one_machine_command_starts_the_server_and_every_client_and_pushes_e
             HF_HOME=str(tmp_path / "hf_home"),
         )  # fmt: skip
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        assert set(hub.repos) == {"me/fed-client", "me/fed-server", *(["me/fed-head"] if ushaped else [])}
+        assert set(hub.repos) == {"me/fed-client", "me/fed-server"}  # no head: the server never held one
         card = hub.repos["me/fed-server"]["README.md"].decode()
     assert f"{schedule}, 2 clients: finished" in done.stdout
     assert f"trained by 2 clients on their own shards, schedule `{schedule}`" in card
     report = json.loads((tmp_path / "run" / "server_results.json").read_text())
     assert report["dropped"] == [] and set(report["clients"]) == {"0", "1"}
-    parts = ("client", "head") if ushaped else ("client",)
-    final = {part: load_file(tmp_path / "run" / part / "model.safetensors") for part in parts}
+    final = load_file(tmp_path / "run" / "client" / "model.safetensors")
     for i in range(2):
         results = json.loads((tmp_path / "run" / f"client-{i}" / "results.json").read_text())
         assert results["steps"] == 4 and results["topology"] == topology
-        for part, tensors in final.items():  # U-shaped: the averaged head is every client's, and the server's
-            mine = load_file(tmp_path / "run" / f"client-{i}" / part / "model.safetensors")
-            for name, tensor in tensors.items():
-                torch.testing.assert_close(mine[name], tensor, atol=0, rtol=0, msg=f"client {i}: {part}: {name}")
+        mine = load_file(tmp_path / "run" / f"client-{i}" / "client" / "model.safetensors")
+        for name, tensor in final.items():
+            torch.testing.assert_close(mine[name], tensor, atol=0, rtol=0, msg=f"client {i}: {name}")
+    if ushaped:  # each client's own head, trained on its own shard alone; none on the server, none in the sync
+        assert not (tmp_path / "run" / "head").exists()
+        heads = [load_file(tmp_path / "run" / f"client-{i}" / "head" / "model.safetensors") for i in range(2)]
+        assert any(not torch.equal(heads[0][name], heads[1][name]) for name in heads[0])
+        split = hf_adc.split_vit(ViTForImageClassification.from_pretrained(tiny_vit_path), 2, label_privacy=True)
+        assert report["half_bytes"] == 4 * sum(t.numel() for t in split.client.state_dict().values())

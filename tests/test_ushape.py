@@ -274,3 +274,13 @@ def test_activation_checkpointing_keeps_the_gradients(tiny_vit, batch, head_laye
     for expected, grad in zip(_gradients(plain), _gradients(checkpointed), strict=True):
         torch.testing.assert_close(grad, expected)
     checkpointed.activation_checkpointing_disable()
+
+
+@pytest.mark.parametrize(("label_privacy", "num_clients"), [(False, 2), (True, None)])
+def test_sharing_heads_outside_a_u_shaped_federation_is_refused_naming_both(label_privacy, num_clients):
+    from hf_adc.distributed.arguments import FederationArguments
+    from hf_adc.distributed.launch import _check_share_head
+
+    arguments = FederationArguments(num_clients=num_clients, share_head=True)
+    with pytest.raises(ValueError, match=f"label_privacy={label_privacy}, num_clients={num_clients}"):
+        _check_share_head(label_privacy, arguments)

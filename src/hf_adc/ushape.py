@@ -67,7 +67,8 @@ class USplitViTForImageClassification(SplitViTForImageClassification):
 
     @property
     def head_layers(self) -> int:
-        return self.head.config.head_layers
+        """The encoder layers the head keeps (every part's config records it: a federation's server holds no head)."""
+        return next(part for part in self.parts().values() if part is not None).config.head_layers
 
     def parts(self) -> dict[str, nn.Module]:
         """`client` (the bottom), `server` (the middle) and `head`, as `save_pretrained` writes them."""

@@ -106,6 +106,13 @@ class RemoteArguments:
         return timedelta(seconds=self.timeout)
 
 
+SHARE_HEAD_HELP = (
+    "Every side, with --label_privacy: average (SplitFed) or hand on (sequential) the client-side heads with the rest "
+    "of the client half. Off (the default) each client keeps its own head and the server never holds one: a server "
+    "that knows the head can solve the head gradients it receives for the labels."
+)
+
+
 @dataclass
 class FederationArguments:
     """Several clients against one server (see `hf_adc.distributed.federation`)."""
@@ -139,6 +146,11 @@ class FederationArguments:
         },
     )
 
+    share_head: bool = field(
+        default=False,
+        metadata={"help": SHARE_HEAD_HELP},
+    )
+
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={self.aggregation!r} is unknown: choose one of {', '.join(AGGREGATIONS)}.")
@@ -165,7 +177,10 @@ class FederationArguments:
     def shared_settings(self, training_args: ADCTrainingArguments) -> dict:
         """What every client of one federation must give alike (the server checks)."""
         run = {name: plain(getattr(training_args, name)) for name in FEDERATION_ARGS}  # budget and checkpoints
-        return {"num_clients": self.num_clients, "partition": self.partition, "alpha": self.alpha, **run}
+        return {
+            "num_clients": self.num_clients, "partition": self.partition, "alpha": self.alpha,
+            "share_head": self.share_head, **run,
+        }  # fmt: skip
 
 
 def check_client_arguments(remote_args: RemoteArguments, federation_args: FederationArguments) -> None:

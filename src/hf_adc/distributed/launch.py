@@ -18,8 +18,10 @@ from ..experiment.arguments import DataArguments, ModelArguments, SplitArguments
 from ..experiment.models import build_split, model_config
 from ..experiment.report import federation_table, summary_text
 from ..experiment.run import run_split_training, train_from_arguments
+from ..hub import push_parts
 from ..split import SplitViTForImageClassification
 from ..training import ADCTrainer, ADCTrainingArguments
+from ..ushape import USplitViTForImageClassification
 from .arguments import JOIN_TOKEN_VARIABLE, FederationArguments, RemoteArguments
 from .client import RemoteLink, RemoteSplitViT, remote_model
 from .connect import Listener, connect
@@ -36,6 +38,17 @@ def _federated(federation_args: FederationArguments | None) -> bool:
     return federation_args is not None and federation_args.client_id is not None
 
 
+def _check_share_head(label_privacy: bool, federation_args: FederationArguments | None) -> None:
+    """`--share_head` needs a federation of U-shaped splits; refused before any work otherwise."""
+    if federation_args is None or not federation_args.share_head:
+        return
+    if not label_privacy or federation_args.num_clients is None:
+        raise ValueError(
+            "--share_head averages the client-side heads of a federation (--num_clients) of U-shaped splits "
+            f"(--label_privacy); got label_privacy={label_privacy}, num_clients={federation_args.num_clients}."
+        )
+
+
 def remote_split(
     split: SplitViTForImageClassification,
     training_args: ADCTrainingArguments,
@@ -44,6 +57,7 @@ def remote_split(
 ) -> RemoteSplitViT:
     """`split`'s client side, joined to the server at `remote_args.server` (as client `client_id` of a federation
     when `federation_args` names one): the handshake sends the settings the server must agree with."""
+    _check_share_head(isinstance(split, USplitViTForImageClassification), federation_args)
     kit = remote_args.kit()
     if _federated(federation_args) and kit is not None and kit.name != f"client-{federation_args.client_id}":
         raise ValueError(
@@ -61,7 +75,7 @@ def remote_split(
     settings = session_settings(split, training_args)
     if _federated(federation_args):
         settings["federation"] = federation_args.shared_settings(training_args)
-        link.attach(split)
+        link.attach(split, with_head=federation_args.share_head)
     link.join(settings, remote_args.token())
     return split
 
@@ -125,6 +139,7 @@ def run_server(
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id: the server half goes to <id>-server.")
     split_args.validate()
+    _check_share_head(split_args.label_privacy, federation_args)
 
     def build(labels):
         return build_split(model_args, split_args, labels, training_args.seed)[0].to(training_args.device)
@@ -134,7 +149,7 @@ def run_server(
             build, training_args, training_args.output_dir, federation_args.num_clients, federation_args.schedule,
             federation_args.sync_every, federation_args.round_timeout, federation_args.min_clients,
             join_token=remote_args.token(), resume_from=training_args.resume_from_checkpoint,
-            aggregation=federation_args.aggregation,
+            aggregation=federation_args.aggregation, share_head=federation_args.share_head,
         )  # fmt: skip
     else:
         server = SplitServer(
@@ -166,10 +181,11 @@ def run_server(
         logger.error("%s", error)
     if results["status"] == "finished" and training_args.push_to_hub:
         if isinstance(server, FederatedServer):  # the server holds every part (the client's averaged)
-            repos = [f"{training_args.hub_model_id}-{part}" for part in server.split.parts()]
-            results["hub_urls"] = server.split.push_to_hub(
-                *repos, private=training_args.hub_private_repo, token=training_args.hub_token
-            )
+            parts = [name for name, part in server.split.parts().items() if part is not None]
+            results["hub_urls"] = push_parts(
+                server.split, {name: f"{training_args.hub_model_id}-{name}" for name in parts},
+                private=training_args.hub_private_repo, token=training_args.hub_token,
+            )  # fmt: skip
         else:
             results["hub_url"] = str(server.split.server.push_to_hub(f"{training_args.hub_model_id}-server"))
     return results

@@ -93,6 +93,7 @@ class Session:
         self.phase = "joined"
         self.forwards = 0
         self.pending: PendingBackward | None = None
+        self.member = None  # a federation's: the member this session was admitted as
 
     def advance(self, kind: Kind) -> None:
         """Refuses a message out of place (`WireError`, naming what was expected): out of order, or a micro-batch

@@ -55,7 +55,11 @@ def save_federation_checkpoint(federation, folder: Path, step: int) -> None:
     """`checkpoint-N` of a `FederatedServer` at the end of the round of step N: its server half, then the client
     half and the state."""
     federation.server_half.save_checkpoint(folder)
-    members = [{name: getattr(m, name) for name in SAVED_MEMBER_FIELDS} for m in federation.members.members.values()]
+    members = []
+    for member in federation.members.members.values():
+        fields = {name: getattr(member, name) for name in SAVED_MEMBER_FIELDS}
+        fields["counted_uplink_bytes"], fields["counted_downlink_bytes"] = member.counted()  # the live session's too
+        members.append(fields)
     state = {
         "step": step, "round": federation.round, "steps": federation.steps, **federation.schedule.state(),
         "plan": asdict(federation.plan), "schedule": federation.schedule.name, "num_clients": federation.num_clients,

@@ -47,8 +47,9 @@ class FederatedLink(RemoteLink):
         self.reply_timeout = self.peer.timeout + timedelta(seconds=round_timeout)
         return round_timeout
 
-    def attach(self, split) -> None:
-        self.tensors = client_side_tensors(split)
+    def attach(self, split, with_head: bool = False) -> None:
+        """The client half this link synchronises: `split`'s client side (and its head, `with_head`)."""
+        self.tensors = client_side_tensors(split, with_head)
 
     def trainer_callbacks(self, args) -> list[TrainerCallback]:
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps

@@ -6,11 +6,12 @@ import torch
 from ..wire import WireError
 
 
-def client_side_tensors(split) -> list[torch.Tensor]:
-    """The client's trainable side in a fixed order: the client half's floating-point state, then a U-shaped split's
-    head (its last layers, final layernorm and classifier), then the client-side modules of the bridge (BottleNet++'s
-    encoder). The same order on the client and on the server."""
-    parts = [split.client, *([split.head] if getattr(split, "head", None) is not None else [])]
+def client_side_tensors(split, with_head: bool = False) -> list[torch.Tensor]:
+    """The client's trainable side in a fixed order: the client half's floating-point state, then (`with_head`, a
+    U-shaped split whose heads are shared) the head's (its last layers, final layernorm and classifier), then the
+    client-side modules of the bridge (BottleNet++'s encoder). The same order on the client and on the server."""
+    head = getattr(split, "head", None)
+    parts = [split.client, *([head] if with_head and head is not None else [])]
     tensors = [t for part in parts for t in part.state_dict(keep_vars=True).values() if t.is_floating_point()]
     prefixes = tuple(f"{module}." for module in split.bridge.client_modules)
     bridge = split.bridge.state_dict(keep_vars=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ...ushape import USplitViTForImageClassification
 from ..client import STANDARD_CONTROL_BYTES, USHAPED_CONTROL_BYTES
-from ..wire import Refused
+from ..wire import Refused, Traffic
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +32,31 @@ class Member:
     steps: int = 0  # optimizer steps it took in this session (STEPs the server answered)
     steps_since_sync: int = 0  # since its last round ended (SYNC, HANDOFF)
     planned_steps: int = 0  # the steps its plan gave it, from its resume step
-    counted_uplink_bytes: int = 0  # what the server's connections received from it, every session, framing included
+    counted_uplink_bytes: int = 0  # what the server's connections received from it in ended sessions, framing included
     counted_downlink_bytes: int = 0  # and sent to it
+    traffic: Traffic | None = None  # its live session's connection counts
+
+    def counted(self) -> tuple[int, int]:
+        """(up, down) bytes of every frame the server's connections carried for this member, its live session's
+        included: the server's own count, whatever the member reports."""
+        live = self.traffic or Traffic()
+        return (
+            self.counted_uplink_bytes + live.payload_received + live.framing_received,
+            self.counted_downlink_bytes + live.payload_sent + live.framing_sent,
+        )
+
+    def session_ended(self) -> None:
+        """Folds the live session's counts into the ended sessions'."""
+        self.counted_uplink_bytes, self.counted_downlink_bytes = self.counted()
+        self.traffic = None
 
 
 MAX_PROCESSES = 1024  # a client's processes (DDP ranks) a step's cost may be announced for
 MAX_SHARD_SIZE = 2**31  # rows; a FedAvg weight beyond any real shard is refused at join
-SAVED_MEMBER_FIELDS = ("client_id", "shard_size", "step_bytes", "half_bytes", "epoch_bytes", "live")
+SAVED_MEMBER_FIELDS = (
+    "client_id", "shard_size", "step_bytes", "half_bytes", "epoch_bytes", "live", "counted_uplink_bytes",
+    "counted_downlink_bytes",
+)  # fmt: skip
 
 
 class Membership:
@@ -126,8 +144,7 @@ class Membership:
         member = Member(client_id, shard_size, step_bytes, half_bytes, epoch_bytes, resume_step=resume_step)
         if existing is not None:
             member.synced_round = federation_round
-            member.counted_uplink_bytes = existing.counted_uplink_bytes  # its earlier sessions' frames
-            member.counted_downlink_bytes = existing.counted_downlink_bytes
+            member.counted_uplink_bytes, member.counted_downlink_bytes = existing.counted()  # earlier sessions' frames
             if not resume_step:
                 self.rejoined.append(client_id)
             how = f"resumed from step {resume_step}" if resume_step else "rejoined"

@@ -15,7 +15,7 @@ def federation_results(federation) -> dict:
     clients = {
         str(cid): {
             "live": m.live, "finished": m.finished, "shard_size": m.shard_size, **m.results,
-            "counted_uplink_bytes": m.counted_uplink_bytes, "counted_downlink_bytes": m.counted_downlink_bytes,
+            **dict(zip(COUNTED_FIELDS, m.counted(), strict=True)),
         }
         for cid, m in members.items()
     }  # fmt: skip
@@ -43,9 +43,9 @@ def federation_results(federation) -> dict:
 
 
 def save_federation(split, results: dict, output_dir: Path) -> None:
-    """The whole split (`client/` is the final averaged or handed-off client half, `head/` a U-shaped split's head
-    that was averaged with it, `server/` the server's), each part's config recording the federation: schedule,
-    clients, and the bytes every client and the sync sent."""
+    """The split as the server holds it (`client/` is the final averaged or handed-off client half, `server/` the
+    server's, and `head/` a U-shaped split's head when the heads are shared), each part's config recording the
+    federation: schedule, clients, and the bytes every client and the sync sent."""
     record = {key: results[key] for key in ("schedule", "num_clients", "sync_every", "dropped", "total")}
     total = results["total"]
     communication = {
@@ -57,7 +57,7 @@ def save_federation(split, results: dict, output_dir: Path) -> None:
         "steps": results["steps"],
         "test_accuracy": next((c["test_accuracy"] for c in results["clients"].values() if c.get("finished")), None),
     }
-    for half in split.parts().values():
+    for half in (part for part in split.parts().values() if part is not None):
         half.config.federation = record
         half.config.communication = communication
     split.save_pretrained(output_dir)

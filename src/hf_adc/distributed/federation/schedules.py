@@ -130,7 +130,7 @@ class SplitFed(Schedule):
                 self._average(target)
                 break
             if not members.condition.wait(timeout=max(deadline - time.monotonic(), 0)):
-                members.drop_laggards(lambda m: m.synced_round < target)
+                members.drop_laggards(lambda m: m.synced_round < target and not m.finished)
         return self._current_half(0)  # counted with the average, before its checkpoint
 
     def _average(self, round_number: int) -> None:
@@ -210,6 +210,8 @@ class Sequential(Schedule):
         if self.holder == member.client_id:
             raise WireError(f"client {member.client_id} asked for the turn it holds (a turn ends with HANDOFF).")
         while self.turn != member.client_id and not members.failure:
+            if self.turn is None:
+                raise Refused(f"every turn of this federation is taken: client {member.client_id} has none left.")
             if not members.condition.wait(timeout=1.0):
                 self._drop_a_stalled_holder()
         if members.failure:

@@ -71,6 +71,8 @@ class FederatedServer:
     folder) restores it; its clients resume from their own `checkpoint-N` (announced in PLAN), and the rounds wait
     for them as for any client (`round_timeout`).
 
+    A U-shaped split's heads stay with their clients unless `share_head` (then they are part of the client half).
+
     `aggregation` averages a SplitFed round's halves: `fedavg` (weighted by shard size), or `median` /
     `trimmed_mean` (coordinate-wise, unweighted: one member's half, however large its claimed shard, moves the
     result no further than an honest member's; they cost one sort of the clients' halves per round).
@@ -89,6 +91,7 @@ class FederatedServer:
         join_token: str | None = None,
         resume_from: str | Path | None = None,
         aggregation: str = "fedavg",
+        share_head: bool = False,
     ):
         check_federation_settings(args, schedule, num_clients, min_clients, sync_every, round_timeout)
         if aggregation not in AGGREGATIONS:
@@ -99,6 +102,7 @@ class FederatedServer:
                 "and averages nothing: use --schedule splitfed, or aggregation fedavg."
             )
         self.aggregation, self.aggregate = aggregation, AGGREGATIONS[aggregation]
+        self.share_head = share_head
         self.build, self.args, self.output_dir, self.join_token = build, args, Path(output_dir), join_token
         self.resume_from = None if resume_from is None else Path(resume_from)
         if self.resume_from is not None and not self.resume_from.is_dir():
@@ -177,6 +181,7 @@ class FederatedServer:
             FederatedSession(self, member, session).run()
             session.connection.close()
         except Exception as error:  # noqa: BLE001 - whatever a session does wrong ends that session, never the server
+            member = member or session.member  # admitted, then lost before its plan went out
             if not isinstance(error, (WireError, Refused, PeerLost)):
                 logger.exception("Session %d broke the server's expectations", session.number)
                 error = WireError(f"the server could not handle this session's message ({type(error).__name__}).")
@@ -187,12 +192,9 @@ class FederatedServer:
             self._drop(member, session)
             session.connection.refuse(str(error))
         finally:
-            if member is not None:  # the server's own count, whatever the client reports at END
-                traffic = session.connection.traffic
-                with self.members.condition:  # to the member this client is now (it may have rejoined already)
-                    member = self.members.get(member.client_id) or member
-                    member.counted_uplink_bytes += traffic.payload_received + traffic.framing_received
-                    member.counted_downlink_bytes += traffic.payload_sent + traffic.framing_sent
+            if member is not None:
+                with self.members.condition:
+                    member.session_ended()
 
     def _drop(self, member: Member | None, session: Session) -> None:
         """Takes a lost session out: frees the server half if it was mid-step (its partial gradients discarded), and
@@ -225,10 +227,13 @@ class FederatedServer:
         check_plan_costs(self.split, self.args, self.server_half.num_client_norms, client_id, shard_size,
                          step_bytes, epoch_bytes)  # fmt: skip
         with members.condition:
+            if self.plan is not None and self.round >= self.plan.rounds and not resume_step:
+                raise Refused(f"client {client_id} comes after the federation's last round: nothing is left to train.")
             member, existing = members.admit(
                 client_id, shard_size, (step_bytes, half_bytes, epoch_bytes), half_size(self.client_tensors) * 4,
                 resume_step, self.resumed_step, self.round,
             )  # fmt: skip
+            session.member, member.traffic = member, connection.traffic  # the server's own count of its frames
             connection.open_up()  # admitted: its joining slot is free for the next client while it waits for the plan
             deadline = time.monotonic() + members.round_timeout
             while self.plan is None and len(members.members) < self.num_clients:
@@ -257,7 +262,8 @@ class FederatedServer:
             raise Refused(f"num_clients: client {federation.get('num_clients')!r}, server {self.num_clients}.")
         shared = {key: value for key, value in federation.items() if key != "client_id"}
         if self.federation_settings is None:
-            self.federation_settings = {**shared, **{name: plain(getattr(self.args, name)) for name in FEDERATION_ARGS}}
+            server = {name: plain(getattr(self.args, name)) for name in FEDERATION_ARGS}
+            self.federation_settings = {**shared, **server, "share_head": self.share_head}
         differences = differing_settings(shared, self.federation_settings)
         if differences:
             raise Refused("the federation settings differ from the first client's: " + "; ".join(differences))
@@ -269,7 +275,9 @@ class FederatedServer:
         """Keeps the client half too: the server averages it and saves it next to its own (and restores a resumed
         checkpoint into both)."""
         self.server_half = ServerHalf(split, self.args, keep_client=True)
-        self.client_tensors = client_side_tensors(split)
+        self.client_tensors = client_side_tensors(split, with_head=self.share_head)
+        if getattr(split, "head", None) is not None and not self.share_head:
+            split.head = None  # each client keeps its own: the server never holds a head
         if self.resumed_state is not None:
             try:
                 self._resume(self.resumed_state)

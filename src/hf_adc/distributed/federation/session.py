@@ -88,11 +88,9 @@ class FederatedSession:
             raise Refused(f"client {self.member.client_id} begins at step {start}; it planned {planned}.")
         self.session.reply(Kind.DONE)
 
-    def _forward(self, frame: Frame) -> None:
-        self.federation.step_lock.take(self.session.number)
-        answer_forward(self.server_half, self.session, frame)
-
-    def _step(self, frame: Frame) -> None:
+    def _check_step(self) -> None:
+        """Refuses a step (at its first FORWARD, before the server half is taken, and at STEP) beyond the member's
+        plan or round, or that its schedule does not allow it now (outside a sequential turn)."""
         member = self.member
         if member.steps >= member.planned_steps or member.steps_since_sync >= self.federation.sync_every:
             raise WireError(
@@ -101,8 +99,19 @@ class FederatedSession:
             )
         with self.federation.members.condition:
             self.federation.schedule.check_step(member)
+
+    def _forward(self, frame: Frame) -> None:
+        self._check_step()
+        self.federation.step_lock.take(self.session.number)
+        answer_forward(self.server_half, self.session, frame)
+
+    def _step(self, frame: Frame) -> None:
+        member = self.member
+        self._check_step()
         step_lock = self.federation.step_lock
         step_lock.take(self.session.number)
+        if not member.live:  # dropped meanwhile (its turn's clock ran out): its step is not applied (see `_drop`)
+            raise Refused(f"client {member.client_id} was dropped from the federation.")
         total = self.server_half.optimizer_step(required(frame, "norm"), frame.value)
         step_lock.give_back()
         member.steps += 1
@@ -136,8 +145,9 @@ class FederatedSession:
         scalars = required(frame, "scalars")
         if scalars.dtype != torch.float64 or scalars.shape != (len(RESULT_FIELDS),):
             raise WireError(f"an END must carry {len(RESULT_FIELDS)} float64 results.")
-        if not bool(torch.isfinite(scalars).all()) or bool((scalars < 0).any()):
-            raise WireError(f"an END's results must be finite and >= 0; got {scalars.tolist()}.")
+        accuracies = scalars[[RESULT_FIELDS.index("test_accuracy"), RESULT_FIELDS.index("local_accuracy")]]
+        if not bool(torch.isfinite(scalars).all()) or bool((scalars < 0).any()) or bool((accuracies > 1).any()):
+            raise WireError(f"an END's results must be finite and >= 0, accuracies <= 1; got {scalars.tolist()}.")
         self.member.results = dict(zip(RESULT_FIELDS, scalars.tolist(), strict=True))
         with self.federation.members.condition:
             self.member.finished = True
