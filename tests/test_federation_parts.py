@@ -184,7 +184,7 @@ def test_a_round_that_ends_before_its_steps_and_a_step_beyond_the_plan_are_refus
 
     from hf_adc.distributed.federation.members import Membership
     from hf_adc.distributed.federation.session import FederatedSession
-    from hf_adc.distributed.wire import Frame, Kind, WireError
+    from hf_adc.distributed.wire import Frame, Kind, Refused, WireError
 
     federation = SimpleNamespace(sync_every=2, half_values=4, members=Membership(2, 2, round_timeout=1.0))
     with pytest.raises(WireError, match="client 1's SYNC came after 1 optimizer steps; a round is 2"):
@@ -199,6 +199,9 @@ def test_a_round_that_ends_before_its_steps_and_a_step_beyond_the_plan_are_refus
         sequential.sync(_member(steps=3, planned_steps=4), None)
     with pytest.raises(WireError, match="took a step outside its turn"):
         sequential.check_step(_member())
+    sequential.turn = None  # every live member has taken all its turns: a late TURN is refused, not left waiting
+    with pytest.raises(Refused, match="every turn of this federation is taken"):
+        sequential.take_turn(_member())
     for member in (_member(steps=4, planned_steps=4), _member(planned_steps=4, steps_since_sync=2)):
         session = FederatedSession(federation, member, SimpleNamespace())
         with pytest.raises(WireError, match="took a step beyond its plan"):
