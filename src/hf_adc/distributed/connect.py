@@ -10,9 +10,9 @@ names the address it dialled, and the server reads the client's name and serial 
 gRPC bounds every message (`max_message_bytes`, derived from the agreed split by the caller) before it is
 allocated, and the header is checked again against the frame's length and the session's cap (`max_frame_bytes`,
 small until the handshake is done). Every send and receive ends at a timeout (`PeerLost`); a REFUSE from the peer
-becomes `Refused`. The server's `Listener` hands out a `Connection` per session; at most `max_sessions + max_pending`
-streams are open at once and at most `max_pending` of them have not been admitted (more are refused at once); a
-TLS handshake must finish within the handshake timeout.
+becomes `Refused`. The server's `Listener` hands out a `Connection` per session; at most `max_sessions` admitted
+sessions and `max_pending` that have not been admitted are open at once (more are refused at once, as busy: the
+client's gRPC retry tries again for a few seconds); a TLS handshake must finish within the handshake timeout.
 """
 
 import json
@@ -45,13 +45,14 @@ from .wire import (
 logger = logging.getLogger(__name__)
 
 METHOD = "/hfadc.Split/Session"
-# A server whose joining slots are full answers RESOURCE_EXHAUSTED before anything else ("try again"): gRPC's own
-# retry (the stream is not committed yet) tries again 4 times over about 7 s, with its jittered backoff.
+# A server whose slots are full answers RESOURCE_EXHAUSTED before anything else ("try again"): gRPC's own retry (the
+# stream is not committed yet; the HELLO is replayed from its buffer) tries again 4 times, after about 1, 2, 4 and
+# 4 s (gRPC's jitter is 20%): 9 to 13 s in all.
 JOIN_RETRY = {
     "methodConfig": [{
         "name": [{"service": METHOD.split("/")[1]}],
         "retryPolicy": {
-            "maxAttempts": 5, "initialBackoff": "0.5s", "maxBackoff": "4s", "backoffMultiplier": 2,
+            "maxAttempts": 5, "initialBackoff": "1s", "maxBackoff": "4s", "backoffMultiplier": 2,
             "retryableStatusCodes": ["RESOURCE_EXHAUSTED"],
         },
     }],
@@ -185,6 +186,14 @@ class Connection:
             pass
         self.close()
 
+    def interrupt(self, error: Exception) -> None:
+        """Makes the `recv` waiting on this connection (or the next one) raise `error` at once: another thread's way
+        to end the session (a federation member dropped while its session waits for it)."""
+        try:
+            self.incoming.put_nowait(error)
+        except queue.Full:  # frames are waiting: the session is not blocked in `recv`, and reads them first
+            pass
+
     def close(self) -> None:
         """Ends this end of the stream (frames already sent still go out)."""
         if not self.closed:
@@ -268,6 +277,8 @@ class Listener:
         self.accepted: queue.Queue = queue.Queue()
         self.sessions = 0
         self.pending = 0
+        self.admitted = 0  # sessions open past `open_up`
+        self.max_sessions = max_sessions
         self.lock = threading.Lock()
         workers = max_sessions + max_pending
         options = [
@@ -305,38 +316,50 @@ class Listener:
         with self.lock:
             if self.pending >= self.max_pending:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many sessions are joining; try again.")
+            if self.admitted >= self.max_sessions:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the server is busy with its {self.max_sessions} session(s); try again once one has ended.",
+                )
             self.pending += 1
             self.sessions += 1
             number = self.sessions
-        incoming, outgoing = queue.Queue(maxsize=QUEUE_FRAMES), queue.Queue(maxsize=QUEUE_FRAMES)
-        peer = f"client of session {number} ({name or context.peer()})"
-        connection = Connection(
-            peer, self.timeout, incoming, outgoing, name, serial, handshake_timeout=self.handshake_timeout,
-            open_frame_bytes=self.max_message_bytes,
-        )  # fmt: skip
         opened = threading.Event()
 
-        def on_open():
-            opened.set()
+        def on_open():  # admitted (`open_up`): the joining slot frees, an admitted one is taken
             with self.lock:
-                self.pending -= 1
+                if not opened.is_set():  # not after the stream has ended
+                    opened.set()
+                    self.pending, self.admitted = self.pending - 1, self.admitted + 1
 
-        connection.on_open = on_open
-        reader = threading.Thread(
-            target=_read_into,
-            args=(requests, incoming, lambda error: PeerLost(f"lost the {peer}: {_details(error)}"),
-                  lambda: connection.closed),
-            name=f"hf_adc-read-{number}", daemon=True,
-        )  # fmt: skip
-        reader.start()
-        self.accepted.put((number, connection))
-        try:
-            yield from _outgoing_frames(outgoing, context.is_active)
+        connection = None
+        try:  # from here on, whatever happens, the slot this stream holds frees once at its end
+            incoming, outgoing = queue.Queue(maxsize=QUEUE_FRAMES), queue.Queue(maxsize=QUEUE_FRAMES)
+            peer = f"client of session {number} ({name or context.peer()})"
+            connection = Connection(
+                peer, self.timeout, incoming, outgoing, name, serial, handshake_timeout=self.handshake_timeout,
+                open_frame_bytes=self.max_message_bytes,
+            )  # fmt: skip
+            connection.on_open = on_open
+            reader = threading.Thread(
+                target=_read_into,
+                args=(requests, incoming, lambda error: PeerLost(f"lost the {peer}: {_details(error)}"),
+                      lambda: connection.closed),
+                name=f"hf_adc-read-{number}", daemon=True,
+            )  # fmt: skip
+            reader.start()
+            self.accepted.put((number, connection))
+            yield from _outgoing_frames(outgoing, lambda: context.is_active() and not connection.closed)
         finally:
-            connection.closed = True
-            incoming.put(_CLOSED)
-            if not opened.is_set():
-                on_open()
+            if connection is not None:
+                connection.closed = True
+                incoming.put(_CLOSED)
+            with self.lock:  # whichever slot the session holds frees, once (a later `open_up` changes nothing)
+                if opened.is_set():
+                    self.admitted -= 1
+                else:
+                    opened.set()
+                    self.pending -= 1
 
     def accept(self, deadline: float | None = None) -> tuple[int, Connection] | None:
         """The next client's session number and connection, waiting until `deadline` (a `time.monotonic()` value;
@@ -374,14 +397,17 @@ def connect(
     insecure: bool = False,
     max_message_bytes: int = 64 * 2**20,
     max_frame_bytes: int | None = None,
+    retry_busy: bool = True,
 ) -> Connection:
     """The client's end: opens a stream to the server at `address` with the client's `kit` (None: plaintext, only
-    with `insecure=True`); `PeerLost` names the address and the likely causes if it cannot."""
+    with `insecure=True`); `PeerLost` names the address and the likely causes if it cannot. A server that turns
+    the session away as busy is tried again for a few seconds (`JOIN_RETRY`) unless `retry_busy` is False."""
     host, _ = parse_address(address)
     if kit is None and not insecure:
         raise ValueError("a client needs credentials (--credentials KITS/client-N), or --insecure for plaintext.")
-    options = [*_channel_options(max_message_bytes), ("grpc.enable_retries", 1),
-               ("grpc.service_config", json.dumps(JOIN_RETRY))]  # fmt: skip
+    options = _channel_options(max_message_bytes)
+    if retry_busy:
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(JOIN_RETRY))]
     if kit is None:
         logger.warning("Connecting in PLAINTEXT to %s (--insecure): anyone on the path reads and forges it.", address)
         channel = grpc.insecure_channel(address, options=options)

@@ -23,7 +23,8 @@ A restarted client with the same id rejoins and receives the current client half
 `min_clients` left ends the federation. At the end of each round whose step is a save step the server writes a
 checkpoint from which the whole federation resumes (each client from its own checkpoint of that step). The server
 writes the averaged client half (`client/`) next to its own (`server/`), so the output folder loads as one split
-model.
+model; a U-shaped split's (`--label_privacy`) too when its heads are shared (`--share_head`), else each client
+keeps its own `head/`.
 
 The parts: `halves.py` (the half as a vector, FedAvg), `plan.py` (the round plan), `members.py` (joins, drops),
 `schedules.py`, `checkpoint.py`, `client.py` (the client's link and callback) and `server.py` (the wiring).

@@ -35,7 +35,8 @@ def read_federation_state(folder: Path, settings: dict) -> dict:
             f"{FEDERATION_STATE_NAME} (the server writes one at the end of each round whose step is a save step)."
         )
     state = read_checked(path, lambda path: json.loads(path.read_text()))
-    theirs = {**state["federation_settings"], **{name: state[name] for name in ("schedule", "num_clients")}}
+    theirs = {"share_head": False, **state["federation_settings"]}  # a checkpoint from before heads could be shared
+    theirs.update({name: state[name] for name in ("schedule", "num_clients")})
     theirs["sync_every"] = state["sync_every"]
     differences = [
         f"{name}: checkpoint {theirs.get(name)!r}, server {value!r}"

@@ -35,6 +35,7 @@ class Member:
     counted_uplink_bytes: int = 0  # what the server's connections received from it in ended sessions, framing included
     counted_downlink_bytes: int = 0  # and sent to it
     traffic: Traffic | None = None  # its live session's connection counts
+    connection: object = None  # its live session's `Connection` (a drop interrupts the session's wait)
 
     def counted(self) -> tuple[int, int]:
         """(up, down) bytes of every frame the server's connections carried for this member, its live session's
@@ -94,6 +95,8 @@ class Membership:
             member.live = False
             self.drops.append(member.client_id)
             self.on_drop(member)
+            if member.connection is not None:  # its session ends now, freeing its slot for the rejoin
+                member.connection.interrupt(Refused(f"client {member.client_id} was dropped from the federation."))
         if len(self.live()) < self.min_clients and self.planned:
             self.failure = f"fewer than min_clients={self.min_clients} clients left."
         self.condition.notify_all()

@@ -120,12 +120,13 @@ class FederatedServer:
         self.federation_settings: dict | None = None
         self.server_max_steps = 0  # the server's schedule: every client's steps
         settings = {"schedule": schedule, "num_clients": num_clients, "sync_every": sync_every}
+        settings["share_head"] = share_head
         settings.update({name: plain(getattr(args, name)) for name in FEDERATION_ARGS})
         self.resumed_state = None if self.resume_from is None else read_federation_state(self.resume_from, settings)
         self.resumed_step = None if self.resumed_state is None else self.resumed_state["step"]
         self.resumed_at: float | None = None
         if self.resumed_state is not None:
-            self.federation_settings = self.resumed_state["federation_settings"]
+            self.federation_settings = {"share_head": False, **self.resumed_state["federation_settings"]}
 
     @property
     def split(self):
@@ -234,6 +235,7 @@ class FederatedServer:
                 resume_step, self.resumed_step, self.round,
             )  # fmt: skip
             session.member, member.traffic = member, connection.traffic  # the server's own count of its frames
+            member.connection = connection
             connection.open_up()  # admitted: its joining slot is free for the next client while it waits for the plan
             deadline = time.monotonic() + members.round_timeout
             while self.plan is None and len(members.members) < self.num_clients:
