@@ -1,5 +1,5 @@
-"""What the multi-process tests share: the recipes' command lines, spawning processes that always get killed, and
-bounded waits.
+"""What the tests share: the recipes' command lines, spawning processes that always get killed, bounded waits, and
+the one-process tests' small datasets and training arguments.
 
 Every process a test starts goes through `spawn`, in a session (and process group) of its own, and is registered:
 the autouse fixture in conftest kills every registered group when the test ends, passed or failed, so that no
@@ -230,3 +230,28 @@ def start_client(address: str, checkpoint: str, digits: str, output_dir, *extra:
         *model_args(checkpoint), *data_args(digits, output_dir), "--server", address, "--timeout", TIMEOUT, *extra,
     ]  # fmt: skip
     return spawn(launch_command("train.py", with_credentials(args)), HF_ADC_JOIN_TOKEN="secret")
+
+
+def tensor_dataset(num_rows: int, seed: int = 0):
+    """`num_rows` random 16x16 images with labels in 0 .. 4, as a torch-formatted `datasets.Dataset`."""
+    import torch
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = {
+        "pixel_values": torch.randn(num_rows, 3, 16, 16, generator=generator).numpy(),
+        "labels": torch.randint(0, 5, (num_rows,), generator=generator).numpy(),
+    }
+    return Dataset.from_dict(rows).with_format("torch")
+
+
+def make_args(output_dir, **overrides):
+    """`ADCTrainingArguments` for a short CPU run in `output_dir` (batch 8, lr 1e-3, no saving, seed 0)."""
+    import hf_adc
+
+    fields = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=8, learning_rate=1e-3, report_to="none",
+        save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, use_cpu=True,
+    )  # fmt: skip
+    fields.update(overrides)
+    return hf_adc.ADCTrainingArguments(**fields)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import NUM_LABELS, tiny_vit_config
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from helpers import make_args, tensor_dataset
 from test_link import _Wiretap
-from test_trainer import make_args, tensor_dataset
 from transformers import ViTForImageClassification
 
 import hf_adc

@@ -5,38 +5,13 @@ import json
 
 import pytest
 import torch
-from datasets import Dataset
+from helpers import make_args, tensor_dataset
 from transformers import ViTForImageClassification
 
 import hf_adc
 from hf_adc.training import parse_size
 
 PER_SAMPLE_UNCOMPRESSED = 2 * 17 * 32 * 4 + 8  # activations up and down at 17 tokens x 32 wide, plus an int64 label
-
-
-def tensor_dataset(num_rows: int, seed: int = 0) -> Dataset:
-    generator = torch.Generator().manual_seed(seed)
-    rows = {
-        "pixel_values": torch.randn(num_rows, 3, 16, 16, generator=generator).numpy(),
-        "labels": torch.randint(0, 5, (num_rows,), generator=generator).numpy(),
-    }
-    return Dataset.from_dict(rows).with_format("torch")
-
-
-def make_args(output_dir, **overrides) -> hf_adc.ADCTrainingArguments:
-    fields = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        use_cpu=True,
-    )
-    fields.update(overrides)
-    return hf_adc.ADCTrainingArguments(**fields)
 
 
 def test_budget_stops_before_it_is_exceeded_and_reports_what_was_spent(tiny_vit, tmp_path):

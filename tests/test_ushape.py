@@ -10,9 +10,8 @@ import sys
 import pytest
 import torch
 from conftest import NUM_LABELS
-from helpers import ENV
+from helpers import ENV, make_args, tensor_dataset
 from hub_server import LocalHub
-from test_trainer import make_args, tensor_dataset
 from transformers import AutoModel, ViTForImageClassification
 
 import hf_adc
