@@ -353,7 +353,10 @@ class Listener:
         finally:
             if connection is not None:
                 connection.closed = True
-                incoming.put(_CLOSED)
+                try:  # never blocks this worker: with frames still queued, the session's reads end at its timeout
+                    incoming.put_nowait(_CLOSED)
+                except queue.Full:
+                    pass
             with self.lock:  # whichever slot the session holds frees, once (a later `open_up` changes nothing)
                 if opened.is_set():
                     self.admitted -= 1
