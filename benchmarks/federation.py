@@ -57,16 +57,16 @@ def run(config: dict, args) -> dict:
         if done.returncode != 0 or not path.exists():
             raise RuntimeError(f"run {config} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
         report = json.loads(path.read_text())
-    clients = report["clients"].values()
+    clients = [client["reported"] for client in report["clients"].values()]  # our own clients: honest
     accuracy = [client["test_accuracy"] for client in clients]
     local = [client["local_accuracy"] for client in clients]
     return {
         **config,
         "test_accuracy": sum(accuracy) / len(accuracy),
         "worst_local_accuracy": min(local),
-        "total_bytes": report["total"]["total_bytes"],
-        "sync_bytes": report["total"]["sync_bytes"],
-        "uncompressed_bytes": report["total"]["uncompressed_bytes"],
+        "total_bytes": report["reported_total"]["total_bytes"],
+        "sync_bytes": report["reported_total"]["sync_bytes"],
+        "uncompressed_bytes": report["reported_total"]["uncompressed_bytes"],
         "budget_bytes": report["plan"]["budget_bytes"],
         "rounds": report["plan"]["rounds"],
         "steps_per_client": report["plan"]["max_steps"],

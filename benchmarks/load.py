@@ -125,7 +125,7 @@ def one_run(clients: int, args, checkpoint: str, data: str, kits: Path, output_d
         "step_ms_mean": sum(step_ms) / clients,
         "step_ms_worst": max(step_ms),
         "server_steps_per_s": sum(r["steps"] for r in results) / max(r["train_seconds"] for r in results),
-        "total_bytes": report["total"]["total_bytes"],
+        "total_bytes": report["reported_total"]["total_bytes"],
         "status": report["status"],
     }
 

@@ -26,12 +26,17 @@ accuracy.
 import logging
 import sys
 
-from transformers import HfArgumentParser
+from hf_adc.handshake_log import log_refused_handshakes
 
-from hf_adc.distributed.arguments import FederationArguments, RemoteArguments, check_server_arguments
-from hf_adc.distributed.launch import run_server
-from hf_adc.experiment import SERVE_RECIPE, ModelArguments, SplitArguments, resolve_checkpoint, with_defaults
-from hf_adc.training import ADCTrainingArguments
+if __name__ == "__main__":
+    log_refused_handshakes()  # before gRPC is imported: each refused TLS handshake is logged, with its peer
+
+from transformers import HfArgumentParser  # noqa: E402
+
+from hf_adc.distributed.arguments import FederationArguments, RemoteArguments, check_server_arguments  # noqa: E402
+from hf_adc.distributed.launch import run_server  # noqa: E402
+from hf_adc.experiment import SERVE_RECIPE, ModelArguments, SplitArguments, resolve_checkpoint, with_defaults  # noqa: E402
+from hf_adc.training import ADCTrainingArguments  # noqa: E402
 
 
 def main(argv: list[str]) -> dict:

@@ -24,8 +24,9 @@ RESULTS = 8  # END's float64 scalars: up, down, sync, total and uncompressed byt
 class WireClient:
     """One client session, message by message."""
 
-    def __init__(self, address: str, settings: dict, token: str = "secret", client_id: int = 0):
-        self.channel = connect(address, timedelta(seconds=float(TIMEOUT)), client_kit(client_id))
+    def __init__(self, address: str, settings: dict, token: str = "secret", client_id: int = 0,
+                 retry_busy: bool = True):  # fmt: skip
+        self.channel = connect(address, timedelta(seconds=float(TIMEOUT)), client_kit(client_id), retry_busy=retry_busy)
         self.channel.send(Kind.HELLO, {"settings": json_tensor({**settings, "token": token})})
 
     def welcome(self) -> float:
@@ -76,9 +77,10 @@ def epoch_bytes(rows: int) -> int:
     return rows * (2 * 17 * 32 * 4 + 8)
 
 
-def refusal(address: str, settings: dict, **plan) -> str:
-    """The server's reason for refusing a client with these settings (at its HELLO, or at its PLAN if given)."""
-    client = WireClient(address, settings, client_id=plan.get("client_id", 0))
+def refusal(address: str, settings: dict, retry_busy: bool = True, **plan) -> str:
+    """The server's reason for refusing a client with these settings (at its HELLO, or at its PLAN if given), made
+    with the kit of the plan's client (client-1's without a plan: client-0 is the one training)."""
+    client = WireClient(address, settings, client_id=plan.get("client_id", 1), retry_busy=retry_busy)
     with pytest.raises(Refused) as refused:
         client.welcome()
         client.send_plan(**plan)
@@ -122,14 +124,15 @@ def test_splitfed_averages_unequal_shards_by_size_and_refuses_clients_that_diffe
         reason = refusal(address, settings, **{**plan, "resume_step": 2})
         assert "client 1 resumes from step 2, but this server did not resume the federation" in reason
         assert "--resume_from_checkpoint .../checkpoint-2" in reason
-        assert "client 0 is already training" in refusal(address, settings, **{**plan, "client_id": 0})
+        reason = refusal(address, settings, retry_busy=False, **{**plan, "client_id": 0})
+        assert "client-0 has a session joining or open already" in reason  # at the door: one session a member
         understated = refusal(address, settings, **{**plan, "step_bytes": step_bytes() - 1})
         assert f"announces {step_bytes() - 1} bytes a step; this split's is {step_bytes()}" in understated
         assert "this split's is 392400" in refusal(address, settings, **{**plan, "epoch_bytes": 1})
-        impostor = WireClient(address, settings, client_id=0)  # member 0's kit, claiming member 1's id
-        with pytest.raises(Refused, match=r"client_id=1 disagrees with the client's certificate \(client-0\)"):
+        impostor = WireClient(address, settings, client_id=1)  # member 1's kit, claiming member 0's id
+        with pytest.raises(Refused, match=r"client_id=0 disagrees with the client's certificate \(client-1\)"):
             impostor.welcome()
-            impostor.send_plan(**plan)
+            impostor.send_plan(**{**plan, "client_id": 0})
             impostor.plan()
         assert f"has {half_bytes + 4} bytes; this server's has {half_bytes}" in refusal(
             address, settings, **{**plan, "half_bytes": half_bytes + 4}
@@ -166,14 +169,15 @@ def test_splitfed_averages_unequal_shards_by_size_and_refuses_clients_that_diffe
     report = json.loads((output_dir / "server_results.json").read_text())
     assert report["status"] == "finished" and report["dropped"] == [], report
     assert {cid: client["shard_size"] for cid, client in report["clients"].items()} == {"0": 30, "1": 90}
-    assert report["clients"]["1"]["uplink_bytes"] == 10.0 and report["total"]["sync_bytes"] == 33.0
+    assert report["clients"]["1"]["reported"]["uplink_bytes"] == 10.0 and report["reported_total"]["sync_bytes"] == 33.0
+    assert report["total"]["sync_bytes"] == 4 * half_bytes  # the server's own count: the halves that crossed
     # What each client reported is recorded as reported; beside it, the server's own count of its frames: each sent
     # its HELLO, PLAN, BEGIN, a half and its END up, and got a plan and the average (and replies) down.
     for client in report["clients"].values():
         assert client["counted_uplink_bytes"] > half_bytes and client["counted_downlink_bytes"] > half_bytes
     assert report["total"]["counted_uplink_bytes"] == sum(c["counted_uplink_bytes"] for c in report["clients"].values())
     assert report["sync_transfers"] == 4  # two halves up, the average down twice
-    assert log.count("refused") == 12, log[-3000:]
+    assert log.count("refused") == 11 and "Refused a stream of client-0 at the door" in log, log[-3000:]
     # The server keeps the averaged half as the split's client half.
     saved = hf_adc.SplitViTForImageClassification.from_pretrained(output_dir)
     torch.testing.assert_close(half_vector(client_side_tensors(saved)), expected, rtol=1e-6, atol=1e-6)

@@ -6,10 +6,11 @@ import threading
 import time
 from datetime import timedelta
 
+import grpc
 import pytest
 import torch
 
-from hf_adc.distributed.connect import Listener, connect
+from hf_adc.distributed.connect import CHUNK_BYTES, HANDSHAKE_FRAME_BYTES, LAST, METHOD, Listener, connect
 from hf_adc.distributed.provision import Revocations, ephemeral_kits, load_kit
 from hf_adc.distributed.wire import HEADER_BYTES, Kind, PeerLost, Refused, WireError
 
@@ -109,13 +110,16 @@ def test_junk_on_the_port_leaves_the_listener_serving(kits, served):
     test_a_client_of_our_ca_talks_both_ways_and_is_named_by_its_certificate(kits, served)
 
 
-def test_a_message_over_the_cap_ends_only_its_own_stream(kits, served):
+def test_a_message_over_a_chunk_ends_only_its_own_stream_before_grpc_buffers_it(kits, served):
     ours, _ = kits
     address, listener = served
-    client = connect(address, TIMEOUT, ours["client-0"], max_message_bytes=2**22)
-    client.send_bytes(b"\x00" * (2**21))
-    with pytest.raises(Refused, match="larger than max"):  # gRPC refuses it before making a buffer for it
-        client.recv()
+    kit = ours["client-0"]
+    credentials = grpc.ssl_channel_credentials(kit.ca_pem, kit.key_pem, kit.cert_pem)
+    with grpc.secure_channel(address, credentials, options=[("grpc.max_send_message_length", 2**22)]) as channel:
+        responses = channel.stream_stream(METHOD)(iter([bytes([LAST]) + b"\x00" * (2 * CHUNK_BYTES)]))
+        with pytest.raises(grpc.RpcError) as refused:
+            next(responses)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in refused.value.details()
     accepted = listener.accept(deadline=time.monotonic() + 0.5)
     if accepted is not None:  # the stream may have begun before its message was refused: it is over already
         with pytest.raises(PeerLost):
@@ -128,9 +132,9 @@ def test_a_frame_over_the_handshake_cap_or_with_a_lying_header_is_a_wire_error(k
     ours, _ = kits
     address, listener = served
     client = connect(address, TIMEOUT, ours["client-0"], max_message_bytes=2**20)
-    client.send(Kind.HELLO, {"settings": torch.zeros(2**17, dtype=torch.uint8)})  # over the handshake's cap
+    client.send(Kind.HELLO, {"settings": torch.zeros(2**20 - HEADER_BYTES, dtype=torch.uint8)})  # 4 chunks
     server_end = accept(listener)
-    with pytest.raises(WireError, match="over this session's cap"):
+    with pytest.raises(WireError, match=f"over this session's cap of {HANDSHAKE_FRAME_BYTES}"):
         server_end.recv()
     server_end.refuse("too big")
     with pytest.raises(Refused, match="too big"):

@@ -26,7 +26,7 @@ and the classifier), which runs on the client: a U-shaped split, whose labels ne
 
 - base model: {{ base_model or "a ViT built from a config" }}
 - compression at the cut: `{{ compression }}`
-{%- if communication %}
+{%- if communication.ratio is defined %}
 - training traffic across the cut: {{ "%.1f" | format(sent_mb) }} MB sent (both ways), against
   {{ "%.1f" | format(uncompressed_mb) }} MB for the uncompressed split over the same steps: ratio
   {{ "%.4f" | format(communication.ratio) }}, {{ "%.1f" | format(saved_mb) }} MB saved
@@ -34,8 +34,13 @@ and the classifier), which runs on the client: a U-shaped split, whose labels ne
 {%- if federation %}
 - trained by {{ federation.num_clients }} clients on their own shards, schedule `{{ federation.schedule }}` (halves
   synchronised every {{ federation.sync_every }} steps: {{ "%.1f" | format(federation.total.sync_bytes / 1e6) }} MB
-  of the {{ "%.1f" | format(federation.total.total_bytes / 1e6) }} MB sent){% if federation.dropped %}; clients
-  dropped: {{ federation.dropped | join(", ") }}{% endif %}
+  of the {{ "%.1f" | format(federation.total.total_bytes / 1e6) }} MB sent, as the server counted it){% if
+  federation.dropped %}; clients dropped: {{ federation.dropped | join(", ") }}, so the run is
+  {{ federation.status or "degraded" }}{% endif %}
+{%- endif %}
+{%- if reported_accuracy is not none %}
+- test accuracy reported by a member of the federation (not measured by the server): {{ "%.4f" |
+  format(reported_accuracy) }}
 {%- endif %}
 {%- if accuracy is not none %}
 - test accuracy (uncompressed evaluation): {{ "%.4f" | format(accuracy) }}
@@ -115,6 +120,7 @@ def model_card(half, role: str, repo_id: str, dataset: str | None = None) -> Mod
         communication=communication,
         federation=getattr(config, "federation", None),
         accuracy=accuracy,
+        reported_accuracy=(getattr(config, "client_reported", None) or {}).get("test_accuracy"),
         sent_mb=sent / 1e6,
         uncompressed_mb=uncompressed / 1e6,
         saved_mb=(uncompressed - sent) / 1e6,

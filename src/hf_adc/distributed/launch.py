@@ -165,6 +165,7 @@ def run_server(
         remote_args.listen, remote_args.timeout_delta(), kit=remote_args.kit(), insecure=remote_args.insecure,
         revocations=remote_args.revocations(), max_message_bytes=message_cap(model_config(model_args), batch),
         max_sessions=sessions, handshake_timeout=timedelta(seconds=remote_args.handshake_timeout),
+        one_session_per_peer=isinstance(server, FederatedServer),  # a federation member is one session at a time
     )  # fmt: skip
     logger.warning("Serving the server half on %s (%s).", remote_args.listen,
                    "PLAINTEXT" if remote_args.insecure else "mutual TLS")  # fmt: skip
@@ -179,7 +180,7 @@ def run_server(
         write_atomically(output_dir / "server_results.json", lambda path: path.write_text(text))
     except CheckpointError as error:  # a full disk: the results still reach the log and the caller
         logger.error("%s", error)
-    if results["status"] == "finished" and training_args.push_to_hub:
+    if results["status"] in ("finished", "degraded") and training_args.push_to_hub:
         if isinstance(server, FederatedServer):  # the server holds every part (the client's averaged)
             parts = [name for name, part in server.split.parts().items() if part is not None]
             results["hub_urls"] = push_parts(

@@ -7,7 +7,9 @@ mid-training ends it too, keeping the last checkpoint. The compute is the `Serve
 
 import hmac
 import logging
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -196,6 +198,9 @@ class SplitServer:
             raise ValueError(f"resume_from_checkpoint={str(resume_from)!r} is not a folder.")
         self.server_half: ServerHalf | None = None
         self.max_steps = 0  # BEGIN's
+        self.hello_lock = threading.Lock()  # `training` and `closed`, as the handshake threads read them
+        self.training = False  # a session is past its handshake: the others are turned away as busy
+        self.closed = False  # the serving has ended
         self.handlers = {
             Kind.BEGIN: self._begin,
             Kind.FORWARD: lambda session, frame: answer_forward(self.server_half, session, frame),
@@ -219,25 +224,73 @@ class SplitServer:
     def serve(self, listener, accept_seconds: float | None = None) -> dict:
         """Serves clients from `listener` until one finishes training or is lost mid-training (or the server cannot
         write its checkpoint). A session that breaks the protocol ends alone, and the server waits for the next
-        (with a fresh half). `accept_seconds` bounds the wait for each next client (None: wait for ever)."""
+        (with a fresh half). `accept_seconds` bounds the wait for each next client (None: wait for ever).
+
+        Handshakes run at once, each in a thread of its own (`_read_hello`): a peer that joins and says nothing
+        holds up only itself, for the handshake timeout. The first client whose HELLO checks out trains; while it
+        does, the others are told the server is busy."""
+        hellos: queue.Queue = queue.Queue()
+        doorman = threading.Thread(target=self._let_in, args=(listener, hellos), name="doorman", daemon=True)
+        doorman.start()
+        try:
+            return self._serve_hellos(hellos, accept_seconds)
+        finally:
+            with self.hello_lock:
+                self.closed = True
+            self._turn_away(hellos, "the server has ended its serving.")
+
+    def _let_in(self, listener, hellos: queue.Queue) -> None:
+        """Reads each new session's HELLO in a thread of its own, until the serving ends."""
+        while not self.closed:
+            accepted = listener.accept(deadline=time.monotonic() + 1.0)
+            if accepted is not None:
+                session = Session(*accepted, micro_batches=self.args.gradient_accumulation_steps)
+                threading.Thread(
+                    target=self._read_hello, args=(session, hellos), name=f"hello-{session.number}", daemon=True
+                ).start()
+
+    def _read_hello(self, session: Session, hellos: queue.Queue) -> None:
+        """A session's HELLO, checked (the join token, the settings' form) and queued for the serving; a session
+        that breaks the handshake, or comes while another trains, is refused with the reason."""
+        try:
+            settings = read_hello(session.connection, self.join_token)
+        except Exception as error:  # noqa: BLE001 - a handshake that breaks anything ends that session only
+            error = error if isinstance(error, (WireError, Refused, PeerLost)) else _unexpected(session, error)
+            logger.warning("Session %d refused: %s", session.number, error)
+            session.connection.refuse(str(error))
+            return
+        with self.hello_lock:
+            if not (self.training or self.closed):
+                hellos.put((session, settings))
+                return
+        session.connection.refuse("the server is busy with another client's session; try again once it has ended.")
+
+    def _turn_away(self, hellos: queue.Queue, reason: str) -> None:
+        """Refuses every session whose HELLO is queued."""
         while True:
-            deadline = None if accept_seconds is None else time.monotonic() + accept_seconds
             try:
-                accepted = listener.accept(deadline=deadline)
-            except PeerLost as error:
-                logger.warning("%s; waiting for the next client.", error)
-                continue
-            if accepted is None:
+                session, _ = hellos.get_nowait()
+            except queue.Empty:
+                return
+            session.connection.refuse(reason)
+
+    def _serve_hellos(self, hellos: queue.Queue, accept_seconds: float | None) -> dict:
+        while True:
+            try:
+                session, settings = hellos.get(timeout=accept_seconds)
+            except queue.Empty:
                 return {"status": "no client", "steps": self.steps}
-            session = Session(*accepted, micro_batches=self.args.gradient_accumulation_steps)
             try:
-                self._handshake(session.connection)
+                self._handshake(session.connection, settings)
             except Exception as error:  # noqa: BLE001 - a handshake that breaks anything ends that session only
                 error = error if isinstance(error, (WireError, Refused, PeerLost)) else _unexpected(session, error)
                 logger.warning("Session %d refused: %s", session.number, error)
                 session.connection.refuse(str(error))
                 continue
             logger.info("Session %d joined.", session.number)
+            with self.hello_lock:
+                self.training = True
+            self._turn_away(hellos, "the server is busy with another client's session; try again once it has ended.")
             try:
                 results = self._train(session)
                 session.connection.close()
@@ -253,19 +306,19 @@ class SplitServer:
             except Exception as error:  # noqa: BLE001 - a message out of place or out of shape: that session ends
                 error = error if isinstance(error, (WireError, Refused)) else _unexpected(session, error)
                 logger.warning("Session %d refused: %s. Waiting for the next client.", session.number, error)
-                session.connection.refuse(str(error))
                 self.server_half = None  # the next session starts from a fresh half, or from a checkpoint
-                continue
+                with self.hello_lock:  # before the refusal: the next HELLO may come as soon as it is read
+                    self.training = False
+                session.connection.refuse(str(error))
 
-    def _handshake(self, connection: Connection) -> None:
-        settings = read_hello(connection, self.join_token)
+    def _handshake(self, connection: Connection, settings: dict) -> None:
         if settings.get("federation"):
             raise Refused("the client expects a federation; this server serves one client (see --num_clients).")
         split = check_split_settings(settings, self.args, self.build, self.server_half)
         if self.server_half is None:
             self.server_half = ServerHalf(split, self.args)
+        connection.open_up()  # before WELCOME: the client's next frame may be of the agreed split's size
         connection.send(Kind.WELCOME)
-        connection.open_up()
 
     def _train(self, session: Session) -> dict:
         while True:

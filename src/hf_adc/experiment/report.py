@@ -83,11 +83,13 @@ def federation_table(results: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for client_id, client in results["clients"].items():
+        reported = client["reported"]
         lines.append(
-            f"| {client_id} | {client['shard_size']} | {client.get('test_accuracy', float('nan')):.4f} | "
-            f"{client.get('local_accuracy', float('nan')):.4f} | {client.get('total_bytes', 0) / 1e6:.2f} | "
-            f"{client.get('sync_bytes', 0) / 1e6:.2f} |"
+            f"| {client_id} | {client['shard_size']} | {reported.get('test_accuracy', float('nan')):.4f} | "
+            f"{reported.get('local_accuracy', float('nan')):.4f} | {reported.get('total_bytes', 0) / 1e6:.2f} | "
+            f"{reported.get('sync_bytes', 0) / 1e6:.2f} |"
         )
-    total = results["total"]
+    total = results["reported_total"]
     lines.append(f"| all | | | | {total['total_bytes'] / 1e6:.2f} | {total['sync_bytes'] / 1e6:.2f} |")
+    lines.append("(accuracies and bytes as each client reported them; the server's own count is in `total`)")
     return "\n".join(lines)

@@ -36,6 +36,8 @@ class Member:
     counted_downlink_bytes: int = 0  # and sent to it
     traffic: Traffic | None = None  # its live session's connection counts
     connection: object = None  # its live session's `Connection` (a drop interrupts the session's wait)
+    update_scales: list[float] = field(default_factory=list)  # each SplitFed round: below 1, its update was clipped
+    drop_reason: str | None = None  # why it was dropped, the last time it was
 
     def counted(self) -> tuple[int, int]:
         """(up, down) bytes of every frame the server's connections carried for this member, its live session's
@@ -89,14 +91,19 @@ class Membership:
         """Every member finished or was dropped (once training was planned)."""
         return self.planned and all(not m.live or m.finished for m in self.members.values())
 
-    def drop(self, member: Member) -> None:
-        """Takes `member` out (once), tells the schedule, and fails the federation below `min_clients`."""
+    def drop(self, member: Member, reason: str = "it broke the protocol or was lost") -> None:
+        """Takes `member` out (once) for `reason`, tells the schedule, and fails the federation below
+        `min_clients`."""
         if member.live:
             member.live = False
+            member.drop_reason = reason
             self.drops.append(member.client_id)
+            logger.warning("Client %d dropped: %s.", member.client_id, reason)
             self.on_drop(member)
             if member.connection is not None:  # its session ends now, freeing its slot for the rejoin
-                member.connection.interrupt(Refused(f"client {member.client_id} was dropped from the federation."))
+                member.connection.interrupt(
+                    Refused(f"client {member.client_id} was dropped from the federation: {reason}.")
+                )
         if len(self.live()) < self.min_clients and self.planned:
             self.failure = f"fewer than min_clients={self.min_clients} clients left."
         self.condition.notify_all()
@@ -104,8 +111,7 @@ class Membership:
     def drop_laggards(self, lagging: Callable[[Member], bool]) -> None:
         """Drops every live member for which `lagging` holds (it missed a round by `round_timeout`)."""
         for laggard in [m for m in self.live() if lagging(m)]:
-            logger.warning("Client %d missed the round by %.0f s: dropped.", laggard.client_id, self.round_timeout)
-            self.drop(laggard)
+            self.drop(laggard, f"it missed the round by {self.round_timeout:.0f} s")
 
     def admit(
         self,

@@ -131,15 +131,26 @@ class SplitFed(Schedule):
                 break
             if not members.condition.wait(timeout=max(deadline - time.monotonic(), 0)):
                 members.drop_laggards(lambda m: m.synced_round < target and not m.finished)
+        if not member.live:  # its own half was charged with breaking the average, or it lagged
+            raise Refused(f"client {member.client_id} was dropped from the federation: {member.drop_reason}.")
         return self._current_half(0)  # counted with the average, before its checkpoint
 
     def _average(self, round_number: int) -> None:
-        federation = self.federation
-        sent = [m for m in federation.members.live() if m.client_id in self.round_halves]
-        halves = [self.round_halves[m.client_id] for m in sent]
-        federation.half = federation.aggregate(halves, [m.shard_size for m in sent])
+        """The round's average (`federation.guard`: each update bounded, a half that breaks the client half charged
+        to its member, who is dropped)."""
+        federation, members = self.federation, self.federation.members
+        sent = [m for m in members.live() if m.client_id in self.round_halves]
+        halves = {m.client_id: self.round_halves[m.client_id] for m in sent}
+        current = federation.current_half()
+        guarded = federation.guard.average(current, halves, {m.client_id: m.shard_size for m in sent},
+                                           federation.aggregate)  # fmt: skip
+        federation.half = guarded.half
+        for member in sent:
+            member.update_scales.append(guarded.scales[member.client_id])
         self.round_halves.clear()
         federation.sync_transfers += 2 * len(sent)  # each half up, and the average back down
+        for client_id in guarded.charged:
+            members.drop(members.get(client_id), "its half makes the client half's activations NaN or Inf")
         federation.round = round_number
         federation.round_done()
         federation.members.condition.notify_all()
@@ -201,8 +212,7 @@ class Sequential(Schedule):
         members = self.federation.members
         holder = members.get(self.turn)
         if holder is not None and holder.live and time.monotonic() - self.turn_started > members.round_timeout:
-            logger.warning("Client %d held its turn over %.0f s: dropped.", holder.client_id, members.round_timeout)
-            members.drop(holder)
+            members.drop(holder, f"it held its turn over {members.round_timeout:.0f} s")
 
     def take_turn(self, member) -> dict:
         federation = self.federation

@@ -20,7 +20,8 @@ from ..server_half import ServerHalf
 from ..settings import checkpoint_every, differing_settings, plain
 from ..wire import Kind, PeerLost, Refused, WireError
 from .checkpoint import read_federation_state, resume_federation, save_federation_checkpoint
-from .halves import AGGREGATIONS, client_side_tensors, half_size, load_half_vector
+from .guard import DEFAULT_CLIP_FACTOR, AverageGuard
+from .halves import AGGREGATIONS, client_side_tensors, half_size, half_vector, load_half_vector
 from .members import Member, Membership, certified_client_id, check_plan_costs
 from .plan import PLAN_BYTES, FederationPlan, PlanError, plan_rounds, plan_scalars
 from .results import federation_results, save_federation
@@ -57,6 +58,28 @@ def check_federation_settings(args, schedule: str, num_clients: int, min_clients
         )
 
 
+ROBUST_AGGREGATIONS = ("median", "trimmed_mean")  # they need an honest majority of at least 3 live members
+
+
+def check_aggregation(aggregation: str, schedule: str, min_clients: int, clip_updates: float) -> None:
+    """Refuses, naming the setting and its range, an averaging a federation cannot honour."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation={aggregation!r} is unknown: choose one of {', '.join(AGGREGATIONS)}.")
+    if aggregation != "fedavg" and schedule != "splitfed":
+        raise ValueError(
+            f"aggregation={aggregation!r} averages a SplitFed round; the {schedule} schedule hands one half on "
+            "and averages nothing: use --schedule splitfed, or aggregation fedavg."
+        )
+    if aggregation in ROBUST_AGGREGATIONS and min_clients < 3:
+        raise ValueError(
+            f"aggregation={aggregation!r} with min_clients={min_clients}: with fewer than 3 live members one member "
+            "owns the median or the trimmed mean; give --min_clients 3 or more (the federation then ends once fewer "
+            "are left), or use fedavg, whose updates are bounded (--clip_updates)."
+        )
+    if not clip_updates >= 0:
+        raise ValueError(f"clip_updates={clip_updates} is out of range: it must be >= 0 (0: no bound).")
+
+
 class FederatedServer:
     """The server for `num_clients` clients on `schedule`; one thread per session, one server half.
 
@@ -75,7 +98,9 @@ class FederatedServer:
 
     `aggregation` averages a SplitFed round's halves: `fedavg` (weighted by shard size), or `median` /
     `trimmed_mean` (coordinate-wise, unweighted: one member's half, however large its claimed shard, moves the
-    result no further than an honest member's; they cost one sort of the clients' halves per round).
+    result no further than an honest member's; they cost one sort of the clients' halves per round, and need
+    `min_clients` >= 3). Whatever the rule, each member's update is first bounded to `clip_updates` times the
+    round's median update, and a half that breaks the client half is charged to its sender (`guard.py`).
     """
 
     def __init__(
@@ -92,16 +117,12 @@ class FederatedServer:
         resume_from: str | Path | None = None,
         aggregation: str = "fedavg",
         share_head: bool = False,
+        clip_updates: float = DEFAULT_CLIP_FACTOR,
     ):
         check_federation_settings(args, schedule, num_clients, min_clients, sync_every, round_timeout)
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation={aggregation!r} is unknown: choose one of {', '.join(AGGREGATIONS)}.")
-        if aggregation != "fedavg" and schedule != "splitfed":
-            raise ValueError(
-                f"aggregation={aggregation!r} averages a SplitFed round; the {schedule} schedule hands one half on "
-                "and averages nothing: use --schedule splitfed, or aggregation fedavg."
-            )
-        self.aggregation, self.aggregate = aggregation, AGGREGATIONS[aggregation]
+        check_aggregation(aggregation, schedule, min_clients, clip_updates)
+        self.aggregation, self.aggregate, self.clip_updates = aggregation, AGGREGATIONS[aggregation], clip_updates
+        self.guard: AverageGuard | None = None  # made with the server half
         self.share_head = share_head
         self.build, self.args, self.output_dir, self.join_token = build, args, Path(output_dir), join_token
         self.resume_from = None if resume_from is None else Path(resume_from)
@@ -132,6 +153,10 @@ class FederatedServer:
     def split(self):
         """The whole split this server holds (both halves: the client's is the federation's current one)."""
         return None if self.server_half is None else self.server_half.split
+
+    def current_half(self) -> torch.Tensor:
+        """The client half as it stands: the last average or hand-off, or before any the server's own copy."""
+        return self.half if self.half is not None else half_vector(self.client_tensors)
 
     @property
     def half_values(self) -> int:
@@ -188,24 +213,22 @@ class FederatedServer:
                 error = WireError(f"the server could not handle this session's message ({type(error).__name__}).")
             if member is None:
                 logger.warning("Session %d refused: %s", session.number, error)
-            else:
-                logger.warning("Client %d dropped: %s", member.client_id, error)
-            self._drop(member, session)
+            self._drop(member, session, str(error))
             session.connection.refuse(str(error))
         finally:
             if member is not None:
                 with self.members.condition:
                     member.session_ended()
 
-    def _drop(self, member: Member | None, session: Session) -> None:
+    def _drop(self, member: Member | None, session: Session, reason: str) -> None:
         """Takes a lost session out: frees the server half if it was mid-step (its partial gradients discarded), and
-        drops its member."""
+        drops its member for `reason`."""
         with self.members.condition:
             if self.step_lock.owner == session.number:
                 self.server_half.discard_gradients()
                 self.step_lock.give_back()
             if member is not None:
-                self.members.drop(member)
+                self.members.drop(member, reason)
 
     def _join(self, session: Session) -> Member:
         """HELLO (the settings), WELCOME, PLAN: admits the client, waits for the others (or `round_timeout`), and
@@ -278,6 +301,7 @@ class FederatedServer:
         checkpoint into both)."""
         self.server_half = ServerHalf(split, self.args, keep_client=True)
         self.client_tensors = client_side_tensors(split, with_head=self.share_head)
+        self.guard = AverageGuard(split.client, self.client_tensors, self.clip_updates)
         if getattr(split, "head", None) is not None and not self.share_head:
             split.head = None  # each client keeps its own: the server never holds a head
         if self.resumed_state is not None:

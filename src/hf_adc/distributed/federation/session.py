@@ -2,6 +2,8 @@
 that every client's optimizer step takes alone (`StepLock`)."""
 
 import threading
+import time
+from collections import deque
 from datetime import timedelta
 
 import torch
@@ -20,27 +22,52 @@ from ..wire import Frame, Kind, PeerLost, Refused, WireError
 from .client import RESULT_FIELDS
 from .members import Member
 
+LEASE_MARGIN = 2.0  # seconds a waiter allows beyond the leases ahead of it: a holder past its lease is dropped first
+
 
 class StepLock:
-    """The server half, held by one session for a whole optimizer step. The holder waits at most `timeout` for
-    each of its next messages (a lease, see `FederatedSession.run`) and a waiter twice that, so that a holder that
-    goes quiet is the one dropped, never the clients waiting behind it."""
+    """The server half, held by one session for a whole optimizer step, the sessions served in the order they asked.
 
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self.lock = threading.Lock()
+    A step must fit in its lease: `lease` seconds from the moment its holder takes the half (its first FORWARD) to
+    its STEP; `remaining()` is what is left of it, and bounds each of the holder's waits. A waiter waits at most one
+    lease for each session ahead of it (the holder included) and `LEASE_MARGIN` more, so that a holder that overruns
+    its lease is always dropped before an honest waiter gives up.
+    """
+
+    def __init__(self, lease: float):
+        self.lease = lease
+        self.condition = threading.Condition()
         self.owner: int | None = None  # the session number holding it
+        self.deadline = 0.0  # when the holder's lease ends (`time.monotonic()`)
+        self.line: deque[int] = deque()  # the sessions waiting, first come first served
 
     def take(self, session: int) -> None:
-        if self.owner == session:
-            return
-        if not self.lock.acquire(timeout=2 * self.timeout):  # the holder's lease (at most `timeout`) ends first
-            raise PeerLost(f"session {session} waited over {2 * self.timeout} s for the server half.")
-        self.owner = session
+        """Takes the half for `session`'s step (at once if it holds it), or raises `PeerLost` past its wait."""
+        with self.condition:
+            if self.owner == session:
+                return
+            self.line.append(session)
+            ahead = len(self.line) - 1 + (self.owner is not None)
+            limit = ahead * self.lease + LEASE_MARGIN
+            give_up = time.monotonic() + limit
+            while self.owner is not None or self.line[0] != session:
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    self.line.remove(session)
+                    self.condition.notify_all()
+                    raise PeerLost(f"session {session} waited over {limit:.0f} s for the server half.")
+                self.condition.wait(timeout=left)
+            self.line.popleft()
+            self.owner, self.deadline = session, time.monotonic() + self.lease
+
+    def remaining(self) -> float:
+        """Seconds left of the holder's lease."""
+        return max(self.deadline - time.monotonic(), 0.0)
 
     def give_back(self) -> None:
-        self.owner = None
-        self.lock.release()
+        with self.condition:
+            self.owner = None
+            self.condition.notify_all()
 
 
 class FederatedSession:
@@ -72,10 +99,22 @@ class FederatedSession:
         return self.federation.server_half
 
     def run(self) -> None:
-        lease = min(timedelta(seconds=self.federation.step_lock.timeout), self.session.connection.timeout)
+        """Answers the member's messages; while it holds the server half, each wait ends with its step's lease (a
+        `PeerLost` that drops it: its whole step, not each message, must fit in the lease)."""
+        step_lock = self.federation.step_lock
         while True:
-            holding = self.federation.step_lock.owner == self.session.number
-            frame = self.session.connection.recv(*self.handlers, timeout=lease if holding else None)
+            holding = step_lock.owner == self.session.number
+            lease_left = timedelta(seconds=max(step_lock.remaining(), 0.001))
+            timeout = min(lease_left, self.session.connection.timeout) if holding else None
+            try:
+                frame = self.session.connection.recv(*self.handlers, timeout=timeout)
+            except PeerLost as error:
+                if not holding:
+                    raise
+                raise PeerLost(
+                    f"client {self.member.client_id} held the server half past its lease of {step_lock.lease:.0f} s "
+                    f"for one optimizer step ({error})"
+                ) from error
             if not self.member.live:
                 raise Refused(f"client {self.member.client_id} was dropped from the federation.")
             self.session.advance(frame.kind)
