@@ -35,6 +35,7 @@ import grpc
 import torch
 
 from ..handshake_log import RateLimited
+from .handshake import explain, is_transient
 from .wire import (
     DEFAULT_MAX_TENSOR_BYTES,
     HEADER_BYTES,
@@ -476,6 +477,31 @@ def _peer_identity(context) -> tuple[str | None, int | None]:
     return (names[0].decode() if names else None), serial
 
 
+PROBE_METHOD = "/hfadc.Probe/Nothing"  # no server has it: UNIMPLEMENTED means the TLS handshake went through
+
+
+def _probe(channel, address: str, host: str, kit, timeout: timedelta) -> None:
+    """Returns once the server at `address` answers over TLS; tries again while nothing listens there (until
+    `timeout`), and fails at once, with the cause (`handshake.explain`), when a TLS handshake is refused."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    probe = channel.unary_unary(PROBE_METHOD)
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            probe(b"", wait_for_ready=False, timeout=max(min(left, 5.0), 0.1))
+            return
+        except grpc.RpcError as error:
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return  # UNIMPLEMENTED (or any answer): the server is there, past the handshake
+            details = _details(error)
+            if not is_transient(details) and error.code() == grpc.StatusCode.UNAVAILABLE:
+                raise PeerLost(explain(details, address, host, kit)) from None
+            if time.monotonic() >= deadline:
+                seconds = timeout.total_seconds()
+                raise PeerLost(f"timed out after {seconds:.0f} s: {explain(details, address, host, kit)}") from None
+        time.sleep(0.2)
+
+
 def connect(
     address: str,
     timeout: timedelta,
@@ -486,12 +512,13 @@ def connect(
     retry_busy: bool = True,
 ) -> Connection:
     """The client's end: opens a stream to the server at `address` with the client's `kit` (None: plaintext, only
-    with `insecure=True`); `PeerLost` names the address and the likely causes if it cannot. A server that turns
-    the session away as busy is tried again for a few seconds (`JOIN_RETRY`) unless `retry_busy` is False."""
+    with `insecure=True`). While nothing answers at `address` it tries again until `timeout`; a refused TLS handshake
+    ends it at once, with a `PeerLost` that says which side refused whom and why (`handshake.explain`). A server that
+    turns the session away as busy is tried again for a few seconds (`JOIN_RETRY`) unless `retry_busy` is False."""
     host, _ = parse_address(address)
     if kit is None and not insecure:
         raise ValueError("a client needs credentials (--credentials KITS/client-N), or --insecure for plaintext.")
-    options = _channel_options()
+    options = [*_channel_options(), ("grpc.max_reconnect_backoff_ms", 1000)]  # a server that comes up is seen soon
     if retry_busy:
         options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(JOIN_RETRY))]
     if kit is None:
@@ -500,16 +527,11 @@ def connect(
     else:
         credentials = grpc.ssl_channel_credentials(kit.ca_pem, kit.key_pem, kit.cert_pem)
         channel = grpc.secure_channel(address, credentials, options=options)
-    seconds = timeout.total_seconds()
     try:
-        grpc.channel_ready_future(channel).result(timeout=seconds)
-    except grpc.FutureTimeoutError:
+        _probe(channel, address, host, kit, timeout)
+    except PeerLost:
         channel.close()
-        cause = "it is down or unreachable" if kit is None else (
-            "it is down or unreachable, or the TLS handshake failed: the server's certificate is not from this kit's "
-            f"CA or does not name {host}, or the server refused this client's certificate"
-        )  # fmt: skip
-        raise PeerLost(f"cannot reach the server at {address} (timeout {seconds:.0f} s): {cause}.") from None
+        raise
     incoming, outgoing = queue.Queue(maxsize=INCOMING_ITEMS), queue.Queue(maxsize=QUEUE_FRAMES)
     responses = channel.stream_stream(METHOD)(_outgoing_frames(outgoing))
 
