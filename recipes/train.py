@@ -44,7 +44,7 @@ import sys
 from transformers import HfArgumentParser
 
 from hf_adc.distributed.arguments import FederationArguments, RemoteArguments, check_client_arguments
-from hf_adc.distributed.launch import run_federation_here, run_with_local_server
+from hf_adc.distributed.launch import run_client, run_federation_here, run_with_local_server
 from hf_adc.experiment import (
     TRAIN_RECIPE,
     DataArguments,
@@ -69,7 +69,12 @@ def main(argv: list[str]) -> dict:
     resolve_checkpoint(model_args, split_args, data_args, use_cpu=training_args.use_cpu)
     if remote_args.distributed and federation_args.num_clients is not None:
         return run_federation_here(*args)  # prints the federation's table
-    results = (run_with_local_server if remote_args.distributed else train_from_arguments)(*args)
+    if remote_args.distributed:
+        results = run_with_local_server(*args)
+    elif remote_args.server:
+        results = run_client(*args)
+    else:
+        results = train_from_arguments(model_args, split_args, data_args, training_args)
     if training_args.process_index == 0:
         print(summary_text(results))
     return results

@@ -135,7 +135,7 @@ def train_here(args: list[str]) -> dict:
 
 def client_hello(args: list[str], labels: list[str]) -> tuple[dict, int]:
     """What a `recipes/train.py args` client whose data has these class names says in its HELLO (the settings of
-    its split and training arguments and, with `--num_clients`, its federation block, as `run_split_training`
+    its split and training arguments and, with `--num_clients`, its federation block, as `remote_split`
     builds them), and the bytes of its client half (what a federation's PLAN announces)."""
     from transformers import HfArgumentParser
 

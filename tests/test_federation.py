@@ -464,13 +464,14 @@ def test_model_cards_record_the_federation(tiny_vit):
 
 def test_a_federation_client_refuses_to_push_before_any_work(tmp_path):
     from hf_adc import experiment
+    from hf_adc.distributed.launch import run_client
 
     training = hf_adc.ADCTrainingArguments(
         output_dir=str(tmp_path), push_to_hub=True, hub_model_id="me/run", use_cpu=True, report_to="none"
     )
     with pytest.raises(ValueError, match="the server holds the final halves and pushes both"):
-        experiment.run_split_training(
-            experiment.ModelArguments(), experiment.SplitArguments(), experiment.DataArguments(), training, None,
+        run_client(
+            experiment.ModelArguments(), experiment.SplitArguments(), experiment.DataArguments(), training,
             experiment.RemoteArguments(server="127.0.0.1:1"),
             experiment.FederationArguments(num_clients=2, client_id=0),
         )  # fmt: skip

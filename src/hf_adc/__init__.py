@@ -29,7 +29,7 @@ from .modeling import (
 )
 from .split import SplitViTForImageClassification, SplitViTOutput, split_vit
 from .training import ADCTrainer, ADCTrainingArguments
-from .ushape import USplitViTForImageClassification
+from .ushape import USplitViTForImageClassification  # registers the U-shaped topology with `split_vit`
 
 __version__ = "0.1.0"
 

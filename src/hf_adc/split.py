@@ -1,6 +1,7 @@
 """`split_vit`: cut a `ViTForImageClassification` into client and server halves with a bridge between."""
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +20,39 @@ from .modeling import ViTClientConfig, ViTClientModel, ViTServerConfig, ViTServe
 SPLIT_CONFIG_NAME = "split_config.json"
 BRIDGE_WEIGHTS_NAME = "bridge.safetensors"
 SERVER_BRIDGE_WEIGHTS_NAME = "server_bridge.safetensors"  # the server side of a bridge trained across processes
+USHAPED_TOPOLOGY = "u-shaped"  # what `split_vit(..., label_privacy=True)` builds (`hf_adc.ushape` registers it)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A split other than the standard one, registered by the module that defines it (`register_topology`):
+    `split(model, split_layer, head_layers, bridge, link, settings)` cuts a model `split_vit` has checked, sharing
+    its modules; `load(directory, settings, **kwargs)` reads back what its `save_pretrained` wrote."""
+
+    split: Callable[..., "SplitViTForImageClassification"]
+    load: Callable[..., "SplitViTForImageClassification"]
+
+
+# Topology name, as `split_config.json` records it -> its `Topology`. The modules that build on this one register
+# here when imported, so that this one never imports them: `hf_adc.ushape` (which `import hf_adc` imports)
+# registers `USHAPED_TOPOLOGY`.
+TOPOLOGIES: dict[str, Topology] = {}
+
+
+def register_topology(name: str, topology: Topology) -> None:
+    """Lets `SplitViTForImageClassification.from_pretrained` read splits of topology `name` (and `split_vit` build
+    them with `label_privacy=True`, for `USHAPED_TOPOLOGY`)."""
+    TOPOLOGIES[name] = topology
+
+
+def _topology(name: str) -> Topology:
+    """The registered topology `name`, or a refusal that lists the known ones."""
+    if name not in TOPOLOGIES:
+        raise ValueError(
+            f"no split of topology {name!r} is registered (known: {', '.join(['standard', *TOPOLOGIES])}); import "
+            "the module that defines it."
+        )
+    return TOPOLOGIES[name]
 
 
 @dataclass
@@ -153,9 +187,7 @@ class SplitViTForImageClassification(nn.Module):
         directory = Path(directory)
         settings = cls.read_settings(directory)
         if settings.get("topology", "standard") != "standard":
-            from .ushape import load_ushaped  # the U-shaped split builds on this class
-
-            return load_ushaped(directory, settings, **kwargs)
+            return _topology(settings["topology"]).load(directory, settings, **kwargs)
         client = ViTClientModel.from_pretrained(directory / "client", **kwargs)
         server = ViTServerModel.from_pretrained(directory / "server", **kwargs)
         bridge, link = load_bridge_and_link(directory, settings, client, server.config.num_labels)
@@ -352,9 +384,7 @@ def split_vit(
     link = Link(channel, wire_dtype)
     settings = compression.to_dict() if compression is not None else {"method": "none"}
     if label_privacy:
-        from .ushape import split_ushaped  # the U-shaped split builds on this module
-
-        return split_ushaped(model, split_layer, head_layers, bridge, link, settings)
+        return _topology(USHAPED_TOPOLOGY).split(model, split_layer, head_layers, bridge, link, settings)
     if head_layers != 0:
         raise ValueError(
             f"head_layers={head_layers!r} keeps layers in a client-side head, which only a U-shaped split has: pass "

@@ -44,9 +44,15 @@ from .bridges import Bridge, IdentityBridge
 from .hub import push_parts
 from .link import Link, nbytes
 from .modeling import ViTBottomConfig, ViTBottomModel, ViTHeadConfig, ViTHeadModel, ViTMiddleConfig, ViTMiddleModel
-from .split import SplitViTForImageClassification, SplitViTOutput, _half_config, load_bridge_and_link
-
-TOPOLOGY = "u-shaped"
+from .split import (
+    USHAPED_TOPOLOGY,
+    SplitViTForImageClassification,
+    SplitViTOutput,
+    Topology,
+    _half_config,
+    load_bridge_and_link,
+    register_topology,
+)
 
 
 class USplitViTForImageClassification(SplitViTForImageClassification):
@@ -75,7 +81,7 @@ class USplitViTForImageClassification(SplitViTForImageClassification):
         return {"client": self.client, "server": self.server, "head": self.head}
 
     def split_settings(self) -> dict:
-        return {**super().split_settings(), "topology": TOPOLOGY, "head_layers": self.head_layers}
+        return {**super().split_settings(), "topology": USHAPED_TOPOLOGY, "head_layers": self.head_layers}
 
     def push_to_hub(self, client_repo_id: str, server_repo_id: str, head_repo_id: str, **kwargs) -> dict[str, str]:
         """Pushes the bottom, the middle and the head to their own repos with model cards (`kwargs` as in
@@ -209,13 +215,18 @@ def split_ushaped(
 def load_ushaped(directory: Path, settings: dict, **kwargs) -> USplitViTForImageClassification:
     """What `USplitViTForImageClassification.save_pretrained` wrote to `directory` (`settings`: its
     `split_config.json`); `kwargs` go to each part's `from_pretrained`."""
-    if settings.get("topology") != TOPOLOGY:
+    if settings.get("topology") != USHAPED_TOPOLOGY:
         raise ValueError(
             f"{directory} holds a split of topology {settings.get('topology', 'standard')!r}; this loader reads "
-            f"{TOPOLOGY!r} ones (SplitViTForImageClassification.from_pretrained reads both)."
+            f"{USHAPED_TOPOLOGY!r} ones (SplitViTForImageClassification.from_pretrained reads both)."
         )
     client = ViTBottomModel.from_pretrained(directory / "client", **kwargs)
     server = ViTMiddleModel.from_pretrained(directory / "server", **kwargs)
     head = ViTHeadModel.from_pretrained(directory / "head", **kwargs)
     bridge, link = load_bridge_and_link(directory, settings, client, head.config.num_labels)
     return USplitViTForImageClassification(client, server, head, bridge, link)
+
+
+# `split_vit(..., label_privacy=True)` and `SplitViTForImageClassification.from_pretrained` reach this module through
+# the registry: `hf_adc.split`, which this module builds on, never imports it.
+register_topology(USHAPED_TOPOLOGY, Topology(split=split_ushaped, load=load_ushaped))

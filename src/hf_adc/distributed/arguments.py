@@ -190,6 +190,8 @@ def check_client_arguments(remote_args: RemoteArguments, federation_args: Federa
             f"--num_clients {federation_args.num_clients}: give this client's --client_id (and --server), or "
             "--distributed to start the server and every client here."
         )
+    if federation_args.client_id is not None and not (remote_args.server or remote_args.distributed):
+        raise ValueError(f"--client_id {federation_args.client_id} joins a federation: give --server HOST:PORT too.")
     if remote_args.listen:
         raise ValueError(f"--listen {remote_args.listen} is for recipes/serve.py; the client takes --server.")
 

@@ -1,6 +1,8 @@
-"""Starting the processes of a split across machines: the server (`run_server`), a client's side of a run
-(`remote_split`, `finish_remote`, called by `run_split_training`), and the one-machine commands that start a server
-process (and client processes) here (`run_with_local_server`, `run_federation_here`)."""
+"""Starting the processes of a split across machines: the server (`run_server`), a client (`run_client`: the
+one-process run's steps from `hf_adc.experiment.run` around `remote_split` and `finish_remote`), and the one-machine
+commands that start a server process (and client processes) here (`run_with_local_server`, `run_federation_here`).
+
+This module builds on `hf_adc.experiment`, never the other way round: a one-process run knows nothing of the wire."""
 
 import json
 import logging
@@ -14,10 +16,11 @@ from pathlib import Path
 
 import torch
 
+from ..data import partition_indices
 from ..experiment.arguments import DataArguments, ModelArguments, SplitArguments
-from ..experiment.models import build_split, model_config
+from ..experiment.models import build_split, model_config, with_transforms
 from ..experiment.report import federation_table, summary_text
-from ..experiment.run import run_split_training, train_from_arguments
+from ..experiment.run import prepare_run, pushed_model_id, report_run, train_split
 from ..hub import push_parts
 from ..split import SplitViTForImageClassification
 from ..training import ADCTrainer, ADCTrainingArguments
@@ -124,6 +127,46 @@ def _federation_results(trainer: ADCTrainer, link: FederatedLink, federation_arg
     }
 
 
+def run_client(
+    model_args: ModelArguments,
+    split_args: SplitArguments,
+    data_args: DataArguments,
+    training_args: ADCTrainingArguments,
+    remote_args: RemoteArguments,
+    federation_args: FederationArguments | None = None,
+) -> dict:
+    """`run_split_training` as the client of the server at `remote_args.server` (the server half lives there):
+    trains the client half through the wire, resuming from `training_args.resume_from_checkpoint`, writes and pushes
+    the client's side only, and `results` gain the transport's byte counts (tensor payload and header framing, both
+    ways). With `federation_args.client_id` too, this process is one client of a federation: it trains on its shard
+    of the training rows, keeps its half in step with the others' (sync bytes charged), and `results["federation"]`
+    gives its plan, shard and the accuracy on test rows weighted like its shard's classes (`local_accuracy`)."""
+    federated = _federated(federation_args)
+    if federated and training_args.push_to_hub:
+        raise ValueError("--push_to_hub on a federation's client: the server holds the final halves and pushes both "
+                         "(give --push_to_hub --hub_model_id to serve.py).")  # fmt: skip
+    hub_model_id = pushed_model_id(training_args)
+    dataset, split, image_processor = prepare_run(model_args, split_args, data_args, training_args)
+    shard_labels = None
+    if federated:
+        shards = partition_indices(
+            list(dataset["train"]["label"]), federation_args.num_clients, federation_args.partition,
+            federation_args.alpha, training_args.seed,
+        )  # fmt: skip
+        dataset["train"] = dataset["train"].select(shards[federation_args.client_id])
+        shard_labels = list(dataset["train"]["label"])
+    split = remote_split(split, training_args, remote_args, federation_args)
+    dataset = with_transforms(dataset, image_processor, data_args.augment)
+    trainer, results = train_split(
+        split, training_args, dataset["train"], dataset["test"], training_args.resume_from_checkpoint
+    )
+    finish_remote(split, trainer, results, remote_args, federation_args, shard_labels, dataset)
+    report_run(split, image_processor, trainer, results, model_args, split_args, data_args, training_args)
+    if hub_model_id and trainer.is_world_process_zero():
+        results["hub_urls"] = {"client": str(split.client.push_to_hub(f"{hub_model_id}-client"))}
+    return results
+
+
 def run_server(
     model_args: ModelArguments,
     split_args: SplitArguments,
@@ -201,7 +244,7 @@ def _serve(*args) -> None:
 def _client(client_id: int, *args) -> None:
     """A federation client process's entry point."""
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s client {client_id} %(name)s: %(message)s")
-    results = run_split_training(*args)
+    results = run_client(*args)
     print(f"client {client_id}: {summary_text(results)}")
 
 
@@ -254,11 +297,11 @@ def run_with_local_server(
     remote_args: RemoteArguments,
     federation_args: FederationArguments | None = None,
 ) -> dict:
-    """`run_split_training` as the client of a server process started here (`--distributed`); returns the
-    client's results once the server has stopped (or been stopped, `timeout` seconds after the client)."""
+    """`run_client` of a server process started here (`--distributed`); returns the client's results once the
+    server has stopped (or been stopped, `timeout` seconds after the client)."""
     remote_args, server_process = start_local_server(model_args, split_args, training_args, remote_args)
     try:
-        return train_from_arguments(model_args, split_args, data_args, training_args, remote_args, federation_args)
+        return run_client(model_args, split_args, data_args, training_args, remote_args, federation_args)
     finally:
         server_process.join(timeout=remote_args.timeout)
         if server_process.is_alive():
@@ -295,7 +338,7 @@ def run_federation_here(
         client_federation = replace(federation_args, client_id=client_id)
         kits = remote_args.kits
         client_remote = replace(remote_args, credentials=kits and kits[f"client-{client_id}"])
-        args = (model_args, split_args, data_args, client_training, client_resume, client_remote, client_federation)
+        args = (model_args, split_args, data_args, client_training, client_remote, client_federation)
         clients.append(context.Process(target=_client, args=(client_id, *args), name=f"hf_adc-client-{client_id}"))
         clients[-1].start()
     for process in [*clients, server]:

@@ -4,12 +4,12 @@
 - `defaults`: the recipes' defaults and `with_defaults`, the one way they reach the parser;
 - `models`: the data, the ViT and the split a run trains (`load_data`, `load_vit`, `build_split`);
 - `pretrained`: the default checkpoint, made once by `run_pretraining` and cached (`default_checkpoint`);
-- `run`: one split training run (`train_split`, `run_split_training`, `train_from_arguments`);
+- `run`: one split training run in one process (`run_split_training`, `train_from_arguments`) and its steps;
 - `report`: what a run writes and prints (`save_split`, `summary_text`, `federation_table`).
 
-Client and server in separate processes live in `hf_adc.distributed` (`RemoteArguments`, `FederationArguments`,
-`run_server`); their names are also reachable here, imported on first use, so that loading a model never imports
-the transport.
+Client and server in separate processes live in `hf_adc.distributed`, which builds on this package (its `launch`
+runs a client with the steps of `run`); their arguments (`RemoteArguments`, `FederationArguments`) are also
+reachable here, imported on first use, so that loading a model never imports the transport.
 """
 
 from .arguments import DataArguments, ModelArguments, SplitArguments
@@ -35,7 +35,6 @@ _DISTRIBUTED = {
     "JOIN_TOKEN_VARIABLE": "arguments",
     "RemoteArguments": "arguments",
     "FederationArguments": "arguments",
-    "run_server": "launch",
 }
 
 
