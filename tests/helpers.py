@@ -15,7 +15,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
+
+import torch
+
+from hf_adc.distributed import Kind, connect
+from hf_adc.distributed.wire import json_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "accelerate_configs"
@@ -133,14 +139,11 @@ def train_here(args: list[str]) -> dict:
         sys.path.remove(str(ROOT / "recipes"))
 
 
-def client_hello(args: list[str], labels: list[str]) -> tuple[dict, int]:
-    """What a `recipes/train.py args` client whose data has these class names says in its HELLO (the settings of
-    its split and training arguments and, with `--num_clients`, its federation block, as `remote_split`
-    builds them), and the bytes of its client half (what a federation's PLAN announces)."""
+def client_split(args: list[str], labels: list[str]):
+    """The split a `recipes/train.py args` client whose data has these class names builds, with its training and
+    federation arguments."""
     from transformers import HfArgumentParser
 
-    from hf_adc.distributed.federation import client_side_tensors
-    from hf_adc.distributed.settings import session_settings
     from hf_adc.experiment import (
         TRAIN_RECIPE,
         DataArguments,
@@ -160,6 +163,17 @@ def client_hello(args: list[str], labels: list[str]) -> tuple[dict, int]:
         with_defaults(args, TRAIN_RECIPE)
     )
     split, _ = build_split(model, split_args, labels, training.seed)
+    return split, training, federation
+
+
+def client_hello(args: list[str], labels: list[str]) -> tuple[dict, int]:
+    """What a `recipes/train.py args` client whose data has these class names says in its HELLO (the settings of
+    its split and training arguments and, with `--num_clients`, its federation block, as `remote_split`
+    builds them), and the bytes of its client half (what a federation's PLAN announces)."""
+    from hf_adc.distributed.federation import client_side_tensors
+    from hf_adc.distributed.settings import session_settings
+
+    split, training, federation = client_split(args, labels)
     settings = session_settings(split, training)
     if federation.num_clients is not None:
         settings["federation"] = federation.shared_settings(training)
@@ -255,3 +269,69 @@ def make_args(output_dir, **overrides):
     )  # fmt: skip
     fields.update(overrides)
     return hf_adc.ADCTrainingArguments(**fields)
+
+
+REPLY = timedelta(seconds=90)  # a reply that may wait on the other clients of a federation (round timeouts below it)
+RESULTS = 8  # END's float64 scalars: up, down, sync, total and uncompressed bytes, steps, accuracy, local accuracy
+
+
+class WireClient:
+    """One client session, message by message."""
+
+    def __init__(self, address: str, settings: dict, token: str = "secret", client_id: int = 0,
+                 retry_busy: bool = True):  # fmt: skip
+        self.channel = connect(address, timedelta(seconds=float(TIMEOUT)), client_kit(client_id), retry_busy=retry_busy)
+        self.channel.send(Kind.HELLO, {"settings": json_tensor({**settings, "token": token})})
+
+    def welcome(self) -> float:
+        return self.channel.recv(Kind.WELCOME).value
+
+    def send_plan(self, client_id: int, shard_size: int, step_bytes: int, half_bytes: int, epoch_bytes: int,
+                  resume_step: int = 0) -> None:  # fmt: skip
+        scalars = torch.tensor([client_id, shard_size, step_bytes, half_bytes, epoch_bytes, resume_step])
+        self.channel.send(Kind.PLAN, {"scalars": scalars})
+
+    def plan(self) -> dict[str, torch.Tensor]:
+        return self.channel.recv(Kind.PLAN, timeout=REPLY).tensors
+
+    def begin(self, max_steps: int) -> None:
+        self.channel.send(Kind.BEGIN, {"scalars": torch.tensor([max_steps, 0])})
+        self.channel.recv(Kind.DONE)
+
+    def train_step(self, micro_batches: int = 1, pause: float = 0.0) -> float:
+        """One optimizer step of the uncompressed tiny split (batch 16) in `micro_batches`: FORWARD and BACKWARD
+        each, then STEP, each message sent `pause` seconds after the last reply; the global norm."""
+        generator = torch.Generator().manual_seed(7)
+        activations = torch.randn(16, 17, 32, generator=generator)
+        for micro_batch in range(micro_batches):
+            if micro_batch:
+                time.sleep(pause)
+            self.channel.send(Kind.FORWARD, {"activations": activations, "labels": torch.arange(16) % 5})
+            self.channel.recv(Kind.LOSS, timeout=REPLY)
+            time.sleep(pause)
+            self.channel.send(Kind.BACKWARD, value=1.0 / micro_batches)
+            self.channel.recv(Kind.GRADIENT)
+        time.sleep(pause)
+        self.channel.send(Kind.STEP, {"norm": torch.ones(36)}, value=1.0)
+        return self.channel.recv(Kind.NORM).value
+
+    def sync(self, half: torch.Tensor, samples: int) -> torch.Tensor:
+        self.channel.send(Kind.SYNC, {"weights": half}, value=float(samples))
+        return self.channel.recv(Kind.SYNC, timeout=REPLY).tensors["weights"]
+
+    def end(self, results: list[float]) -> None:
+        self.channel.send(Kind.END, {"scalars": torch.tensor(results, dtype=torch.float64)})
+        self.channel.recv(Kind.DONE)
+
+
+def step_bytes(half_norms: int = 36, batch: int = 16) -> int:
+    """What one optimizer step of the tiny split (17 tokens of width 32, float32, no compression) costs one process:
+    activations and int64 labels up and the gradient down, the link's control values (16 up and 8 down a
+    micro-batch; a float32 norm per client tensor and the max norm up, the global norm down, per step)."""
+    activations = batch * 17 * 32 * 4
+    return (activations + batch * 8) + activations + 16 + 8 + 4 * half_norms + 8 + 8
+
+
+def epoch_bytes(rows: int) -> int:
+    """The uncompressed traffic of `rows` samples: a sample's activations both ways and its int64 label."""
+    return rows * (2 * 17 * 32 * 4 + 8)

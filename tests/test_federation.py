@@ -445,21 +445,23 @@ def test_bad_federation_arguments_are_refused(kwargs, message):
         FederationArguments(**kwargs)
 
 
-def test_model_cards_record_the_federation(tiny_vit):
+def test_model_cards_record_the_federation_and_keep_a_members_word_apart(tiny_vit):
     from hf_adc.hub import model_card
 
     split = hf_adc.split_vit(tiny_vit, 2, compression=hf_adc.ADCConfig(xi=0.25))
     total = {"sync_bytes": 4_000_000, "total_bytes": 10_000_000}
     split.server.config.federation = {"schedule": "splitfed", "num_clients": 3, "sync_every": 5, "dropped": [2],
-                                      "total": total}  # fmt: skip
+                                      "total": total, "status": "degraded"}  # fmt: skip
     split.server.config.communication = {
-        "uplink_bytes": 3_000_000, "downlink_bytes": 3_000_000, "sync_bytes": 4_000_000,
-        "uncompressed_bytes": 40_000_000, "ratio": 0.25,
+        "uplink_bytes": 6_000_000, "downlink_bytes": 4_000_000, "steps": 5, "counted_by": "server"
     }  # fmt: skip
+    split.server.config.client_reported = {"test_accuracy": 0.9, "ratio": 0.25}
     text = str(model_card(split.server, "server", "me/run-server"))
     assert "trained by 3 clients on their own shards, schedule `splitfed`" in text
-    assert "4.0 MB\n  of the 10.0 MB sent" in text and "clients\n  dropped: 2" in text
-    assert "10.0 MB sent (both ways)" in text
+    assert "4.0 MB\n  of the 10.0 MB sent, as the server counted it); clients dropped: 2" in text
+    assert "the run is\n  degraded" in text
+    assert "test accuracy reported by a member of the federation (not measured by the server): 0.9000" in text
+    assert "0.2500" not in text and "test accuracy (uncompressed evaluation)" not in text  # no member's word as ours
 
 
 def test_a_federation_client_refuses_to_push_before_any_work(tmp_path):

@@ -5,76 +5,26 @@ plan's numbers, the settings and resumes it refuses (naming them), and the feder
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 
 import pytest
 import torch
-from helpers import TIMEOUT, client_hello, client_kit, finish, free_address, model_args, start_server
+from helpers import (
+    REPLY,
+    WireClient,
+    client_hello,
+    epoch_bytes,
+    finish,
+    free_address,
+    model_args,
+    start_server,
+    step_bytes,
+)
 
 import hf_adc
-from hf_adc.distributed import Kind, Refused, connect
+from hf_adc.distributed import Refused
 from hf_adc.distributed.federation import PLAN_BYTES, client_side_tensors, half_vector
-from hf_adc.distributed.wire import json_tensor
 
 LABELS = [str(i) for i in range(5)]  # the digits' classes 0-4
-REPLY = timedelta(seconds=90)  # a reply that waits on the other clients (the server's round timeout is 60 s)
-RESULTS = 8  # END's float64 scalars: up, down, sync, total and uncompressed bytes, steps, accuracy, local accuracy
-
-
-class WireClient:
-    """One client session, message by message."""
-
-    def __init__(self, address: str, settings: dict, token: str = "secret", client_id: int = 0,
-                 retry_busy: bool = True):  # fmt: skip
-        self.channel = connect(address, timedelta(seconds=float(TIMEOUT)), client_kit(client_id), retry_busy=retry_busy)
-        self.channel.send(Kind.HELLO, {"settings": json_tensor({**settings, "token": token})})
-
-    def welcome(self) -> float:
-        return self.channel.recv(Kind.WELCOME).value
-
-    def send_plan(self, client_id: int, shard_size: int, step_bytes: int, half_bytes: int, epoch_bytes: int,
-                  resume_step: int = 0) -> None:  # fmt: skip
-        scalars = torch.tensor([client_id, shard_size, step_bytes, half_bytes, epoch_bytes, resume_step])
-        self.channel.send(Kind.PLAN, {"scalars": scalars})
-
-    def plan(self) -> dict[str, torch.Tensor]:
-        return self.channel.recv(Kind.PLAN, timeout=REPLY).tensors
-
-    def begin(self, max_steps: int) -> None:
-        self.channel.send(Kind.BEGIN, {"scalars": torch.tensor([max_steps, 0])})
-        self.channel.recv(Kind.DONE)
-
-    def train_step(self) -> float:
-        """One optimizer step of the uncompressed tiny split (batch 16): FORWARD, BACKWARD, STEP; the global norm."""
-        generator = torch.Generator().manual_seed(7)
-        activations = torch.randn(16, 17, 32, generator=generator)
-        self.channel.send(Kind.FORWARD, {"activations": activations, "labels": torch.arange(16) % 5})
-        self.channel.recv(Kind.LOSS, timeout=REPLY)
-        self.channel.send(Kind.BACKWARD, value=1.0)
-        self.channel.recv(Kind.GRADIENT)
-        self.channel.send(Kind.STEP, {"norm": torch.ones(36)}, value=1.0)
-        return self.channel.recv(Kind.NORM).value
-
-    def sync(self, half: torch.Tensor, samples: int) -> torch.Tensor:
-        self.channel.send(Kind.SYNC, {"weights": half}, value=float(samples))
-        return self.channel.recv(Kind.SYNC, timeout=REPLY).tensors["weights"]
-
-    def end(self, results: list[float]) -> None:
-        self.channel.send(Kind.END, {"scalars": torch.tensor(results, dtype=torch.float64)})
-        self.channel.recv(Kind.DONE)
-
-
-def step_bytes(half_norms: int = 36, batch: int = 16) -> int:
-    """What one optimizer step of the tiny split (17 tokens of width 32, float32, no compression) costs one process:
-    activations and int64 labels up and the gradient down, the link's control values (16 up and 8 down a
-    micro-batch; a float32 norm per client tensor and the max norm up, the global norm down, per step)."""
-    activations = batch * 17 * 32 * 4
-    return (activations + batch * 8) + activations + 16 + 8 + 4 * half_norms + 8 + 8
-
-
-def epoch_bytes(rows: int) -> int:
-    """The uncompressed traffic of `rows` samples: a sample's activations both ways and its int64 label."""
-    return rows * (2 * 17 * 32 * 4 + 8)
 
 
 def refusal(address: str, settings: dict, retry_busy: bool = True, **plan) -> str:

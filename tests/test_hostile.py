@@ -2,14 +2,23 @@
 and every hostile message ends only its own session, with the reason; then an honest client trains to the end on
 the same server. Checkpoint files are whole or absent, even when the disk fills mid-write."""
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 import textwrap
-from datetime import timedelta
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from helpers import (
     ROOT,
     TIMEOUT,
@@ -23,7 +32,7 @@ from helpers import (
     start_server,
 )
 
-from hf_adc.distributed import Kind, Refused, connect
+from hf_adc.distributed import Kind, PeerLost, Refused, connect
 from hf_adc.distributed.wire import json_tensor, text_tensor
 
 LABELS = [str(i) for i in range(5)]
@@ -59,7 +68,7 @@ def forward(**overrides):
     return Kind.FORWARD, {k: v for k, v in tensors.items() if v is not None}, 0.0
 
 
-def test_no_hostile_session_takes_the_server_down_and_an_honest_client_then_trains(
+def test_no_hostile_session_or_stranger_takes_the_server_down_and_an_honest_client_then_trains(
     tiny_vit_path, digits_dir, tmp_path
 ):
     address, output_dir = free_address(), tmp_path / "run"
@@ -120,13 +129,20 @@ def test_no_hostile_session_takes_the_server_down_and_an_honest_client_then_trai
     for expected, frames in hostile.items():
         reason = refused(session(address, settings), *frames)
         assert expected in reason, (expected, reason)
-    client = launch(
-        "train.py",
-        [*shared, *data_args(digits_dir, output_dir), "--max_steps", "3", "--server", address, "--timeout", TIMEOUT],
-    )  # fmt: skip
+    strangers_are_told_why(address, tmp_path)
+    frames_before_admission_are_not_held(address, server.pid)
+    with Hog(address) as hog:  # client-1 holds its own two joining slots all along; client-0 joins and trains
+        client = launch(
+            "train.py",
+            [*shared, *data_args(digits_dir, output_dir), "--max_steps", "3", "--server", address, "--timeout",
+             TIMEOUT],
+        )  # fmt: skip
     server_log = finish(server)
     assert client.returncode == 0, client.stdout[-3000:] + server_log[-3000:]
     assert "finished after 3 optimizer steps" in server_log
+    assert any("client-1 has 2 sessions joining already" in reason for reason in hog.turned_away), hog.turned_away
+    for reason in ("its certificate is not signed by this server's CA", "its certificate has expired"):
+        assert re.search(rf"Refused a TLS handshake from ipv4:127\.0\.0\.1:\d+: {reason}", server_log), reason
     results = json.loads((output_dir / "server_results.json").read_text())
     assert results["status"] == "finished" and results["steps"] == 3
 
@@ -217,3 +233,115 @@ def test_a_disk_that_fills_during_a_checkpoint_ends_the_run_with_the_file_named_
     leftovers = list((output_dir / "checkpoint-2").iterdir()) if (output_dir / "checkpoint-2").exists() else []
     assert all(path.name in ("server_optimizer.pt", "server_scheduler.pt") for path in leftovers), leftovers
     assert not (output_dir / "checkpoint-2" / "server_state.safetensors").exists()  # so it is no checkpoint
+
+
+def vm_rss(pid: int) -> int:
+    """The resident memory of process `pid`, in bytes (its /proc status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def expired_kit(kit, ca_folder: Path):
+    """`kit` with its certificate re-signed by the CA in `ca_folder`, expired since yesterday."""
+    ca_key = serialization.load_pem_private_key((ca_folder / "ca-key.pem").read_bytes(), password=None)
+    current = x509.load_pem_x509_certificate(kit.cert_pem)
+    now = datetime.now(timezone.utc)
+    expired = (
+        x509.CertificateBuilder().subject_name(current.subject).issuer_name(current.issuer)
+        .public_key(current.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=2)).not_valid_after(now - timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    return dataclasses.replace(kit, cert_pem=expired.public_bytes(serialization.Encoding.PEM))
+
+
+def strangers_are_told_why(address: str, tmp_path: Path) -> None:
+    """Strangers are told at once which side refused whom and why (the server logs each refused handshake)."""
+    from helpers import kits
+
+    from hf_adc.distributed.provision import ephemeral_kits, load_kit
+
+    theirs = {n: load_kit(p) for n, p in ephemeral_kits(tmp_path / "theirs", 1).items()}
+    ours = client_kit(1)
+    mixed = dataclasses.replace(theirs["client-0"], ca_pem=ours.ca_pem)  # trusts our server; our server not it
+    strangers = {
+        "this client refused the server's certificate at .*: it is not signed by this kit's CA": theirs["client-0"],
+        r"the server at .* refused this client's certificate \(client-0\)": mixed,
+        r"the server at .* refused this client's certificate \(client-1\)": expired_kit(ours, kits() / "ca"),
+    }  # fmt: skip
+    for expected, kit in strangers.items():
+        start = time.monotonic()
+        with pytest.raises(PeerLost, match=expected):
+            connect(address, timedelta(seconds=60), kit)
+        assert time.monotonic() - start < 10, expected
+
+
+def frames_before_admission_are_not_held(address: str, pid: int) -> None:
+    """6 joining streams of 3 members push 12 MiB frames 3 times each. Each frame is refused at its first chunk over
+    the handshake's cap: the server holds at most a chunk and the cap for each stream."""
+    from hf_adc.distributed.connect import CHUNK_BYTES, HANDSHAKE_FRAME_BYTES
+
+    before, peak, pushing = vm_rss(pid), [0], threading.Event()
+
+    def sample() -> None:
+        while pushing.is_set():
+            peak[0] = max(peak[0], vm_rss(pid))
+            time.sleep(0.02)
+
+    def push(client_id: int) -> list[str]:
+        reasons = []
+        for _ in range(3):
+            connection = connect(address, timedelta(seconds=60), client_kit(client_id))
+            try:
+                connection.send_bytes(bytes(12 * 2**20))
+                connection.recv(timeout=timedelta(seconds=30))
+            except (Refused, PeerLost) as error:
+                reasons.append(str(error))
+        return reasons
+
+    pushing.set()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    with ThreadPoolExecutor(6) as pool:
+        reasons = [reason for pushed in pool.map(push, [1, 1, 2, 2, 5, 5]) for reason in pushed]
+    pushing.clear()
+    sampler.join()
+    grown, bound = peak[0] - before, 6 * (CHUNK_BYTES + HANDSHAKE_FRAME_BYTES) + 32 * 2**20
+    print(f"server VmRSS {before / 2**20:.0f} MiB before, {peak[0] / 2**20:.0f} MiB at peak: +{grown / 2**20:.1f} MiB "
+          f"for 18 frames of 12 MiB before admission (bound {bound / 2**20:.1f} MiB)")  # fmt: skip
+    assert grown < bound, (grown, bound)
+    assert len(reasons) == 18 and all("over this session's cap of" in r for r in reasons), reasons
+
+
+class Hog:
+    """A member (client-1) holding as many silent streams as it likes, reopening each as the handshake timeout
+    closes it; `turned_away` collects the reasons it is given."""
+
+    def __init__(self, address: str, streams: int = 6):
+        self.address, self.stop, self.turned_away = address, threading.Event(), []
+        self.threads = [threading.Thread(target=self._hold) for _ in range(streams)]
+
+    def _hold(self) -> None:
+        while not self.stop.is_set():
+            try:
+                connection = connect(self.address, timedelta(seconds=5), client_kit(1), retry_busy=False)
+                connection.recv(timeout=timedelta(seconds=10))
+            except (Refused, PeerLost) as error:
+                self.turned_away.append(str(error))
+                time.sleep(0.5)
+            else:
+                connection.close()
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)

@@ -5,7 +5,7 @@ the server's Python code: gRPC refuses it inside its TLS handshake, and grpcio h
 trace each failed handshake, with the peer's address (`endpoint_peer_address=ipv4:...`) and OpenSSL's reason, when
 its `handshaker` tracer is on. `log_refused_handshakes()` turns that tracer on and reads gRPC core's output (its file
 descriptor 2) through a pipe: the handshake records become one warning each through Python's `logging` (at most one
-per peer address every `every` seconds, with the count of those held back), and every other line goes on to the
+per host and reason every `every` seconds, with the count of those held back), and every other line goes on to the
 real standard error unchanged.
 
 It must run before gRPC is first imported (the tracer is read once, at gRPC's start), which is why it lives here,
@@ -25,7 +25,7 @@ logger = logging.getLogger("hf_adc.distributed.handshakes")
 _RECORD = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ (?P<source>[\w.]+):\d+\] (?P<message>.*)$")
 _FAILED = "CallNextHandshakerLocked: error="
 _PEER = re.compile(r"endpoint_peer_address=([^,}\s]+)")
-_TRACE_SOURCES = ("handshaker.cc", "channel_trace.h")  # the tracer's own lines, dropped once read
+_TRACE_SOURCES = ("handshaker.cc", "channel_trace.h", "trace.cc")  # the tracer's own lines, dropped once read
 
 
 class RateLimited:
@@ -99,11 +99,11 @@ class _Pump:
             return
         peer = _PEER.search(line)
         if self.failure is not None and peer is not None:
-            address = peer.group(1)
-            allowed, held = self.limiter.allow(address.rsplit(":", 1)[0])
+            address, reason = peer.group(1), _reason(self.failure)
+            allowed, held = self.limiter.allow(f"{address.rsplit(':', 1)[0]} {reason}")  # per host and reason
             if allowed:
                 more = f" ({held} more from this host held back)" if held else ""
-                logger.warning("Refused a TLS handshake from %s: %s%s", address, _reason(self.failure), more)
+                logger.warning("Refused a TLS handshake from %s: %s%s", address, reason, more)
             self.failure = None
 
 

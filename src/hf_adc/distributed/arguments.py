@@ -9,6 +9,7 @@ from ..data import PARTITIONS
 from ..training import ADCTrainingArguments
 from .connect import parse_address
 from .federation import FEDERATION_ARGS, SCHEDULES
+from .federation.guard import DEFAULT_CLIP_FACTOR
 from .federation.halves import AGGREGATIONS
 from .settings import plain
 
@@ -141,8 +142,16 @@ class FederationArguments:
         default="fedavg",
         metadata={
             "help": f"serve.py, SplitFed: how a round's halves are averaged: {', '.join(AGGREGATIONS)} (fedavg weighs "
-            "by shard size; median and trimmed_mean are coordinate-wise and unweighted, so that one member cannot "
-            "own the average)."
+            "by shard size; median and trimmed_mean are coordinate-wise and unweighted, and need --min_clients 3 or "
+            "more)."
+        },
+    )
+    clip_updates: float = field(
+        default=DEFAULT_CLIP_FACTOR,
+        metadata={
+            "help": "serve.py, SplitFed: each member's update (its half's distance from the current half) is clipped "
+            "to this multiple of the round's median update before averaging, so that no member owns the average "
+            "(0: no bound, only between members that trust each other)."
         },
     )
 
@@ -173,6 +182,8 @@ class FederationArguments:
             raise ValueError(f"round_timeout={self.round_timeout} is out of range: it must be > 0 seconds.")
         if self.num_clients is not None and not 1 <= self.min_clients <= self.num_clients:
             raise ValueError(f"min_clients={self.min_clients} is out of range: 1 .. {self.num_clients}.")
+        if not self.clip_updates >= 0:
+            raise ValueError(f"clip_updates={self.clip_updates} is out of range: it must be >= 0 (0: no bound).")
 
     def shared_settings(self, training_args: ADCTrainingArguments) -> dict:
         """What every client of one federation must give alike (the server checks)."""

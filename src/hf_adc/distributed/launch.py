@@ -193,6 +193,7 @@ def run_server(
             federation_args.sync_every, federation_args.round_timeout, federation_args.min_clients,
             join_token=remote_args.token(), resume_from=training_args.resume_from_checkpoint,
             aggregation=federation_args.aggregation, share_head=federation_args.share_head,
+            clip_updates=federation_args.clip_updates,
         )  # fmt: skip
     else:
         server = SplitServer(
