@@ -381,15 +381,19 @@ def test_the_federation_resumes_from_the_servers_checkpoint_as_if_never_stopped(
         ({"save_strategy": "epoch"}, r"save_strategy='epoch': a federation checkpoints at the end of rounds"),
         ({"save_strategy": "steps", "save_steps": 5}, r"save_steps=5 is out of range: .* multiple of sync_every=2"),
         ({"resume_from_checkpoint": "."}, r"resume_from_checkpoint='\.' is not a federation checkpoint"),
+        ({"aggregation": "median", "min_clients": 2}, r"aggregation='median' with min_clients=2: with fewer than 3"),
+        ({"aggregation": "trimmed_mean"}, r"aggregation='trimmed_mean' with min_clients=1: .* --min_clients 3"),
+        ({"clip_updates": -1.0}, r"clip_updates=-1.0 is out of range: it must be >= 0"),
     ],
 )
-def test_checkpoint_settings_a_federation_cannot_honour_are_refused(kwargs, message, tmp_path):
+def test_settings_a_federation_cannot_honour_are_refused(kwargs, message, tmp_path):
     from hf_adc.distributed.federation import FederatedServer
 
     resume = kwargs.pop("resume_from_checkpoint", None)
+    federation = {key: kwargs.pop(key) for key in ("aggregation", "min_clients", "clip_updates") if key in kwargs}
     args = hf_adc.ADCTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
     with pytest.raises(ValueError, match=message):
-        FederatedServer(None, args, tmp_path, num_clients=2, sync_every=2, resume_from=resume)
+        FederatedServer(None, args, tmp_path, num_clients=3, sync_every=2, resume_from=resume, **federation)
 
 
 @pytest.mark.parametrize("partition", ["iid", "dirichlet"])

@@ -206,3 +206,18 @@ def test_a_round_that_ends_before_its_steps_and_a_step_beyond_the_plan_are_refus
         session = FederatedSession(federation, member, SimpleNamespace())
         with pytest.raises(WireError, match="took a step beyond its plan"):
             session.handlers[Kind.STEP](Frame(Kind.STEP, tensors={"norm": torch.ones(3)}, value=1.0))
+
+
+def test_a_members_update_is_bounded_to_twice_the_rounds_median_whatever_it_sends():
+    from hf_adc.distributed.federation.guard import bound_updates
+
+    current = torch.zeros(1000)
+    generator = torch.Generator().manual_seed(0)
+    honest = [0.01 * torch.randn(1000, generator=generator) for _ in range(2)]
+    scales = bound_updates([*honest, torch.full((1000,), 1e30)], current, 2.0)
+    assert scales[:2] == [1.0, 1.0]  # honest updates, no larger than twice the median: untouched
+    median = sorted(float(h.norm()) for h in honest)[1]  # the lower middle of three distances is the larger honest
+    assert scales[2] * 1e30 * 1000**0.5 == pytest.approx(2 * median, rel=1e-5)
+    assert bound_updates([honest[0], torch.full((1000,), 1e30)], current, 2.0)[0] == 1.0  # two members: the smaller
+    assert bound_updates([torch.full((1000,), 3.0e38)] * 2, current, 2.0) == [1.0, 1.0]  # no overflow: float64
+    assert bound_updates([*honest, torch.full((1000,), 1e30)], current, 0.0) == [1.0, 1.0, 1.0]  # 0: no bound

@@ -255,3 +255,38 @@ def test_a_silent_peer_costs_one_slot_for_the_handshake_timeout_and_no_more(kits
     assert listener.pending == 0
     del silent
     test_a_client_of_our_ca_talks_both_ways_and_is_named_by_its_certificate(kits, served)
+
+
+def test_a_session_holds_at_most_one_frame_beyond_the_one_being_handled(kits, served):
+    ours, _ = kits
+    address, listener = served
+    client = connect(address, TIMEOUT, ours["client-0"], max_message_bytes=2**22)
+    server_end = accept(listener)
+    server_end.open_frame_bytes = 2**22
+    server_end.open_up()
+    for value in range(4):  # four frames of 1 MiB (4 chunks each), none taken yet
+        client.send(Kind.FORWARD, {"activations": torch.zeros(2**18)}, value=float(value))
+    time.sleep(1.0)
+    assert server_end.incoming.qsize() == 1  # the reader waits for it to be taken before reading the next chunk
+    assert [server_end.recv(Kind.FORWARD).value for _ in range(4)] == [0.0, 1.0, 2.0, 3.0]
+    client.close()
+    server_end.close()
+
+
+def test_one_certificate_cannot_take_another_ones_joining_slots(kits):
+    ours, _ = kits
+    address = free_address()
+    listener = Listener(address, TIMEOUT, kit=ours["server"], max_sessions=1, handshake_timeout=timedelta(seconds=5))
+    try:
+        held = [connect(address, TIMEOUT, ours["client-1"], retry_busy=False) for _ in range(2)]
+        ends = [accept(listener), accept(listener)]
+        extra = connect(address, TIMEOUT, ours["client-1"], retry_busy=False)
+        with pytest.raises(Refused, match="client-1 has 2 sessions joining already"):
+            extra.recv()
+        honest = connect(address, TIMEOUT, ours["client-0"], retry_busy=False)
+        honest.send(Kind.HELLO, value=1.0)
+        assert accept(listener).recv(Kind.HELLO).value == 1.0  # its own slot was free
+        for end in [*ends, *held, honest]:
+            end.close()
+    finally:
+        listener.stop()
