@@ -3,8 +3,11 @@
 Every run is a server (`recipes/serve.py`) and a client (`accelerate launch recipes/train.py --server`) inside a
 private network namespace, talking over its loopback. The loopback is left as it is (64 KiB MTU, no shaping:
 the compute-only reference, and the ledger-against-wire check) or shaped with `tc tbf` to each `--rates` Mbit/s
-(MTU 1500, as a real link). The `lo` counters of `/proc/net/dev` inside the namespace count only the run's
-traffic. Needs root (`ip netns`, `tc`); it says so and stops otherwise.
+(MTU 1500, as a real link). Each `--rtt` (ms) adds a wide-area link's latency: `tc netem` where the kernel has it,
+otherwise the delaying proxy `benchmarks/delay_proxy.py` between client and server (half the round trip each way,
+throughput not limited, 127.0.0.1 only). The `lo` counters of `/proc/net/dev` inside the namespace count only the
+run's traffic (through the proxy, each byte twice: the wire check is left out there). Needs root (`ip netns`,
+`tc`); it says so and stops otherwise.
 
 The task: the main job's pretrained checkpoint fine-tuned on Fashion-MNIST classes 5-9 (`--train-samples`
 images) under a budget of one epoch of uncompressed traffic, for the uncompressed split, ADC (xi = 0.1) and the
@@ -14,6 +17,7 @@ accuracy is reached, accuracy against training wall-clock (a plot), and ledger +
 the default transport (gRPC with mutual TLS, kits made on the fly) and plaintext gRPC (`--insecure`) side by side.
 
     sudo python benchmarks/network.py                       # 100 and 10 Mbit/s, writes docs/results/network/
+    sudo python benchmarks/network.py --rtt 0 50 100 --rates 100 10 --transports tls --accumulation 1 4
 """
 
 import argparse
@@ -24,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -51,14 +56,26 @@ class Namespace:
     def exec(self, command: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *command]
 
-    def shape(self, mbit: float | None) -> None:
+    netem = False  # whether the kernel has `tc netem` (else latency comes from the delaying proxy)
+
+    def shape(self, mbit: float | None, rtt_ms: float = 0.0) -> None:
+        """The loopback at `mbit` Mbit/s (None: as it is) and, with netem, `rtt_ms` of round trip (each packet
+        crosses the loopback once: half the round trip on each)."""
         subprocess.run(self.exec(["tc", "qdisc", "del", "dev", "lo", "root"]), capture_output=True)
-        if mbit is None:
-            run(self.exec(["ip", "link", "set", "lo", "mtu", "65536"]))
-            return
-        run(self.exec(["ip", "link", "set", "lo", "mtu", "1500"]))
-        rate = ["rate", f"{mbit}mbit", "burst", "256kb", "latency", "500ms"]
-        run(self.exec(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", *rate]))
+        run(self.exec(["ip", "link", "set", "lo", "mtu", "65536" if mbit is None else "1500"]))
+        if self.netem and rtt_ms:
+            rate = ["rate", f"{mbit}mbit"] if mbit else []
+            run(self.exec(["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", f"{rtt_ms / 2}ms", *rate]))
+        elif mbit is not None:
+            rate = ["rate", f"{mbit}mbit", "burst", "256kb", "latency", "500ms"]
+            run(self.exec(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", *rate]))
+
+    def has_netem(self) -> bool:
+        """Whether this kernel has `tc netem` (added and removed again on the loopback to find out)."""
+        added = subprocess.run(self.exec(["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "0ms"]),
+                               capture_output=True)  # fmt: skip
+        subprocess.run(self.exec(["tc", "qdisc", "del", "dev", "lo", "root"]), capture_output=True)
+        return added.returncode == 0
 
     def wire_bytes(self) -> int:
         for line in run(self.exec(["cat", "/proc/net/dev"])).stdout.splitlines():
@@ -76,11 +93,33 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+class Latency:
+    """Half of `rtt_ms` each way between client and server: the delaying proxy on 127.0.0.1 (`address` is what the
+    client dials), inside the namespace, for at most an hour."""
+
+    def __init__(self, namespace: Namespace, rtt_ms: float, server_port: int):
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            namespace.exec([sys.executable, str(ROOT / "benchmarks/delay_proxy.py"), "--listen", str(self.port),
+                            "--to", str(server_port), "--rtt", str(rtt_ms), "--lifetime", "3600"]),
+        )  # fmt: skip
+        time.sleep(1.0)  # listening
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+
 def one_run(
-    namespace: Namespace, method: str, transport: str, args, checkpoint: str, kits: Path, output_dir: Path
-) -> dict:
-    address = f"127.0.0.1:{free_port()}"
-    shared = ["--model_name_or_path", checkpoint, "--split_layer", "2", "--seed", str(args.seed), *METHODS[method]]
+    namespace: Namespace, method: str, transport: str, args, checkpoint: str, kits: Path, output_dir: Path,
+    rtt_ms: float = 0.0, accumulation: int = 1,
+) -> dict:  # fmt: skip
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    shared = [
+        "--model_name_or_path", checkpoint, "--split_layer", "2", "--seed", str(args.seed), *METHODS[method],
+        "--gradient_accumulation_steps", str(accumulation), "--per_device_train_batch_size", str(args.batch_size),
+    ]  # fmt: skip
     remote = ["--timeout", "600"]
     server_credentials, client_credentials = (
         (["--credentials", str(kits / "server")], ["--credentials", str(kits / "client-0")])
@@ -99,13 +138,20 @@ def one_run(
         "--classes", "5-9", "--max_train_samples", str(args.train_samples), "--max_eval_samples",
         str(args.eval_samples), "--budget_epochs", "1", "--eval_steps", str(args.eval_every), "--disable_tqdm", "true",
     ]  # fmt: skip
-    client = subprocess.run(
-        namespace.exec([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                        str(ROOT / "recipes/accelerate_configs/cpu.yaml"), str(ROOT / "recipes/train.py"), *shared,
-                        *remote, *client_credentials, "--server", address, *data, "--output_dir", str(output_dir)]),
-        env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    server.wait(timeout=300)
+    latency = Latency(namespace, rtt_ms, port) if rtt_ms and not namespace.netem else None
+    dialled = f"127.0.0.1:{latency.port}" if latency else address
+    try:
+        client = subprocess.run(
+            namespace.exec([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                            str(ROOT / "recipes/accelerate_configs/cpu.yaml"), str(ROOT / "recipes/train.py"), *shared,
+                            *remote, *client_credentials, "--server", dialled, *data, "--output_dir",
+                            str(output_dir)]),
+            env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        server.wait(timeout=300)
+    finally:
+        if latency:
+            latency.close()
     server_log.close()
     if client.returncode or server.returncode:
         log = (output_dir / "server.log").read_text()
@@ -122,6 +168,9 @@ def one_run(
     return {
         "method": method,
         "transport": transport,
+        "rtt_ms": rtt_ms,
+        "accumulation": accumulation,
+        "latency_by": "netem" if namespace.netem else "proxy",
         "steps": results["steps"],
         "accuracy": results["test_accuracy"],
         "train_seconds": train_seconds,
@@ -161,10 +210,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rates", type=float, nargs="+", default=[100, 10], help="Link rates in Mbit/s.")
+    parser.add_argument("--rates", type=float, nargs="*", default=[100, 10], help="Link rates in Mbit/s.")
+    parser.add_argument("--rtt", type=float, nargs="+", default=[0], help="Round trips added, in ms.")
+    parser.add_argument("--accumulation", type=int, nargs="+", default=[1], help="Micro-batches a step.")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--train-samples", type=int, default=3000)
     parser.add_argument("--eval-samples", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-every", type=float, default=0.2, help="Evaluate every this fraction of the steps.")
     parser.add_argument(
         "--transports", nargs="+", default=["tls", "insecure"], choices=["tls", "insecure"],
@@ -175,6 +227,8 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc")):
         sys.exit("benchmarks/network.py needs root and the `ip` and `tc` tools (a network namespace, a shaped link).")
+    if any(not 0 <= rtt <= 10_000 for rtt in args.rtt):
+        sys.exit(f"--rtt {args.rtt}: each must be in 0 .. 10000 ms.")
 
     from hf_adc.experiment import default_checkpoint
 
@@ -182,6 +236,7 @@ def main() -> None:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     namespace = Namespace(f"hfadc{os.getpid()}")
+    namespace.netem = namespace.has_netem()
     scratch = Path(tempfile.mkdtemp(prefix="hf_adc_network_"))  # each run's outputs: read, then deleted
     from hf_adc.distributed.provision import ephemeral_kits
 
@@ -190,41 +245,62 @@ def main() -> None:
     rows = []
     try:
         settings = [
-            (rate, method, transport)
-            for rate in [None, *args.rates] for method in args.methods for transport in args.transports
+            (rate, rtt, accumulation, method, transport)
+            for rate in [None, *args.rates] for rtt in args.rtt for accumulation in args.accumulation
+            for method in args.methods for transport in args.transports
         ]  # fmt: skip
-        for rate, method, transport in tqdm(settings, desc="runs"):
-            namespace.shape(rate)
-            work = scratch / f"{rate or 'unshaped'}-{method.split()[0]}-{transport}"
-            rows.append({"rate": rate, **one_run(namespace, method, transport, args, checkpoint, kits, work)})
+        for rate, rtt, accumulation, method, transport in tqdm(settings, desc="runs"):
+            namespace.shape(rate, rtt)
+            work = scratch / f"{rate or 'unshaped'}-{rtt:g}ms-{accumulation}-{method.split()[0]}-{transport}"
+            row = one_run(namespace, method, transport, args, checkpoint, kits, work, rtt, accumulation)
+            rows.append({"rate": rate, **row})
             with open(output / "runs.jsonl", "a") as file:
                 file.write(json.dumps(rows[-1]) + "\n")
     finally:
         namespace.close()
         shutil.rmtree(scratch, ignore_errors=True)
+    print(table(rows, args))
+    plot([row for row in rows if row["rtt_ms"] == args.rtt[0] and row["accumulation"] == args.accumulation[0]],
+         output / "accuracy_vs_wallclock.png")  # fmt: skip
 
-    compute = {(row["method"], row["transport"]): row["step_ms"] for row in rows if row["rate"] is None}
-    print(f"\n{args.train_samples} training images, budget 1 uncompressed epoch, CPU ({os.cpu_count()} cores)\n")
-    print("| link | method | transport | steps | step ms | compute ms | transfer ms | accuracy "
-          "| s to uncompressed's accuracy | speed-up | ledger + framing / wire |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for rate in [None, *args.rates]:
-        runs = [row for row in rows if row["rate"] == rate]
-        for row in runs:
-            baseline = next(r for r in runs if r["method"] == "uncompressed" and r["transport"] == row["transport"])
-            target, reference = baseline["accuracy"], seconds_to_reach(baseline["evals"], baseline["accuracy"])
-            reached = seconds_to_reach(row["evals"], target)
-            speedup = f"{reference / reached:.1f}x" if reached and reference else "-"
-            counted = (row["payload_bytes"] + row["framing_bytes"]) / row["wire_bytes"]
-            link = f"{rate:g} Mbit/s" if rate else "unshaped"
-            compute_ms = compute[row["method"], row["transport"]]
-            print(
-                f"| {link} | {row['method']} | {row['transport']} | {row['steps']} | {row['step_ms']:.0f} | "
-                f"{compute_ms:.0f} | "
-                f"{row['step_ms'] - compute_ms:.0f} | {row['accuracy']:.4f} | "
-                f"{f'{reached:.0f}' if reached else 'not reached'} | {speedup} | {counted:.4f} |"
-            )
-    plot(rows, output / "accuracy_vs_wallclock.png")
+
+def table(rows: list[dict], args) -> str:
+    """Seconds a step (and what the round trips add over RTT 0), and time to the uncompressed split's accuracy,
+    for each link, round trip and number of micro-batches."""
+    fields = ("rate", "rtt_ms", "accumulation", "method", "transport")
+
+    def key(row: dict, **changes) -> tuple:
+        return tuple({**row, **changes}[name] for name in fields)
+
+    by_key = {key(row): row for row in rows}
+    lines = [
+        f"\n{args.train_samples} training images, batch {args.batch_size}, budget 1 uncompressed epoch, CPU "
+        f"({os.cpu_count()} cores)\n",
+        "| link | RTT ms | micro-batches | method | transport | steps | s a step | + over RTT 0 (round trips) | "
+        "accuracy | s to uncompressed's accuracy | speed-up | ledger + framing / wire |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        baseline = by_key.get(key(row, method="uncompressed"))
+        zero = by_key.get(key(row, rtt_ms=0))
+        target = baseline["accuracy"] if baseline else None
+        reference = seconds_to_reach(baseline["evals"], target) if baseline else None
+        reached = seconds_to_reach(row["evals"], target) if target is not None else None
+        speedup = f"{reference / reached:.1f}x" if reached and reference else "-"
+        step = row["step_ms"] / 1e3
+        added = "-"
+        if zero is not None and row["rtt_ms"]:
+            extra = step - zero["step_ms"] / 1e3
+            added = f"+{extra:.3f} ({extra / (row['rtt_ms'] / 1e3):.1f})"
+        counted = (row["payload_bytes"] + row["framing_bytes"]) / row["wire_bytes"]
+        wire = f"{counted:.4f}" if not row["rtt_ms"] or row.get("latency_by") == "netem" else "- (proxy)"
+        link = f"{row['rate']:g} Mbit/s" if row["rate"] else "unshaped"
+        lines.append(
+            f"| {link} | {row['rtt_ms']:g} | {row['accumulation']} | {row['method']} | {row['transport']} | "
+            f"{row['steps']} | {step:.3f} | {added} | {row['accuracy']:.4f} | "
+            f"{f'{reached:.0f}' if reached else 'not reached'} | {speedup} | {wire} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
