@@ -498,7 +498,9 @@ def _probe(channel, address: str, host: str, kit, timeout: timedelta) -> None:
                 raise PeerLost(explain(details, address, host, kit)) from None
             if time.monotonic() >= deadline:
                 seconds = timeout.total_seconds()
-                raise PeerLost(f"timed out after {seconds:.0f} s: {explain(details, address, host, kit)}") from None
+                raise PeerLost(
+                    f"cannot reach the server at {address} within {seconds:.0f} s: {explain(details, address, host, kit)}"
+                ) from None
         time.sleep(0.2)
 
 
