@@ -213,7 +213,20 @@ class ADCTrainer(Trainer):
         label smoother cannot smooth the soft labels of merged samples)."""
         if self.args.label_smoothing_factor:
             inputs = {**inputs, "label_smoothing": self.args.label_smoothing_factor}
+        if model.training:
+            self.model.link.backward_seed(self._backward_seed(), self.current_gradient_accumulation_steps)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _backward_seed(self) -> float:
+        """The seed `training_step`'s backward will give this micro-batch's loss: 1 / the step's micro-batches (unless
+        the loss is already scaled for them), times the loss scale under fp16. A link whose other end back-propagates
+        as soon as the forward comes needs it in advance (`Link.backward_seed`)."""
+        scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
+            self.compute_loss_func is not None
+        )  # fmt: skip
+        seed = 1.0 if scaled else 1.0 / self.current_gradient_accumulation_steps
+        scaler = getattr(self.accelerator, "scaler", None)
+        return seed * float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else seed
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs or "train_loss" in logs or any(key.startswith("eval_") for key in logs):
