@@ -71,13 +71,15 @@ STEPS, EVAL_ROWS, TOKENS, WIDTH, LABELS = 20, 48, 17, 32, 5
 EVAL_WIDTH = {"bottlenet": 8, "adc+bottlenet": 16}  # d' = round(ratio * 32): the bottleneck runs in eval too
 
 
-def _pair_and_one_process(tiny_vit_path, digits_dir, tmp_path, run: tuple[str, ...]) -> tuple[dict, dict]:
-    """`run` by a server and a client process (`tmp_path/split`) and in this process (`tmp_path/alone`): checks
-    that both trained alike (every loss, the accuracy, every weight to 1e-6); returns both results."""
+def _pair_and_one_process(tiny_vit_path, digits_dir, tmp_path, run: tuple[str, ...],
+                          client_only: tuple[str, ...] = ()) -> tuple[dict, dict]:  # fmt: skip
+    """`run` by a server and a client process (`tmp_path/split`, the client with `client_only` too) and in this
+    process (`tmp_path/alone`): checks that both trained alike (every loss, the accuracy, every weight to 1e-6);
+    returns both results."""
     shared = model_args(tiny_vit_path, *run)
     address = free_address()
     server = start_server(address, tmp_path / "split", *shared)
-    client = start_client(address, tiny_vit_path, digits_dir, tmp_path / "split", *run)
+    client = start_client(address, tiny_vit_path, digits_dir, tmp_path / "split", *run, *client_only)
     train_here([*shared, *data_args(digits_dir, tmp_path / "alone")])  # while the two processes start
     client_log = wait_output(client, 300)
     server_log = finish(server)
@@ -102,13 +104,34 @@ def _pair_and_one_process(tiny_vit_path, digits_dir, tmp_path, run: tuple[str, .
 def test_two_processes_train_exactly_like_one(tiny_vit_path, digits_dir, tmp_path, method, accumulation):
     run = (*REMOTE_METHODS[method], "--gradient_accumulation_steps", str(accumulation), "--max_steps", str(STEPS))
     one, two = _pair_and_one_process(tiny_vit_path, digits_dir, tmp_path, run)
+    _check_ledger(one, two, method, accumulation)
+    assert hf_adc.SplitViTForImageClassification.from_pretrained(tmp_path / "split").server is not None
 
+
+@pytest.mark.parametrize(("method", "accumulation"), [("adc", 4), ("bottlenet", 2)])
+def test_a_pipelined_step_trains_exactly_like_one_process(tiny_vit_path, digits_dir, tmp_path, method, accumulation):
+    """--pipeline_micro_batches: the step's forwards go out back to back, the gradients are applied as they come."""
+    run = (*REMOTE_METHODS[method], "--gradient_accumulation_steps", str(accumulation), "--max_steps", str(STEPS))
+    one, two = _pair_and_one_process(tiny_vit_path, digits_dir, tmp_path, run, ("--pipeline_micro_batches", "true"))
+    _check_ledger(one, two, method, accumulation)
+
+
+def _micro_batches(accumulation: int, per_epoch: int = 96 // 16) -> int:
+    """The micro-batches of `STEPS` steps: an epoch (96 rows in batches of 16) is steps of `accumulation`
+    micro-batches, and a ragged last one of what is left."""
+    ragged = per_epoch % accumulation
+    windows = [accumulation] * (per_epoch // accumulation) + ([ragged] if ragged else [])
+    return sum(windows[step % len(windows)] for step in range(STEPS))
+
+
+def _check_ledger(one: dict, two: dict, method: str, accumulation: int) -> None:
+    """The client's ledger is the one-process ledger plus the link's control values, to the byte."""
     # The ledger: the bridge's tensors as in one process, plus the link's control values. Per micro-batch the
     # label smoothing and the backward seed go up and the loss comes down (float64 each); per optimizer step a
     # float32 norm per client tensor and the float64 max norm go up, a float32 norm per server tensor comes down.
     norms = CLIENT_TENSORS + ENCODER_TENSORS * ("bottlenet" in method)
     server_norms = SERVER_TENSORS + DECODER_TENSORS * ("bottlenet" in method)
-    micro_batches = STEPS * accumulation
+    micro_batches = _micro_batches(accumulation)
     control_up = micro_batches * 16 + STEPS * (4 * norms + 8)
     control_down = micro_batches * 8 + STEPS * 4 * server_norms
     assert two["uplink_bytes"] == one["uplink_bytes"] + control_up
@@ -121,7 +144,6 @@ def test_two_processes_train_exactly_like_one(tiny_vit_path, digits_dir, tmp_pat
     assert two["inference_bytes"] == EVAL_ROWS * (TOKENS * EVAL_WIDTH.get(method, WIDTH) * 4 + LABELS * 4)
     transport = two["transport"]
     assert transport["payload_sent"] + transport["payload_received"] >= two["total_bytes"]
-    assert hf_adc.SplitViTForImageClassification.from_pretrained(tmp_path / "split").server is not None
 
 
 USHAPED_CASES = [("adc", 0, 1), ("bottlenet", 0, 1), ("c3sl", 0, 1), ("adc+quantize8", 0, 1), ("none", 1, 2)]

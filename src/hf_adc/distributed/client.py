@@ -35,6 +35,7 @@ and schedule, made from the same `TrainingArguments` (the handshake checks that 
 """
 
 import math
+from collections import deque
 from datetime import timedelta
 
 import torch
@@ -65,20 +66,29 @@ def _check_seed(asked: float, agreed: float) -> None:
         )
 
 
+class _Reply:
+    """A FORWARD's answer, once it has come: the gradient of what went up, in the bridge's wire form."""
+
+    def __init__(self, record: CommunicationRecord, loss: torch.Tensor | None = None):
+        self.record, self.loss, self.gradient = record, loss, None
+
+
 class _RemoteLoss(torch.autograd.Function):
     """The server's loss as a function of what the client sent; its gradient came with the loss (GRADIENT), for the
     agreed seed, which backward checks."""
 
     @staticmethod
-    def forward(ctx, activations, bridge, context, wire_gradient, seed, loss):
-        ctx.bridge, ctx.context, ctx.wire_gradient, ctx.seed = bridge, context, wire_gradient, seed
+    def forward(ctx, activations, bridge, context, reply, seed, loss):
+        ctx.bridge, ctx.context, ctx.reply, ctx.seed = bridge, context, reply, seed
         ctx.device, ctx.dtype = activations.device, activations.dtype
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
         _check_seed(float(grad_loss), ctx.seed)
-        gradient = ctx.bridge.unpack_gradient(ctx.wire_gradient, ctx.context).to(ctx.device, ctx.dtype)
+        if ctx.reply.gradient is None:
+            raise RuntimeError("a backward before its FORWARD's reply was read (RemoteLink.receive_reply).")
+        gradient = ctx.bridge.unpack_gradient(ctx.reply.gradient, ctx.context).to(ctx.device, ctx.dtype)
         return gradient, None, None, None, None, None
 
 
@@ -100,7 +110,8 @@ class _RemoteMiddle(torch.autograd.Function):
         link.peer.send(Kind.HEAD_BACKWARD, sent)
         record.uplink["head_gradients"] = nbytes(sent["head_gradients"])
         link.ledger.uplink_bytes += record.uplink["head_gradients"]
-        wire = link.receive_gradient(link.peer.recv(Kind.GRADIENT).tensors)
+        last = link.micro_batch == link.step_micro_batches
+        wire = link.receive_gradient(dict(link.peer.recv(Kind.GRADIENT).tensors), last)
         record.downlink.update({name: nbytes(tensor) for name, tensor in wire.items()})
         link.ledger.downlink_bytes += sum(nbytes(tensor) for tensor in wire.values())
         link.ledger.uncompressed_downlink_bytes += ctx.uncompressed
@@ -134,6 +145,14 @@ class RemoteLink(Link):
         self.seed, self.step_micro_batches = 1.0, 1  # the agreed backward seed, and the step's micro-batches
         self.micro_batch = 0  # micro-batches of this step sent so far
         self.server_norms: torch.Tensor | None = None
+        self.defer_replies = False  # pipelined: FORWARDs go out and their replies are read later (`receive_reply`)
+        self.awaited: deque[_Reply] = deque()  # FORWARDs whose replies are still to be read, oldest first
+
+    @property
+    def pipelines(self) -> bool:
+        """The standard split's FORWARDs may run ahead of their replies; a U-shaped split's need the head's
+        gradient first."""
+        return not self.ushaped
 
     def backward_seed(self, seed: float, micro_batches: int) -> None:
         """What the next micro-batch's backward seed will be and how many micro-batches its step has (the Trainer's:
@@ -163,11 +182,10 @@ class RemoteLink(Link):
             )
         return self.step_micro_batches
 
-    def receive_gradient(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A GRADIENT's wire tensors through the channel, the server's norms taken out after the step's last
+    def receive_gradient(self, tensors: dict[str, torch.Tensor], last: bool) -> dict[str, torch.Tensor]:
+        """A GRADIENT's wire tensors through the channel, the server's norms taken out after the step's `last`
         micro-batch (float32, one per server gradient) and charged as step control."""
         norms = tensors.pop("norm", None)
-        last = self.micro_batch == self.step_micro_batches
         if last != (norms is not None):
             raise WireError(f"the server's gradient norms came {'without' if last else 'before'} the step's last "
                             "micro-batch.")  # fmt: skip
@@ -199,7 +217,8 @@ class RemoteLink(Link):
         self, message, bridge: Bridge, activations_numel: int, labels: torch.Tensor, label_smoothing: float
     ) -> tuple[torch.Tensor, CommunicationRecord]:
         """Sends `message` up with the agreed seed; returns the server's loss (whose backward applies the gradient
-        that came with it) and the record."""
+        that comes with it) and the record. Unless `defer_replies`, the reply is read at once; otherwise
+        `receive_reply` reads it (and sets the loss's value) before its backward."""
         uncompressed = self.activation_bytes(activations_numel)
         record = CommunicationRecord(
             uncompressed_uplink_bytes=uncompressed + nbytes(labels) + self.control_bytes[0],
@@ -215,14 +234,28 @@ class RemoteLink(Link):
         record.uplink.update(labels=nbytes(sent_labels), control=self.control_bytes[0])
         self.ledger.uplink_bytes += record.uplink_bytes
         self.ledger.uncompressed_uplink_bytes += record.uncompressed_uplink_bytes
-        reply = self.peer.recv(Kind.GRADIENT, timeout=self.reply_timeout)
-        gradient = self.receive_gradient(dict(reply.tensors))
-        record.downlink.update({name: nbytes(tensor) for name, tensor in gradient.items()})
+        reply = _Reply(record)
+        placeholder = torch.zeros((), dtype=torch.float32, device=message.hidden_states.device)
+        reply.loss = _RemoteLoss.apply(message.hidden_states, bridge, context, reply, seed, placeholder)
+        self.awaited.append(reply)
+        if not self.defer_replies:
+            self.receive_reply()
+        return reply.loss, record
+
+    def receive_reply(self) -> None:
+        """Reads the oldest FORWARD's reply (GRADIENT): the loss's value, the gradient for its backward, and the
+        server's norms after the step's last micro-batch; charges what came."""
+        reply = self.awaited.popleft()
+        frame = self.peer.recv(Kind.GRADIENT, timeout=self.reply_timeout)
+        last = self.micro_batch == self.step_micro_batches and not self.awaited
+        reply.gradient = self.receive_gradient(dict(frame.tensors), last)
+        record = reply.record
+        record.downlink.update({name: nbytes(tensor) for name, tensor in reply.gradient.items()})
         record.downlink["control"] = self.control_bytes[1]
         self.ledger.downlink_bytes += record.downlink_bytes
         self.ledger.uncompressed_downlink_bytes += record.uncompressed_downlink_bytes
-        loss = torch.tensor(reply.value, dtype=torch.float32, device=message.hidden_states.device)
-        return _RemoteLoss.apply(message.hidden_states, bridge, context, gradient, seed, loss), record
+        with torch.no_grad():
+            reply.loss.fill_(frame.value)
 
     def head_step(
         self, message, bridge: Bridge, activations_numel: int, head_numel: int
