@@ -298,22 +298,22 @@ class WireClient:
         self.channel.send(Kind.BEGIN, {"scalars": torch.tensor([max_steps, 0])})
         self.channel.recv(Kind.DONE)
 
-    def train_step(self, micro_batches: int = 1, pause: float = 0.0) -> float:
-        """One optimizer step of the uncompressed tiny split (batch 16) in `micro_batches`: FORWARD and BACKWARD
-        each, then STEP, each message sent `pause` seconds after the last reply; the global norm."""
+    def train_step(self, micro_batches: int = 1, pause: float = 0.0) -> torch.Tensor:
+        """One optimizer step of the uncompressed tiny split (batch 16) in `micro_batches`: a FORWARD each (answered
+        with the loss and the gradient, and the server's norms with the last), then STEP (no answer), each message
+        sent `pause` seconds after the last; the server's norms."""
         generator = torch.Generator().manual_seed(7)
         activations = torch.randn(16, 17, 32, generator=generator)
+        seed = torch.tensor(1.0 / micro_batches, dtype=torch.float64)
         for micro_batch in range(micro_batches):
             if micro_batch:
                 time.sleep(pause)
-            self.channel.send(Kind.FORWARD, {"activations": activations, "labels": torch.arange(16) % 5})
-            self.channel.recv(Kind.LOSS, timeout=REPLY)
-            time.sleep(pause)
-            self.channel.send(Kind.BACKWARD, value=1.0 / micro_batches)
-            self.channel.recv(Kind.GRADIENT)
+            tensors = {"activations": activations, "labels": torch.arange(16) % 5, "seed": seed}
+            self.channel.send(Kind.FORWARD, tensors, step=micro_batches)
+            reply = self.channel.recv(Kind.GRADIENT, timeout=REPLY)
         time.sleep(pause)
         self.channel.send(Kind.STEP, {"norm": torch.ones(36)}, value=1.0)
-        return self.channel.recv(Kind.NORM).value
+        return reply.tensors["norm"]
 
     def sync(self, half: torch.Tensor, samples: int) -> torch.Tensor:
         self.channel.send(Kind.SYNC, {"weights": half}, value=float(samples))
@@ -324,12 +324,13 @@ class WireClient:
         self.channel.recv(Kind.DONE)
 
 
-def step_bytes(half_norms: int = 36, batch: int = 16) -> int:
+def step_bytes(half_norms: int = 36, batch: int = 16, server_norms: int = 36) -> int:
     """What one optimizer step of the tiny split (17 tokens of width 32, float32, no compression) costs one process:
     activations and int64 labels up and the gradient down, the link's control values (16 up and 8 down a
-    micro-batch; a float32 norm per client tensor and the max norm up, the global norm down, per step)."""
+    micro-batch; a float32 norm per client tensor and the max norm up, a float32 norm per server tensor down, per
+    step)."""
     activations = batch * 17 * 32 * 4
-    return (activations + batch * 8) + activations + 16 + 8 + 4 * half_norms + 8 + 8
+    return (activations + batch * 8) + activations + 16 + 8 + 4 * half_norms + 8 + 4 * server_norms
 
 
 def epoch_bytes(rows: int) -> int:

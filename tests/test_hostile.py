@@ -52,9 +52,9 @@ def session(address: str, settings: dict | None = None, begin: bool = True):
 
 
 def refused(connection, *frames) -> str:
-    """The server's reason for ending the session after `frames` (kind, tensors, value) are sent."""
-    for kind, tensors, value in frames:
-        connection.send(kind, tensors, value=value)
+    """The server's reason for ending the session after `frames` (kind, tensors, value[, step]) are sent."""
+    for kind, tensors, value, *step in frames:
+        connection.send(kind, tensors, step=step[0] if step else 0, value=value)
     try:
         while True:
             connection.recv(timeout=timedelta(seconds=30))
@@ -62,10 +62,14 @@ def refused(connection, *frames) -> str:
         return str(error)
 
 
-def forward(**overrides):
-    tensors = {"activations": torch.randn(BATCH, TOKENS, WIDTH), "labels": torch.arange(BATCH) % 5}
+def forward(micro_batches: int = 1, **overrides):
+    """A FORWARD of the tiny split's batch, of a step of `micro_batches`, with the agreed seed unless overridden."""
+    tensors = {
+        "activations": torch.randn(BATCH, TOKENS, WIDTH), "labels": torch.arange(BATCH) % 5,
+        "seed": torch.tensor(1.0 / micro_batches, dtype=torch.float64),
+    }  # fmt: skip
     tensors.update(overrides)
-    return Kind.FORWARD, {k: v for k, v in tensors.items() if v is not None}, 0.0
+    return Kind.FORWARD, {k: v for k, v in tensors.items() if v is not None}, 0.0, micro_batches
 
 
 def test_no_hostile_session_or_stranger_takes_the_server_down_and_an_honest_client_then_trains(
@@ -107,23 +111,24 @@ def test_no_hostile_session_or_stranger_takes_the_server_down_and_an_honest_clie
         "labels out of range [0, 5)": [forward(labels=torch.full((BATCH,), 9))],
         "activations that came hold NaN": [forward(activations=torch.full((BATCH, TOKENS, WIDTH), float("nan")))],
         "do not fit 16 labels and 17 tokens": [forward(activations=torch.randn(BATCH, 40, WIDTH))],
-        "EVAL message is out of place here: expected BACKWARD": [
+        "EVAL message is out of place here: expected STEP": [
             forward(), (Kind.EVAL, {"activations": torch.randn(2, TOKENS, WIDTH)}, 0.0)
         ],
-        "backward seed 4.0 is not 1 / k": [forward(), (Kind.BACKWARD, {}, 4.0)],
-        "a gradient norm is negative": [
-            forward(), (Kind.BACKWARD, {}, 1.0), (Kind.STEP, {"norm": -torch.ones(36)}, 1.0)
-        ],
-        "a STEP message must carry 'norm'": [forward(), (Kind.BACKWARD, {}, 1.0), (Kind.STEP, {}, 1.0)],
-        "a step of over 1 micro-batches": [forward(), (Kind.BACKWARD, {}, 1.0), forward()],
+        "backward seed 4.0 is not 1 / 1": [forward(seed=torch.tensor(4.0, dtype=torch.float64))],
+        "FORWARD's seed must be one float64": [forward(seed=torch.ones(2))],
+        "must carry 'seed'": [forward(seed=None)],
+        "a gradient norm is negative": [forward(), (Kind.STEP, {"norm": -torch.ones(36)}, 1.0)],
+        "a STEP message must carry 'norm'": [forward(), (Kind.STEP, {}, 1.0)],
+        "a step of 2 micro-batches is out of range: 1 .. 1": [forward(micro_batches=2)],
+        "FORWARD message is out of place here: expected STEP": [forward(), forward()],
         "clipping norm inf is not the agreed max_grad_norm 1.0": [
-            forward(), (Kind.BACKWARD, {}, 1.0), (Kind.STEP, {"norm": torch.ones(36)}, float("inf"))
+            forward(), (Kind.STEP, {"norm": torch.ones(36)}, float("inf"))
         ],
         "EVAL activations of (2, 40, 32) do not fit 17 x 32": [
             (Kind.EVAL, {"activations": torch.randn(2, 40, WIDTH)}, 0.0)
         ],
         "clipping norm -1.0 is not the agreed max_grad_norm 1.0": [
-            forward(), (Kind.BACKWARD, {}, 1.0), (Kind.STEP, {"norm": torch.ones(36)}, -1.0)
+            forward(), (Kind.STEP, {"norm": torch.ones(36)}, -1.0)
         ],
     }  # fmt: skip
     for expected, frames in hostile.items():
@@ -200,12 +205,10 @@ def test_a_disk_that_fills_during_a_checkpoint_ends_the_run_with_the_file_named_
     connection = session(address, settings)
 
     def step_and_save(step: int) -> None:
-        connection.send(*forward()[:2])
-        connection.recv(Kind.LOSS)
-        connection.send(Kind.BACKWARD, value=1.0)
+        kind, tensors, _, micro_batches = forward()
+        connection.send(kind, tensors, step=micro_batches)
         connection.recv(Kind.GRADIENT)
-        connection.send(Kind.STEP, {"norm": torch.ones(36)}, value=1.0)
-        connection.recv(Kind.NORM)
+        connection.send(Kind.STEP, {"norm": torch.ones(36)}, value=1.0)  # no answer
         connection.send(Kind.SAVE, step=step)
         connection.recv(Kind.DONE)
 

@@ -138,15 +138,21 @@ def test_a_holder_slower_than_its_lease_is_dropped_and_the_honest_waiter_trains_
     tiny_vit_path, tmp_path, micro_batches
 ):
     """Each message of the holder's step comes 0.9 of a lease after the last, so each alone is in time; the step is
-    not, and the holder is the one dropped, never the member waiting for the server half."""
+    not, and the holder is the one dropped, never the member waiting for the server half. (A step of one micro-batch
+    is a FORWARD and a STEP: its holder waits 1.2 leases before its STEP.)"""
     lease = 3.0
+    pause = (0.9 if micro_batches > 1 else 1.2) * lease
     address, server, output_dir, settings, half_bytes, start = federation_server(
         tmp_path, tiny_vit_path, "--round_timeout", str(lease), "--gradient_accumulation_steps", str(micro_batches)
     )
     honest, hostile = WireClient(address, settings, client_id=0), WireClient(address, settings, client_id=1)
     join({0: honest, 1: hostile}, half_bytes, micro_batches)
     with ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(hostile.train_step, micro_batches, 0.9 * lease)
+        def slow_step() -> None:
+            hostile.train_step(micro_batches, pause)
+            hostile.channel.recv(timeout=REPLY)  # STEP has no answer: what comes is the refusal
+
+        slow = pool.submit(slow_step)
         time.sleep(0.5)  # the hostile member holds the server half now
         honest.train_step(micro_batches)  # waits for it, within its own limit
         with pytest.raises(Refused, match="client 1 .*held the server half past its lease of 3 s"):

@@ -64,17 +64,22 @@ CASES = [(method, 1) for method in REMOTE_METHODS] + [(method, 2) for method in 
 # BottleNet++'s encoder adds two linear layers (weight and bias).
 CLIENT_TENSORS = 4 + 2 * 16
 ENCODER_TENSORS = 4
+# The server's: 16 per server layer, the final layer norm and the classifier (weight and bias each); BottleNet++'s
+# decoder adds two linear layers. Their norms come down with each step's last gradient.
+SERVER_TENSORS, DECODER_TENSORS = 2 * 16 + 4, 4
 STEPS, EVAL_ROWS, TOKENS, WIDTH, LABELS = 20, 48, 17, 32, 5
 EVAL_WIDTH = {"bottlenet": 8, "adc+bottlenet": 16}  # d' = round(ratio * 32): the bottleneck runs in eval too
 
 
-def _pair_and_one_process(tiny_vit_path, digits_dir, tmp_path, run: tuple[str, ...]) -> tuple[dict, dict]:
-    """`run` by a server and a client process (`tmp_path/split`) and in this process (`tmp_path/alone`): checks
-    that both trained alike (every loss, the accuracy, every weight to 1e-6); returns both results."""
+def _pair_and_one_process(tiny_vit_path, digits_dir, tmp_path, run: tuple[str, ...],
+                          client_only: tuple[str, ...] = ()) -> tuple[dict, dict]:  # fmt: skip
+    """`run` by a server and a client process (`tmp_path/split`, the client with `client_only` too) and in this
+    process (`tmp_path/alone`): checks that both trained alike (every loss, the accuracy, every weight to 1e-6);
+    returns both results."""
     shared = model_args(tiny_vit_path, *run)
     address = free_address()
     server = start_server(address, tmp_path / "split", *shared)
-    client = start_client(address, tiny_vit_path, digits_dir, tmp_path / "split", *run)
+    client = start_client(address, tiny_vit_path, digits_dir, tmp_path / "split", *run, *client_only)
     train_here([*shared, *data_args(digits_dir, tmp_path / "alone")])  # while the two processes start
     client_log = wait_output(client, 300)
     server_log = finish(server)
@@ -99,14 +104,36 @@ def _pair_and_one_process(tiny_vit_path, digits_dir, tmp_path, run: tuple[str, .
 def test_two_processes_train_exactly_like_one(tiny_vit_path, digits_dir, tmp_path, method, accumulation):
     run = (*REMOTE_METHODS[method], "--gradient_accumulation_steps", str(accumulation), "--max_steps", str(STEPS))
     one, two = _pair_and_one_process(tiny_vit_path, digits_dir, tmp_path, run)
+    _check_ledger(one, two, method, accumulation)
+    assert hf_adc.SplitViTForImageClassification.from_pretrained(tmp_path / "split").server is not None
 
+
+@pytest.mark.parametrize(("method", "accumulation"), [("adc", 4), ("bottlenet", 2)])
+def test_a_pipelined_step_trains_exactly_like_one_process(tiny_vit_path, digits_dir, tmp_path, method, accumulation):
+    """--pipeline_micro_batches: the step's forwards go out back to back, the gradients are applied as they come."""
+    run = (*REMOTE_METHODS[method], "--gradient_accumulation_steps", str(accumulation), "--max_steps", str(STEPS))
+    one, two = _pair_and_one_process(tiny_vit_path, digits_dir, tmp_path, run, ("--pipeline_micro_batches", "true"))
+    _check_ledger(one, two, method, accumulation)
+
+
+def _micro_batches(accumulation: int, per_epoch: int = 96 // 16) -> int:
+    """The micro-batches of `STEPS` steps: an epoch (96 rows in batches of 16) is steps of `accumulation`
+    micro-batches, and a ragged last one of what is left."""
+    ragged = per_epoch % accumulation
+    windows = [accumulation] * (per_epoch // accumulation) + ([ragged] if ragged else [])
+    return sum(windows[step % len(windows)] for step in range(STEPS))
+
+
+def _check_ledger(one: dict, two: dict, method: str, accumulation: int) -> None:
+    """The client's ledger is the one-process ledger plus the link's control values, to the byte."""
     # The ledger: the bridge's tensors as in one process, plus the link's control values. Per micro-batch the
     # label smoothing and the backward seed go up and the loss comes down (float64 each); per optimizer step a
-    # float32 norm per client tensor and the float64 max norm go up, the float64 global norm comes down.
+    # float32 norm per client tensor and the float64 max norm go up, a float32 norm per server tensor comes down.
     norms = CLIENT_TENSORS + ENCODER_TENSORS * ("bottlenet" in method)
-    micro_batches = STEPS * accumulation
+    server_norms = SERVER_TENSORS + DECODER_TENSORS * ("bottlenet" in method)
+    micro_batches = _micro_batches(accumulation)
     control_up = micro_batches * 16 + STEPS * (4 * norms + 8)
-    control_down = micro_batches * 8 + STEPS * 8
+    control_down = micro_batches * 8 + STEPS * 4 * server_norms
     assert two["uplink_bytes"] == one["uplink_bytes"] + control_up
     assert two["downlink_bytes"] == one["downlink_bytes"] + control_down
     assert two["uncompressed_bytes"] == one["uncompressed_bytes"] + control_up + control_down
@@ -117,7 +144,6 @@ def test_two_processes_train_exactly_like_one(tiny_vit_path, digits_dir, tmp_pat
     assert two["inference_bytes"] == EVAL_ROWS * (TOKENS * EVAL_WIDTH.get(method, WIDTH) * 4 + LABELS * 4)
     transport = two["transport"]
     assert transport["payload_sent"] + transport["payload_received"] >= two["total_bytes"]
-    assert hf_adc.SplitViTForImageClassification.from_pretrained(tmp_path / "split").server is not None
 
 
 USHAPED_CASES = [("adc", 0, 1), ("bottlenet", 0, 1), ("c3sl", 0, 1), ("adc+quantize8", 0, 1), ("none", 1, 2)]
@@ -138,9 +164,10 @@ def test_a_ushaped_pair_trains_exactly_like_one_process_and_no_label_crosses(
     # (float64), nothing comes down (the client holds the loss); per optimizer step the norms as in the standard
     # split, one per client tensor, the head's included.
     norms = CLIENT_TENSORS + HEAD_TENSORS + 16 * head_layers + ENCODER_TENSORS * ("bottlenet" in method)
+    server_norms = SERVER_TENSORS - 4 - 16 * head_layers + DECODER_TENSORS * ("bottlenet" in method)  # the middle's
     micro_batches = STEPS * accumulation
     control_up = micro_batches * 8 + STEPS * (4 * norms + 8)
-    control_down = STEPS * 8
+    control_down = STEPS * 4 * server_norms
     assert two["uplink_bytes"] == one["uplink_bytes"] + control_up
     assert two["downlink_bytes"] == one["downlink_bytes"] + control_down
     assert two["uncompressed_bytes"] == one["uncompressed_bytes"] + control_up + control_down
@@ -181,7 +208,7 @@ def test_every_frame_of_a_ushaped_session_is_free_of_labels(tiny_vit_path, digit
     finish(server)
     assert server.returncode == 0
     kinds = [kind for kind, _ in frames]
-    assert kinds.count(Kind.FORWARD) == 3 and kinds.count(Kind.HEAD_BACKWARD) == 3 and Kind.LOSS not in kinds
+    assert kinds.count(Kind.FORWARD) == 3 and kinds.count(Kind.HEAD_BACKWARD) == 3 and kinds.count(Kind.STEP) == 3
     names = {name for kind, tensors in frames if kind != Kind.HELLO for name in tensors}
     assert names == {"activations", "head_activations", "head_gradients", "gradients", "norm", "scalars"}
     for kind, tensors in frames:
@@ -340,3 +367,36 @@ def test_the_readme_one_machine_command_runs_end_to_end(tiny_vit_path, digits_di
     assert results["transport"]["framing_sent"] > 0 and results["total_bytes"] <= results["budget_bytes"]
     split = hf_adc.SplitViTForImageClassification.from_pretrained(output_dir)
     assert split.client is not None and split.server is not None
+
+
+def test_a_backward_seed_other_than_the_agreed_one_raises_before_any_gradient_is_applied(tiny_vit_path, tmp_path,
+                                                                                         monkeypatch):  # fmt: skip
+    """The server back-propagates the agreed seed as soon as the forward comes; a loss reweighted after the model
+    (here doubled in compute_loss) would need another, so the client stops before any step, naming both."""
+    from helpers import client_split, kits, start_server, tensor_dataset
+
+    from hf_adc.distributed.arguments import RemoteArguments
+    from hf_adc.distributed.client import SeedMismatch
+    from hf_adc.distributed.launch import remote_split
+
+    monkeypatch.setenv("HF_ADC_JOIN_TOKEN", "secret")
+    run = model_args(tiny_vit_path, "--compression", "none", "--max_steps", "2")
+    address = free_address()
+    server = start_server(address, tmp_path / "server", *run)
+    split, training, _ = client_split([*run, "--output_dir", str(tmp_path / "client"), "--eval_strategy", "no"],
+                                      [str(i) for i in range(LABELS)])  # fmt: skip
+    remote = remote_split(split, training, RemoteArguments(server=address, credentials=str(kits() / "client-0"),
+                                                           timeout=float(TIMEOUT)))  # fmt: skip
+    before = {name: tensor.clone() for name, tensor in remote.client.state_dict().items()}
+
+    class Weighted(hf_adc.ADCTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return 2 * super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+
+    trainer = Weighted(model=remote, args=training, train_dataset=tensor_dataset(32))
+    with pytest.raises(SeedMismatch, match="asks for a seed of 2.0; the server back-propagated the agreed 1.0"):
+        trainer.train()
+    for name, tensor in remote.client.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], atol=0, rtol=0, msg=name)
+    remote.link.peer.close()
+    finish(server)

@@ -9,8 +9,8 @@ from transformers import TrainingArguments
 
 import hf_adc
 from hf_adc.distributed.server import Session
-from hf_adc.distributed.server_half import ServerHalf
-from hf_adc.distributed.wire import Kind, WireError
+from hf_adc.distributed.server_half import ServerHalf, global_norm
+from hf_adc.distributed.wire import Frame, Kind, WireError
 
 BATCH, TOKENS, WIDTH = 4, 17, 32
 
@@ -53,18 +53,23 @@ def test_smoothing_other_than_the_agreed_is_refused(half):
         half.forward(forward_tensors(), 0.5)
 
 
-@pytest.mark.parametrize("seed", [0.0, -1.0, 0.5, float("nan"), 1e9])
-def test_a_backward_seed_other_than_one_over_the_micro_batches_is_refused(half, seed):
+@pytest.mark.parametrize(("seed", "micro_batches"), [(0.0, 1), (-1.0, 1), (0.5, 1), (float("nan"), 1), (1e9, 1),
+                                                    (1.0, 2), (0.25, 2)])  # fmt: skip
+def test_a_backward_seed_other_than_one_over_the_steps_micro_batches_is_refused(half, seed, micro_batches):
     pending = half.forward(forward_tensors(), 0.0)
     with pytest.raises(WireError, match="backward seed"):
-        half.backward(pending, seed)
+        half.backward(pending, seed, micro_batches)
 
 
-def test_an_honest_step_goes_through_and_returns_the_global_norm(half):
-    half.backward(half.forward(forward_tensors(), 0.0), 1.0)
-    norms = torch.ones(half.num_client_norms)
+def test_an_honest_step_goes_through_with_the_norm_the_client_forms_from_the_servers(half):
+    half.backward(half.forward(forward_tensors(), 0.0), 0.5, 2)
+    half.backward(half.forward(forward_tensors(), 0.0), 0.5, 2)
+    norms, server_norms = torch.ones(half.num_client_norms), half.gradient_norms()
+    assert server_norms.dtype == torch.float32 and server_norms.shape == (half.num_server_norms,)
+    expected = global_norm(norms, server_norms, 0)  # what the client computes from what came down
     total = half.optimizer_step(norms, 1.0)
-    assert math.isfinite(float(total)) and float(total) >= math.sqrt(half.num_client_norms) and half.steps == 1
+    assert float(total) == float(expected) and half.steps == 1
+    assert math.isfinite(float(total)) and float(total) >= math.sqrt(half.num_client_norms)
 
 
 @pytest.mark.parametrize(
@@ -78,14 +83,19 @@ def test_an_honest_step_goes_through_and_returns_the_global_norm(half):
     ],
 )
 def test_a_step_with_norms_or_a_clipping_norm_the_server_did_not_agree_is_refused(half, norms, max_norm, message):
-    half.backward(half.forward(forward_tensors(), 0.0), 1.0)
+    half.backward(half.forward(forward_tensors(), 0.0), 1.0, 1)
     with pytest.raises(WireError, match=message):
         half.optimizer_step(norms(half.num_client_norms), max_norm)
 
 
-def test_a_step_before_any_backward_is_refused(half):
-    with pytest.raises(WireError, match="before any BACKWARD"):
+def test_a_step_before_any_micro_batch_is_refused(half):
+    with pytest.raises(WireError, match="before any micro-batch"):
         half.optimizer_step(torch.ones(half.num_client_norms), 1.0)
+
+
+def frames(*kinds, micro_batches: int = 2) -> list[Frame]:
+    """Frames of `kinds`, each FORWARD announcing a step of `micro_batches`."""
+    return [Frame(kind, step=micro_batches if kind == Kind.FORWARD else 0) for kind in kinds]
 
 
 @pytest.mark.parametrize(
@@ -93,33 +103,44 @@ def test_a_step_before_any_backward_is_refused(half):
     [
         ([Kind.STEP], "STEP message is out of place here: expected BEGIN"),
         ([Kind.BEGIN, Kind.STEP], "STEP message is out of place"),
-        ([Kind.BEGIN, Kind.BACKWARD], "BACKWARD message is out of place"),
-        ([Kind.BEGIN, Kind.FORWARD, Kind.EVAL], "EVAL message is out of place here: expected BACKWARD"),
-        ([Kind.BEGIN, Kind.FORWARD, Kind.BACKWARD, Kind.SYNC], "expected FORWARD or STEP"),
+        ([Kind.BEGIN, Kind.FORWARD, Kind.EVAL], "EVAL message is out of place here: expected FORWARD"),
+        ([Kind.BEGIN, Kind.FORWARD, Kind.STEP], "STEP message is out of place here: expected FORWARD"),
+        ([Kind.BEGIN, Kind.FORWARD, Kind.FORWARD, Kind.SYNC], "SYNC message is out of place here: expected STEP"),
+        ([Kind.BEGIN, Kind.FORWARD, Kind.FORWARD, Kind.FORWARD], "expected STEP"),
+        ([Kind.BEGIN, Kind.HEAD_BACKWARD], "HEAD_BACKWARD message is out of place"),
         ([Kind.BEGIN, Kind.BEGIN], "BEGIN message is out of place"),
     ],
 )
 def test_messages_out_of_order_end_the_session(kinds, message):
-    session = Session(1, connection=None)
-    with pytest.raises(WireError, match=message):
-        for kind in kinds:
-            session.advance(kind)
-
-
-def test_a_step_of_more_micro_batches_than_the_agreed_accumulation_ends_the_session():
     session = Session(1, connection=None, micro_batches=2)
-    for kind in (Kind.BEGIN, Kind.FORWARD, Kind.BACKWARD, Kind.FORWARD, Kind.BACKWARD):
-        session.advance(kind)
-    with pytest.raises(WireError, match="a step of over 2 micro-batches"):
-        session.advance(Kind.FORWARD)
+    with pytest.raises(WireError, match=message):
+        for frame in frames(*kinds):
+            session.advance(frame)
+
+
+def test_a_step_of_more_micro_batches_than_the_agreed_accumulation_or_changing_count_ends_the_session():
+    session = Session(1, connection=None, micro_batches=2)
+    session.advance(Frame(Kind.BEGIN))
+    with pytest.raises(WireError, match="a step of 3 micro-batches is out of range: 1 .. 2"):
+        session.advance(Frame(Kind.FORWARD, step=3))
+    session.advance(Frame(Kind.FORWARD, step=2))
+    with pytest.raises(WireError, match="announces a step of 1 micro-batches; this step's first announced 2"):
+        session.advance(Frame(Kind.FORWARD, step=1))
 
 
 def test_the_order_of_an_honest_session_is_accepted():
     session = Session(1, connection=None, micro_batches=2)
-    for kind in (Kind.BEGIN, Kind.TURN, Kind.FORWARD, Kind.BACKWARD, Kind.FORWARD, Kind.BACKWARD, Kind.STEP,
-                 Kind.HANDOFF, Kind.SAVE, Kind.EVAL, Kind.EVAL, Kind.SYNC, Kind.END):  # fmt: skip
-        session.advance(kind)
+    for frame in frames(Kind.BEGIN, Kind.TURN, Kind.FORWARD, Kind.FORWARD, Kind.STEP, Kind.HANDOFF, Kind.SAVE,
+                        Kind.EVAL, Kind.EVAL, Kind.SYNC):  # fmt: skip
+        session.advance(frame)
+    for frame in frames(Kind.FORWARD, Kind.STEP, Kind.END, micro_batches=1):  # a ragged last step
+        session.advance(frame)
     assert session.phase == "idle"
+    ushaped = Session(1, connection=None, micro_batches=2)
+    ushaped.ushaped = True
+    for frame in frames(Kind.BEGIN, Kind.FORWARD, Kind.HEAD_BACKWARD, Kind.FORWARD, Kind.HEAD_BACKWARD, Kind.STEP):
+        ushaped.advance(frame)
+    assert ushaped.phase == "idle"
 
 
 @pytest.fixture
@@ -174,10 +195,10 @@ def test_each_topology_refuses_the_other_topologys_messages(half, ushaped_half):
         ushaped_half.forward(forward_tensors(), 0.0)
     pending, _ = ushaped_half.forward_head({"activations": torch.randn(BATCH, TOKENS, WIDTH)}, float(BATCH))
     with pytest.raises(WireError, match="is U-shaped: its backward is HEAD_BACKWARD"):
-        ushaped_half.backward(pending, 1.0)
+        ushaped_half.backward(pending, 1.0, 1)
     with pytest.raises(WireError, match="not U-shaped: a FORWARD must carry the labels"):
         half.forward_head({"activations": torch.randn(BATCH, TOKENS, WIDTH)}, float(BATCH))
-    with pytest.raises(WireError, match="not U-shaped: its backward is BACKWARD"):
+    with pytest.raises(WireError, match="not U-shaped: its backward comes with FORWARD"):
         half.backward_head(half.forward(forward_tensors(), 0.0), torch.ones(1))
 
 
@@ -188,5 +209,5 @@ def test_what_the_server_sends_down_is_cast_to_the_wire_dtype_without_the_channe
     half = ServerHalf(split, args)
     half.make_optimizer(10)
     pending = half.forward(forward_tensors(), 0.0)
-    sent = half.backward(pending, 1.0)["gradients"]
+    sent = half.backward(pending, 1.0, 1)["gradients"]
     torch.testing.assert_close(sent, pending.received.grad, atol=0, rtol=0)

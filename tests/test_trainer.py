@@ -161,3 +161,17 @@ def test_evaluation_is_uncompressed_and_free(tiny_vit, tmp_path):
     assert metrics["eval_accuracy"] == pytest.approx(float(expected))
     assert "eval_top5_accuracy" not in metrics
     assert split.ledger.total_bytes == 0
+
+
+@pytest.mark.parametrize("label_privacy", [False, True])
+def test_pipelining_a_link_that_cannot_pipeline_is_refused_before_training(tiny_vit, tmp_path, label_privacy):
+    from hf_adc.distributed.client import RemoteLink, remote_model
+
+    split = hf_adc.split_vit(tiny_vit, 2, label_privacy=label_privacy)
+    args = make_args(tmp_path, pipeline_micro_batches=True, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match=r"link \(Link\) cannot"):
+        hf_adc.ADCTrainer(model=split, args=args)  # in one process: nothing to pipeline
+    if label_privacy:  # a U-shaped split needs the head's gradient before the server's backward
+        remote = remote_model(hf_adc.split_vit(tiny_vit, 2, label_privacy=True), RemoteLink(peer=None))
+        with pytest.raises(ValueError, match="cannot: train with a --server \\(the standard split"):
+            hf_adc.ADCTrainer(model=remote, args=args)

@@ -290,3 +290,24 @@ def test_one_certificate_cannot_take_another_ones_joining_slots(kits):
             end.close()
     finally:
         listener.stop()
+
+
+def test_a_peer_of_the_old_protocol_is_refused_by_its_version_number(kits, served):
+    """Version 4 sent each frame as one message, no chunk flag: the server names the version it got."""
+    from hf_adc.distributed.wire import PROTOCOL_VERSION, frame_bytes
+
+    ours, _ = kits
+    address, listener = served
+    old = bytearray(frame_bytes(Kind.HELLO, {"settings": torch.zeros(4, dtype=torch.uint8)})[0])
+    old[8:16] = (4).to_bytes(8, "little")
+    kit = ours["client-0"]
+    credentials = grpc.ssl_channel_credentials(kit.ca_pem, kit.key_pem, kit.cert_pem)
+    with grpc.secure_channel(address, credentials) as channel:
+        responses = channel.stream_stream(METHOD)(iter([bytes(old)]))
+        server_end = accept(listener)
+        with pytest.raises(WireError, match=f"header field version=4 is not supported: this end speaks version "
+                                            f"{PROTOCOL_VERSION}"):  # fmt: skip
+            server_end.recv(Kind.HELLO)
+        server_end.close()
+        for _ in responses:
+            pass

@@ -197,6 +197,12 @@ class Link(nn.Module):
     # other end runs elsewhere says yes where it must and implements the method that goes with it.
     peer_steps: bool = False  # the other end holds parameters that step with ours: clipping spans both ends
     plans_steps: bool = False  # the other end fixes how many optimizer steps this end takes (a federation)
+    pipelines: bool = False  # a step's forwards may go out before their replies are read (`receive_reply`)
+
+    def backward_seed(self, seed: float, micro_batches: int) -> None:
+        """The Trainer says what the next training micro-batch's backward seed will be, and how many micro-batches its
+        optimizer step has. One process needs neither (autograd gives the seed); a link whose other end
+        back-propagates as soon as the forward comes does."""
 
     def trainer_callbacks(self, args) -> list:
         """`TrainerCallback`s that drive the other end (training begins, a checkpoint, a sync); none here."""

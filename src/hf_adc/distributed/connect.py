@@ -40,12 +40,14 @@ from .wire import (
     DEFAULT_MAX_TENSOR_BYTES,
     HEADER_BYTES,
     MAX_TEXT_BYTES,
+    PROTOCOL_VERSION,
     Frame,
     Kind,
     PeerLost,
     Refused,
     Traffic,
     WireError,
+    foreign_version,
     frame_bytes,
     parse_frame,
     tensor_text,
@@ -274,7 +276,12 @@ def _read_into(messages, incoming: queue.Queue, describe, closed=lambda: False, 
                 return
             limit = cap()
             if not message or message[0] not in (MORE, LAST):
-                put(WireError(f"a message of {len(message)} bytes is not a chunk of this protocol's frames."))
+                version = foreign_version(message)
+                put(WireError(
+                    f"header field version={version} is not supported: this end speaks version {PROTOCOL_VERSION}."
+                    if version is not None else f"a message of {len(message)} bytes is not a chunk of this "
+                    "protocol's frames."
+                ))  # fmt: skip
                 return
             if limit is not None and len(frame) + len(message) - 1 > limit:
                 frame = None  # nothing more of it is held

@@ -58,18 +58,16 @@ def check_split_settings(
     return split
 
 
-# What may come next in a session, by phase: BEGIN first; then an optimizer step is FORWARD, BACKWARD (once for each
-# micro-batch), then STEP; between steps, evaluation, checkpoints, the end, and a federation's sync messages.
+# What may come next in a session, by phase: BEGIN first; then an optimizer step is k FORWARDs (the standard split's
+# each answered with its gradient; a U-shaped split's each followed by its HEAD_BACKWARD), then STEP; between steps,
+# evaluation, checkpoints, the end, and a federation's sync messages.
 NEXT_KINDS = {
     "joined": (Kind.BEGIN,),
     "idle": (Kind.FORWARD, Kind.EVAL, Kind.SAVE, Kind.END, Kind.SYNC, Kind.TURN, Kind.HANDOFF),
-    "forwarded": (Kind.BACKWARD, Kind.HEAD_BACKWARD),  # the standard split's, the U-shaped's (the half refuses one)
-    "accumulating": (Kind.FORWARD, Kind.STEP),
+    "forwarded": (Kind.HEAD_BACKWARD,),  # a U-shaped split's micro-batch, between its two round trips
+    "accumulating": (Kind.FORWARD,),  # micro-batches of the step are still to come
+    "stepping": (Kind.STEP,),  # the step's last micro-batch is done
 }
-PHASE_AFTER = {
-    Kind.BEGIN: "idle", Kind.FORWARD: "forwarded", Kind.BACKWARD: "accumulating", Kind.HEAD_BACKWARD: "accumulating",
-    Kind.STEP: "idle",
-}  # fmt: skip
 MAX_STEPS = 2**31  # a schedule's length BEGIN may announce
 
 
@@ -85,33 +83,51 @@ class ServerFault(RuntimeError):
 
 
 class Session:
-    """One client's session: its connection, its phase (what may come next) and the FORWARD whose BACKWARD is
-    still to come."""
+    """One client's session: its connection, its phase (what may come next), the FORWARD whose HEAD_BACKWARD is still
+    to come (a U-shaped split's), and the micro-batches of the optimizer step under way."""
 
     def __init__(self, number: int, connection: Connection, micro_batches: int = 1):
         self.number = number
         self.connection = connection
-        self.micro_batches = micro_batches  # FORWARDs an optimizer step may have (the accumulation steps)
+        self.micro_batches = micro_batches  # the most micro-batches an optimizer step may have (accumulation steps)
+        self.ushaped = False  # a U-shaped split's session: each micro-batch is FORWARD, then HEAD_BACKWARD
         self.phase = "joined"
-        self.forwards = 0
+        self.forwards = 0  # micro-batches of this step so far
+        self.step_micro_batches = 0  # how many this step has, as its first FORWARD announced
         self.pending: PendingBackward | None = None
         self.member = None  # a federation's: the member this session was admitted as
 
-    def advance(self, kind: Kind) -> None:
-        """Refuses a message out of place (`WireError`, naming what was expected): out of order, or a micro-batch
-        beyond the agreed accumulation steps; moves to the next phase."""
-        allowed = NEXT_KINDS[self.phase]
+    @property
+    def last_micro_batch(self) -> bool:
+        """Whether the micro-batch under way is the step's last (its gradient brings the server's norms)."""
+        return self.forwards == self.step_micro_batches
+
+    def advance(self, frame: Frame) -> None:
+        """Refuses a message out of place (`WireError`, naming what was expected): out of order, a micro-batch
+        count beyond the agreed accumulation steps or changing within a step; moves to the next phase."""
+        kind, allowed = frame.kind, NEXT_KINDS[self.phase]
         if kind not in allowed:
             raise WireError(
                 f"a {kind.name} message is out of place here: expected {' or '.join(k.name for k in allowed)}."
             )
         if kind == Kind.FORWARD:
+            if self.forwards == 0:
+                if not 1 <= frame.step <= self.micro_batches:
+                    raise WireError(f"a step of {frame.step} micro-batches is out of range: 1 .. {self.micro_batches} "
+                                    "(the agreed accumulation steps).")  # fmt: skip
+                self.step_micro_batches = frame.step
+            elif frame.step != self.step_micro_batches:
+                raise WireError(f"a FORWARD announces a step of {frame.step} micro-batches; this step's first "
+                                f"announced {self.step_micro_batches}.")  # fmt: skip
             self.forwards += 1
-            if self.forwards > self.micro_batches:
-                raise WireError(f"a step of over {self.micro_batches} micro-batches (the agreed accumulation steps).")
-        elif kind == Kind.STEP:
+        if kind == Kind.STEP:
             self.forwards = 0
-        self.phase = PHASE_AFTER.get(kind, self.phase)
+        if kind == Kind.FORWARD and self.ushaped:
+            self.phase = "forwarded"
+        elif kind in (Kind.FORWARD, Kind.HEAD_BACKWARD):
+            self.phase = "stepping" if self.last_micro_batch else "accumulating"
+        elif kind in (Kind.BEGIN, Kind.STEP):
+            self.phase = "idle"
 
     def reply(self, kind: Kind, tensors: dict | None = None, value: float = 0.0) -> None:
         self.connection.send(kind, tensors, value=value)
@@ -136,33 +152,42 @@ def begin_scalars(frame: Frame) -> tuple[int, int]:
 
 
 def answer_forward(half: ServerHalf, session: Session, frame: Frame) -> None:
-    """FORWARD: the server half's loss on what came, sent back (LOSS); the rest is kept for BACKWARD. A U-shaped
-    split's: what the client's head needs (HEAD), computed from the activations alone (no labels came)."""
+    """FORWARD: the server half's loss on what came, back-propagated at once from the agreed seed; the loss and the
+    gradient of what came go back in one message (GRADIENT), with the server's gradient norms after the step's last
+    micro-batch. A U-shaped split's: what the client's head needs (HEAD), computed from the activations alone (no
+    labels came); the rest is kept for HEAD_BACKWARD."""
     if half.ushaped:
         session.pending, returned = half.forward_head(frame.tensors, frame.value)
         session.reply(Kind.HEAD, returned)
         return
-    session.pending = half.forward(frame.tensors, frame.value)
-    session.reply(Kind.LOSS, value=float(session.pending.loss.detach()))
-
-
-def answer_backward(half: ServerHalf, session: Session, frame: Frame) -> None:
-    """BACKWARD: back-propagates the client's seed and sends the gradient of what came down (GRADIENT)."""
-    if session.pending is None:
-        raise WireError("a BACKWARD message came before any FORWARD.")
-    session.reply(Kind.GRADIENT, half.backward(session.pending, frame.value))
+    seed = required(frame, "seed")
+    if seed.dtype != torch.float64 or seed.shape != ():
+        raise WireError(f"a FORWARD's seed must be one float64; got {seed.dtype} {tuple(seed.shape)}.")
+    pending = half.forward(frame.tensors, frame.value)
+    gradient = half.backward(pending, float(seed), session.step_micro_batches)
+    session.reply(Kind.GRADIENT, _with_norms(half, session, gradient), value=float(pending.loss.detach()))
 
 
 def answer_head_backward(half: ServerHalf, session: Session, frame: Frame) -> None:
-    """HEAD_BACKWARD (a U-shaped split): back-propagates the head's gradient; the gradient of what came (GRADIENT)."""
+    """HEAD_BACKWARD (a U-shaped split): back-propagates the head's gradient; the gradient of what came (GRADIENT),
+    with the server's gradient norms after the step's last micro-batch."""
     if session.pending is None:
         raise WireError("a HEAD_BACKWARD message came before any FORWARD.")
-    session.reply(Kind.GRADIENT, half.backward_head(session.pending, required(frame, "head_gradients")))
+    gradient = half.backward_head(session.pending, required(frame, "head_gradients"))
+    session.pending = None
+    session.reply(Kind.GRADIENT, _with_norms(half, session, gradient))
+
+
+def _with_norms(half: ServerHalf, session: Session, gradient: dict) -> dict:
+    """`gradient`, and after the step's last micro-batch the server's gradient norms (`norm`): the client forms the
+    global norm from them and its own, and clips, without asking."""
+    return {**gradient, "norm": half.gradient_norms()} if session.last_micro_batch else gradient
 
 
 def answer_step(half: ServerHalf, session: Session, frame: Frame) -> None:
-    """STEP: clips by the global norm, steps, and sends the norm back (NORM)."""
-    session.reply(Kind.NORM, value=float(half.optimizer_step(required(frame, "norm"), frame.value)))
+    """STEP: clips by the global norm (the client's norms with the server's), steps; no answer: the client formed
+    the same norm from the server's norms, and the server reads the next FORWARD only after this step."""
+    half.optimizer_step(required(frame, "norm"), frame.value)
 
 
 def answer_eval(half: ServerHalf, session: Session, frame: Frame) -> None:
@@ -204,7 +229,6 @@ class SplitServer:
         self.handlers = {
             Kind.BEGIN: self._begin,
             Kind.FORWARD: lambda session, frame: answer_forward(self.server_half, session, frame),
-            Kind.BACKWARD: lambda session, frame: answer_backward(self.server_half, session, frame),
             Kind.HEAD_BACKWARD: lambda session, frame: answer_head_backward(self.server_half, session, frame),
             Kind.STEP: lambda session, frame: answer_step(self.server_half, session, frame),
             Kind.EVAL: lambda session, frame: answer_eval(self.server_half, session, frame),
@@ -281,7 +305,7 @@ class SplitServer:
             except queue.Empty:
                 return {"status": "no client", "steps": self.steps}
             try:
-                self._handshake(session.connection, settings)
+                self._handshake(session, settings)
             except Exception as error:  # noqa: BLE001 - a handshake that breaks anything ends that session only
                 error = error if isinstance(error, (WireError, Refused, PeerLost)) else _unexpected(session, error)
                 logger.warning("Session %d refused: %s", session.number, error)
@@ -311,19 +335,21 @@ class SplitServer:
                     self.training = False
                 session.connection.refuse(str(error))
 
-    def _handshake(self, connection: Connection, settings: dict) -> None:
+    def _handshake(self, session: Session, settings: dict) -> None:
+        connection = session.connection
         if settings.get("federation"):
             raise Refused("the client expects a federation; this server serves one client (see --num_clients).")
         split = check_split_settings(settings, self.args, self.build, self.server_half)
         if self.server_half is None:
             self.server_half = ServerHalf(split, self.args)
+        session.ushaped = self.server_half.ushaped
         connection.open_up()  # before WELCOME: the client's next frame may be of the agreed split's size
         connection.send(Kind.WELCOME)
 
     def _train(self, session: Session) -> dict:
         while True:
             frame = session.connection.recv(*self.handlers)
-            session.advance(frame.kind)
+            session.advance(frame)
             if self.handlers[frame.kind](session, frame):
                 return {"status": "finished", "steps": self.steps, "traffic": vars(session.connection.traffic)}
 

@@ -21,6 +21,15 @@ OPTIMIZER_NAME = "server_optimizer.pt"
 SCHEDULER_NAME = "server_scheduler.pt"
 
 
+def global_norm(client_norms: torch.Tensor, server_norms: torch.Tensor, head_norms: int) -> torch.Tensor:
+    """The norm one process clips by: of every per-tensor norm, in its parameter order (the client's bottom, the
+    server's bridge and half, then a U-shaped split's `head_norms` last of the client's). Both ends form it from the
+    same float32 norms, so they agree to the bit."""
+    client_norms = client_norms.float().cpu()
+    cut = len(client_norms) - head_norms
+    return torch.linalg.vector_norm(torch.cat([client_norms[:cut], server_norms.float().cpu(), client_norms[cut:]]))
+
+
 @dataclass
 class PendingBackward:
     """What a FORWARD leaves for its BACKWARD: the activations as received (with their gradient to come), the
@@ -70,6 +79,8 @@ class ServerHalf:
         head = list(split.head.parameters()) if self.ushaped else []
         self.num_client_norms = sum(1 for parameter in [*client_side, *head] if parameter.requires_grad)  # STEP's
         self.num_head_norms = sum(1 for parameter in head if parameter.requires_grad)  # the last of them
+        server_parameters = [*(p for p in bridge.parameters() if id(p) in server_side), *split.server.parameters()]
+        self.num_server_norms = sum(1 for parameter in server_parameters if parameter.requires_grad)  # sent down
         if not keep_client:
             split.client = None
             if self.ushaped:
@@ -167,11 +178,12 @@ class ServerHalf:
         (the middle's config records `head_layers`; the server holds no head)."""
         return features if self.split.server.config.head_layers else features[:, :1]
 
-    def backward(self, pending: PendingBackward, seed: float) -> dict[str, torch.Tensor]:
-        """Back-propagates the client's seed through the server half; the gradient of what came, as it goes down."""
+    def backward(self, pending: PendingBackward, seed: float, micro_batches: int) -> dict[str, torch.Tensor]:
+        """Back-propagates the agreed seed (1 / `micro_batches`, times the client's loss scale under fp16) through the
+        server half; the gradient of what came, as it goes down."""
         if self.ushaped:
             raise WireError("this split is U-shaped: its backward is HEAD_BACKWARD, with the head's gradient.")
-        self._check_seed(seed)
+        self._check_seed(seed, micro_batches)
         loss = pending.loss
         loss.backward(torch.tensor(seed, dtype=loss.dtype, device=loss.device))
         return self.split.link.cast(self.split.bridge.pack_gradient(pending.received.grad, pending.context))
@@ -180,7 +192,7 @@ class ServerHalf:
         """A U-shaped split's HEAD_BACKWARD: back-propagates the head's gradient of what went down (its shape, a
         float, finite) through the middle; the gradient of what came, as it goes down."""
         if not self.ushaped:
-            raise WireError("this split is not U-shaped: its backward is BACKWARD, with the loss's seed.")
+            raise WireError("this split is not U-shaped: its backward comes with FORWARD, from the agreed seed.")
         returned = pending.loss
         if not gradient.is_floating_point() or gradient.shape != returned.shape:
             raise WireError(f"head_gradients must be floats of {tuple(returned.shape)}, as head_activations went; "
@@ -214,10 +226,22 @@ class ServerHalf:
             return split.link.cast({"head_activations": self._returned(split.server(decoded).last_hidden_state)})
         return split.link.cast({"logits": split.server(decoded).logits})
 
+    def _with_gradients(self) -> list[nn.Parameter]:
+        """The server's parameters that have a gradient, in the one-process order (the bridge's, then the half's)."""
+        return [p for p in [*self.split.bridge.parameters(), *self.split.server.parameters()] if p.grad is not None]
+
+    def gradient_norms(self) -> torch.Tensor:
+        """The norm of each server gradient, in the one-process order, as float32 (what goes down with the step's
+        last gradient, so that the client forms the global norm without asking)."""
+        parameters = self._with_gradients()
+        if not parameters:
+            raise WireError("no micro-batch of this step has come: there are no gradients to measure.")
+        return torch.stack([torch.nn.utils.get_total_norm([p.grad]) for p in parameters]).float().cpu()
+
     def optimizer_step(self, client_norms: torch.Tensor, max_norm: float) -> torch.Tensor:
         """Clips by the global norm and steps; the norm is the norm of every per-tensor norm in the one-process
         parameter order (client, bridge, server, then a U-shaped split's head), as `torch.nn.utils.get_total_norm`
-        forms it."""
+        forms it, and as the client forms it from the server's norms (`global_norm`)."""
         expected = self.args.max_grad_norm if self.args.max_grad_norm else math.inf
         if max_norm != expected:
             raise WireError(f"the clipping norm {max_norm} is not the agreed max_grad_norm {expected}.")
@@ -228,15 +252,10 @@ class ServerHalf:
             )
         if not bool((client_norms >= 0).all()):  # NaN and Inf pass: a step the client's scaler skips, as in one process
             raise WireError("a gradient norm is negative.")
-        order = [*self.split.bridge.parameters(), *self.split.server.parameters()]
-        parameters = [p for p in order if p.grad is not None]
+        parameters = self._with_gradients()
         if not parameters:
-            raise WireError("a STEP came before any BACKWARD: there are no gradients to step with.")
-        norms = [torch.nn.utils.get_total_norm([p.grad]) for p in parameters]
-        client_norms = list(client_norms.to(norms[0].device))
-        cut = len(client_norms) - self.num_head_norms
-        bottom, head = client_norms[:cut], client_norms[cut:]
-        total = torch.linalg.vector_norm(torch.stack([*bottom, *norms, *head]))  # a U-shaped split's head: last
+            raise WireError("a STEP came before any micro-batch: there are no gradients to step with.")
+        total = global_norm(client_norms, self.gradient_norms(), self.num_head_norms).to(parameters[0].device)
         if math.isfinite(max_norm):
             torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
         if torch.isfinite(total):
@@ -246,18 +265,20 @@ class ServerHalf:
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
-    def _check_seed(self, seed: float) -> None:
-        """The backward seed is 1 / k for the k micro-batches of this optimizer step (at most the agreed accumulation
+    def _check_seed(self, seed: float, micro_batches: int) -> None:
+        """The backward seed is 1 / k for the k micro-batches this step announced (at most the agreed accumulation
         steps), times the client's loss scale under fp16: anything else would rescale the server's gradients."""
-        accumulation = self.args.gradient_accumulation_steps
         if not math.isfinite(seed) or seed <= 0:
             raise WireError(f"the backward seed {seed} is not a positive finite number.")
         if self.args.fp16:
-            if seed > 2.0**32:
-                raise WireError(f"the backward seed {seed} is over the largest fp16 loss scale (2**32).")
+            if seed > 2.0**32 / micro_batches:
+                raise WireError(
+                    f"the backward seed {seed} is over the largest fp16 loss scale (2**32) / {micro_batches}."
+                )
             return
-        if not any(abs(seed * k - 1) < 1e-5 for k in range(1, accumulation + 1)):
-            raise WireError(f"the backward seed {seed} is not 1 / k for k in 1 .. {accumulation} accumulation steps.")
+        if abs(seed * micro_batches - 1) > 1e-6:
+            raise WireError(f"the backward seed {seed} is not 1 / {micro_batches}, for the {micro_batches} "
+                            "micro-batches this step announced.")  # fmt: skip
 
     def discard_gradients(self) -> None:
         """Forgets the partial gradients of a step that will not be taken (its client was lost)."""

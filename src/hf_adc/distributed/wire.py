@@ -27,7 +27,7 @@ from enum import IntEnum
 
 import torch
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5  # 5: one round trip per micro-batch (the gradient comes back with the loss)
 MAGIC = 0x48464144  # "HFAD"
 MAX_TENSORS = 8
 MAX_RANK = 4
@@ -50,24 +50,23 @@ DTYPES = (
 
 
 class Kind(IntEnum):
-    """What a message is. Client to server: HELLO, BEGIN, FORWARD, BACKWARD, STEP, EVAL, SAVE, END;
-    server to client: WELCOME, REFUSE, LOSS, GRADIENT, NORM, LOGITS, DONE. Several clients
+    """What a message is. Client to server: HELLO, BEGIN, FORWARD, STEP, EVAL, SAVE, END; server to client: WELCOME,
+    REFUSE, GRADIENT, LOGITS, DONE. A training micro-batch is one round trip: FORWARD (the activations, the labels,
+    the agreed backward seed) is answered by GRADIENT (the loss, the gradient of what came, and with the step's last
+    micro-batch the server's gradient norms); STEP (the client's norms) has no answer. Several clients
     (`hf_adc.distributed.federation`) also exchange PLAN (the client's shard and step cost; the server's schedule
-    back), SYNC (a client half up; the average back), TURN (a request; the current client half back) and HANDOFF
-    (a client half up). A U-shaped split (`label_privacy`) answers FORWARD and EVAL with HEAD (what the client's
-    head needs) instead of LOSS and LOGITS, and its client sends HEAD_BACKWARD (the head's gradient) instead of
-    BACKWARD."""
+    back), SYNC (a client half up; the average back), TURN (a request; the current client half back) and HANDOFF (a
+    client half up). A U-shaped split (`label_privacy`) answers FORWARD and EVAL with HEAD (what the client's head
+    needs), and its client sends HEAD_BACKWARD (the head's gradient), answered by GRADIENT. The ids of kinds that
+    version 4 had and 5 dropped (4's LOSS, BACKWARD, NORM: 6, 7, 10) are not reused."""
 
     HELLO = 1
     WELCOME = 2
     REFUSE = 3
     BEGIN = 4
     FORWARD = 5
-    LOSS = 6
-    BACKWARD = 7
     GRADIENT = 8
     STEP = 9
-    NORM = 10
     EVAL = 11
     LOGITS = 12
     SAVE = 13
@@ -209,6 +208,14 @@ def decode_header(header: torch.Tensor, max_tensor_bytes: int) -> tuple[Kind, in
             )
         specs.append((NAMES[name_id], dtype, shape))
     return Kind(kind), step, value, specs
+
+
+def foreign_version(data: bytes) -> int | None:
+    """The protocol version announced by a message that starts with this protocol's magic (a peer of another version
+    whose messages are not chunks of ours), or None."""
+    if len(data) >= 16 and int.from_bytes(data[:8], "little", signed=True) == MAGIC:
+        return int.from_bytes(data[8:16], "little", signed=True)
+    return None
 
 
 def frame_bytes(kind: Kind, tensors: dict[str, torch.Tensor], step: int = 0, value: float = 0.0) -> tuple[bytes, int]:

@@ -60,6 +60,14 @@ class ADCTrainingArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "Every parameter of a split ViT is used in every step."}
     )
+    pipeline_micro_batches: bool = field(
+        default=False,
+        metadata={
+            "help": "With a server in another process (--server) and gradient accumulation: send a step's k forwards "
+            "back to back and apply each gradient as it comes, so that a step costs about one round trip, not k. The "
+            "client then holds k micro-batches' graphs at once (the memory accumulation saves): off by default."
+        },
+    )
 
     def __post_init__(self):
         if self.label_names is None:

@@ -89,6 +89,17 @@ class ADCTrainer(Trainer):
                 f"count one GPU. Run one process per GPU: `accelerate launch --multi_gpu --num_processes {args.n_gpu} "
                 "recipes/train.py ...` (or pick one GPU with CUDA_VISIBLE_DEVICES=0)."
             )
+        if args.pipeline_micro_batches and not model.link.pipelines:
+            raise ValueError(
+                "pipeline_micro_batches=True sends a step's forwards ahead of their backwards to a server in another "
+                f"process over one stream; this split's link ({type(model.link).__name__}) cannot: train with a "
+                "--server (the standard split, one process a side)."
+            )
+        if args.pipeline_micro_batches and args.world_size > 1:
+            raise ValueError(
+                f"pipeline_micro_batches=True with {args.world_size} processes: a process's forwards run ahead of the "
+                "backwards DDP synchronises; pipeline with one process on the client."
+            )
         kwargs.setdefault("compute_metrics", classification_metrics)
         # The split model smooths its own (soft) targets (see compute_loss); the Trainer's label smoother would
         # take the labels away from it, and looks for a `config` the plain-module wrapper does not have.
@@ -96,6 +107,7 @@ class ADCTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         args.label_smoothing_factor = smoothing
         self.model_accepts_loss_kwargs = False
+        self._window, self._window_losses = [], []  # a step's micro-batches and, pipelined, their losses
         self.budget_exhausted = False
         self.train_started = None  # perf_counter() at the start of train(); logs carry the wall time since
         self.communication = self._summary(Ledger())
@@ -208,12 +220,57 @@ class ADCTrainer(Trainer):
         self.communication = self._summary(summed)
         return self.communication
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """The Trainer's prefetched micro-batches of one optimizer step, kept: with `pipeline_micro_batches` the first
+        `training_step` of the step sends every forward of the window."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._window, self._window_losses = batch_samples, []
+        return batch_samples, num_items_in_batch
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """As the Trainer's, or with `pipeline_micro_batches` pipelined across the step's micro-batches: the first
+        call sends every forward of the step back to back (the link keeps their replies coming), and each call then
+        takes its micro-batch's reply and back-propagates it, in order, as one process would."""
+        if not self.args.pipeline_micro_batches:
+            return super().training_step(model, inputs, num_items_in_batch)
+        index = next(i for i, batch in enumerate(self._window) if batch is inputs)
+        link = self.model.link
+        if index == 0:
+            model.train()
+            link.defer_replies = True
+            try:
+                for batch in self._window:
+                    batch = self._prepare_inputs(batch)
+                    with self.compute_loss_context_manager():
+                        loss = self.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)
+                    self._window_losses.append(loss)
+            finally:
+                link.defer_replies = False
+        link.receive_reply()
+        loss = self._window_losses[index] / self.current_gradient_accumulation_steps
+        self._window_losses[index] = None  # its graph goes with its backward
+        self.accelerator.backward(loss)
+        return loss.detach()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The split model's own loss; `label_smoothing_factor` reaches it as `label_smoothing` (the Trainer's
         label smoother cannot smooth the soft labels of merged samples)."""
         if self.args.label_smoothing_factor:
             inputs = {**inputs, "label_smoothing": self.args.label_smoothing_factor}
+        if model.training:
+            self.model.link.backward_seed(self._backward_seed(), self.current_gradient_accumulation_steps)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _backward_seed(self) -> float:
+        """The seed `training_step`'s backward will give this micro-batch's loss: 1 / the step's micro-batches (unless
+        the loss is already scaled for them), times the loss scale under fp16. A link whose other end back-propagates
+        as soon as the forward comes needs it in advance (`Link.backward_seed`)."""
+        scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
+            self.compute_loss_func is not None
+        )  # fmt: skip
+        seed = 1.0 if scaled else 1.0 / self.current_gradient_accumulation_steps
+        scaler = getattr(self.accelerator, "scaler", None)
+        return seed * float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else seed
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs or "train_loss" in logs or any(key.startswith("eval_") for key in logs):

@@ -198,12 +198,13 @@ def certified_client_id(peer_name: str | None, num_clients: int) -> int | None:
     return int(match.group(1))
 
 
-def check_plan_costs(split, args, num_client_norms: int, client_id: int, shard_size: int, step_bytes: int,
-                     epoch_bytes: int) -> None:  # fmt: skip
+def check_plan_costs(split, args, num_client_norms: int, num_server_norms: int, client_id: int, shard_size: int,
+                     step_bytes: int, epoch_bytes: int) -> None:  # fmt: skip
     """The costs a PLAN announces, against what the server computes for the agreed split and batch (the plan
     is made from them: a client that understated them would make the federation overspend its budget). An
     epoch is the shard's uncompressed traffic exactly; a step at least one process's full batches with their
-    control values (more for a client of several processes, or a ragged batch that costs more)."""
+    control values and the step's norms both ways (more for a client of several processes, or a ragged batch that
+    costs more)."""
     epoch = sum(split.wire_bytes(1, compressed=False)) * shard_size
     if epoch_bytes != epoch:
         raise Refused(
@@ -213,7 +214,7 @@ def check_plan_costs(split, args, num_client_norms: int, client_id: int, shard_s
     ushaped = isinstance(split, USplitViTForImageClassification)
     up, down = USHAPED_CONTROL_BYTES if ushaped else STANDARD_CONTROL_BYTES
     micro_batch = sum(split.wire_bytes(args.per_device_train_batch_size)) + up + down
-    least = micro_batch * args.gradient_accumulation_steps + 4 * num_client_norms + 16
+    least = micro_batch * args.gradient_accumulation_steps + 4 * num_client_norms + 8 + 4 * num_server_norms
     if not least <= step_bytes <= MAX_PROCESSES * least:
         raise Refused(
             f"client {client_id} announces {step_bytes} bytes a step; this split's is {least} for one process "

@@ -204,6 +204,7 @@ class FederatedServer:
         try:
             member = self._join(session)
             logger.info("Session %d: client %d joined.", session.number, member.client_id)
+            session.ushaped = self.server_half.ushaped
             FederatedSession(self, member, session).run()
             session.connection.close()
         except Exception as error:  # noqa: BLE001 - whatever a session does wrong ends that session, never the server
@@ -248,8 +249,8 @@ class FederatedServer:
                 f"client_id={client_id} disagrees with the client's certificate ({connection.peer_name}): a client's "
                 "id is the one its kit was made for (client-N)."
             )
-        check_plan_costs(self.split, self.args, self.server_half.num_client_norms, client_id, shard_size,
-                         step_bytes, epoch_bytes)  # fmt: skip
+        check_plan_costs(self.split, self.args, self.server_half.num_client_norms, self.server_half.num_server_norms,
+                         client_id, shard_size, step_bytes, epoch_bytes)  # fmt: skip
         with members.condition:
             if self.plan is not None and self.round >= self.plan.rounds and not resume_step:
                 raise Refused(f"client {client_id} comes after the federation's last round: nothing is left to train.")

@@ -10,7 +10,6 @@ import torch
 
 from ..server import (
     Session,
-    answer_backward,
     answer_eval,
     answer_forward,
     answer_head_backward,
@@ -83,7 +82,6 @@ class FederatedSession:
         self.handlers = {
             Kind.BEGIN: self._begin,
             Kind.FORWARD: self._forward,
-            Kind.BACKWARD: lambda frame: answer_backward(self.server_half, self.session, frame),
             Kind.HEAD_BACKWARD: lambda frame: answer_head_backward(self.server_half, self.session, frame),
             Kind.STEP: self._step,
             Kind.EVAL: self._eval,
@@ -117,7 +115,7 @@ class FederatedSession:
                 ) from error
             if not self.member.live:
                 raise Refused(f"client {self.member.client_id} was dropped from the federation.")
-            self.session.advance(frame.kind)
+            self.session.advance(frame)
             if self.handlers[frame.kind](frame):
                 return
 
@@ -151,11 +149,10 @@ class FederatedSession:
         step_lock.take(self.session.number)
         if not member.live:  # dropped meanwhile (its turn's clock ran out): its step is not applied (see `_drop`)
             raise Refused(f"client {member.client_id} was dropped from the federation.")
-        total = self.server_half.optimizer_step(required(frame, "norm"), frame.value)
+        self.server_half.optimizer_step(required(frame, "norm"), frame.value)  # no reply: the client has the norm
         step_lock.give_back()
         member.steps += 1
         member.steps_since_sync += 1
-        self.session.reply(Kind.NORM, value=float(total))
 
     def _eval(self, frame: Frame) -> None:
         step_lock = self.federation.step_lock
