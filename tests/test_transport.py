@@ -113,7 +113,7 @@ def test_a_server_certificate_for_another_host_is_named(kits, tmp_path):
 def test_a_server_not_up_yet_is_waited_for_and_a_server_never_up_is_a_timeout(kits):
     ours, _ = kits
     address = free_address()
-    with pytest.raises(PeerLost, match=r"cannot reach the server at .* within 1 s: nothing answers at .*Connection refused"):
+    with pytest.raises(PeerLost, match=r"cannot reach the server at .* within 1 s: nothing answers .*refused"):
         connect(address, timedelta(seconds=1), ours["client-0"])
     late = []
     starter = threading.Timer(1.5, lambda: late.append(Listener(address, TIMEOUT, kit=ours["server"])))

@@ -504,10 +504,8 @@ def _probe(channel, address: str, host: str, kit, timeout: timedelta) -> None:
             if not is_transient(details) and error.code() == grpc.StatusCode.UNAVAILABLE:
                 raise PeerLost(explain(details, address, host, kit)) from None
             if time.monotonic() >= deadline:
-                seconds = timeout.total_seconds()
-                raise PeerLost(
-                    f"cannot reach the server at {address} within {seconds:.0f} s: {explain(details, address, host, kit)}"
-                ) from None
+                seconds, why = timeout.total_seconds(), explain(details, address, host, kit)
+                raise PeerLost(f"cannot reach the server at {address} within {seconds:.0f} s: {why}") from None from None
         time.sleep(0.2)
 
 
