@@ -505,7 +505,7 @@ def _probe(channel, address: str, host: str, kit, timeout: timedelta) -> None:
                 raise PeerLost(explain(details, address, host, kit)) from None
             if time.monotonic() >= deadline:
                 seconds, why = timeout.total_seconds(), explain(details, address, host, kit)
-                raise PeerLost(f"cannot reach the server at {address} within {seconds:.0f} s: {why}") from None from None
+                raise PeerLost(f"cannot reach the server at {address} within {seconds:.0f} s: {why}") from None
         time.sleep(0.2)
 
 
