@@ -112,7 +112,7 @@ class Latency:
 
 def one_run(
     namespace: Namespace, method: str, transport: str, args, checkpoint: str, kits: Path, output_dir: Path,
-    rtt_ms: float = 0.0, accumulation: int = 1,
+    rtt_ms: float = 0.0, accumulation: int = 1, pipelined: bool = False,
 ) -> dict:  # fmt: skip
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -145,7 +145,7 @@ def one_run(
             namespace.exec([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                             str(ROOT / "recipes/accelerate_configs/cpu.yaml"), str(ROOT / "recipes/train.py"), *shared,
                             *remote, *client_credentials, "--server", dialled, *data, "--output_dir",
-                            str(output_dir)]),
+                            str(output_dir), *(["--pipeline_micro_batches", "true"] if pipelined else [])]),
             env=env, capture_output=True, text=True,
         )  # fmt: skip
         server.wait(timeout=300)
@@ -170,6 +170,7 @@ def one_run(
         "transport": transport,
         "rtt_ms": rtt_ms,
         "accumulation": accumulation,
+        "pipelined": pipelined,
         "latency_by": "netem" if namespace.netem else "proxy",
         "steps": results["steps"],
         "accuracy": results["test_accuracy"],
@@ -213,6 +214,8 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="*", default=[100, 10], help="Link rates in Mbit/s.")
     parser.add_argument("--rtt", type=float, nargs="+", default=[0], help="Round trips added, in ms.")
     parser.add_argument("--accumulation", type=int, nargs="+", default=[1], help="Micro-batches a step.")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="Also run each step of several micro-batches pipelined (--pipeline_micro_batches).")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--train-samples", type=int, default=3000)
     parser.add_argument("--eval-samples", type=int, default=500)
@@ -245,14 +248,16 @@ def main() -> None:
     rows = []
     try:
         settings = [
-            (rate, rtt, accumulation, method, transport)
+            (rate, rtt, accumulation, pipelined, method, transport)
             for rate in [None, *args.rates] for rtt in args.rtt for accumulation in args.accumulation
+            for pipelined in ([False, True] if args.pipeline and accumulation > 1 else [False])
             for method in args.methods for transport in args.transports
         ]  # fmt: skip
-        for rate, rtt, accumulation, method, transport in tqdm(settings, desc="runs"):
+        for rate, rtt, accumulation, pipelined, method, transport in tqdm(settings, desc="runs"):
             namespace.shape(rate, rtt)
-            work = scratch / f"{rate or 'unshaped'}-{rtt:g}ms-{accumulation}-{method.split()[0]}-{transport}"
-            row = one_run(namespace, method, transport, args, checkpoint, kits, work, rtt, accumulation)
+            work = scratch / (f"{rate or 'unshaped'}-{rtt:g}ms-{accumulation}{'p' * pipelined}-{method.split()[0]}-"
+                              f"{transport}")  # fmt: skip
+            row = one_run(namespace, method, transport, args, checkpoint, kits, work, rtt, accumulation, pipelined)
             rows.append({"rate": rate, **row})
             with open(output / "runs.jsonl", "a") as file:
                 file.write(json.dumps(rows[-1]) + "\n")
@@ -267,10 +272,10 @@ def main() -> None:
 def table(rows: list[dict], args) -> str:
     """Seconds a step (and what the round trips add over RTT 0), and time to the uncompressed split's accuracy,
     for each link, round trip and number of micro-batches."""
-    fields = ("rate", "rtt_ms", "accumulation", "method", "transport")
+    fields = ("rate", "rtt_ms", "accumulation", "pipelined", "method", "transport")
 
     def key(row: dict, **changes) -> tuple:
-        return tuple({**row, **changes}[name] for name in fields)
+        return tuple({**row, **changes}.get(name, False) for name in fields)  # runs of before --pipeline: False
 
     by_key = {key(row): row for row in rows}
     lines = [
@@ -295,8 +300,9 @@ def table(rows: list[dict], args) -> str:
         counted = (row["payload_bytes"] + row["framing_bytes"]) / row["wire_bytes"]
         wire = f"{counted:.4f}" if not row["rtt_ms"] or row.get("latency_by") == "netem" else "- (proxy)"
         link = f"{row['rate']:g} Mbit/s" if row["rate"] else "unshaped"
+        micro_batches = f"{row['accumulation']}{' pipelined' if row.get('pipelined') else ''}"
         lines.append(
-            f"| {link} | {row['rtt_ms']:g} | {row['accumulation']} | {row['method']} | {row['transport']} | "
+            f"| {link} | {row['rtt_ms']:g} | {micro_batches} | {row['method']} | {row['transport']} | "
             f"{row['steps']} | {step:.3f} | {added} | {row['accuracy']:.4f} | "
             f"{f'{reached:.0f}' if reached else 'not reached'} | {speedup} | {wire} |"
         )
