@@ -103,11 +103,11 @@ class FederatedSession:
         while True:
             holding = step_lock.owner == self.session.number
             lease_left = timedelta(seconds=max(step_lock.remaining(), 0.001))
-            timeout = min(lease_left, self.session.connection.timeout) if holding else None
+            by_lease = holding and lease_left <= self.session.connection.timeout
             try:
-                frame = self.session.connection.recv(*self.handlers, timeout=timeout)
+                frame = self.session.connection.recv(*self.handlers, timeout=lease_left if by_lease else None)
             except PeerLost as error:
-                if not holding:
+                if not by_lease:
                     raise
                 raise PeerLost(
                     f"client {self.member.client_id} held the server half past its lease of {step_lock.lease:.0f} s "
