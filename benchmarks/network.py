@@ -194,12 +194,12 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rates = sorted({row["rate"] for row in rows if row["rate"]}, reverse=True)
+    rates = sorted({row["rate"] for row in rows if row["rate"]}, reverse=True) or [None]
     figure, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 3.8), squeeze=False)
     for axis, rate in zip(axes[0], rates, strict=True):
         for row in (row for row in rows if row["rate"] == rate):
             axis.plot(*zip(*row["evals"], strict=True), marker="o", label=f"{row['method']} ({row['transport']})")
-        axis.set_title(f"link shaped to {rate} Mbit/s")
+        axis.set_title(f"link shaped to {rate} Mbit/s" if rate else "link unshaped")
         axis.set_xlabel("training wall-clock (s, evaluations excluded)")
         axis.set_ylabel("test accuracy")
         axis.grid(alpha=0.3)
