@@ -176,6 +176,7 @@ def one_run(
         "accuracy": results["test_accuracy"],
         "train_seconds": train_seconds,
         "step_ms": 1e3 * train_seconds / results["steps"],
+        "client_peak_mib": results.get("peak_memory_mib"),
         "evals": evals,
         "ledger_bytes": results["total_bytes"] + results["inference_bytes"],
         "payload_bytes": traffic["payload_sent"] + traffic["payload_received"],
@@ -282,8 +283,8 @@ def table(rows: list[dict], args) -> str:
         f"\n{args.train_samples} training images, batch {args.batch_size}, budget 1 uncompressed epoch, CPU "
         f"({os.cpu_count()} cores)\n",
         "| link | RTT ms | micro-batches | method | transport | steps | s a step | + over RTT 0 (round trips) | "
-        "accuracy | s to uncompressed's accuracy | speed-up | ledger + framing / wire |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "accuracy | s to uncompressed's accuracy | speed-up | ledger + framing / wire | client peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         baseline = by_key.get(key(row, method="uncompressed"))
@@ -304,7 +305,8 @@ def table(rows: list[dict], args) -> str:
         lines.append(
             f"| {link} | {row['rtt_ms']:g} | {micro_batches} | {row['method']} | {row['transport']} | "
             f"{row['steps']} | {step:.3f} | {added} | {row['accuracy']:.4f} | "
-            f"{f'{reached:.0f}' if reached else 'not reached'} | {speedup} | {wire} |"
+            f"{f'{reached:.0f}' if reached else 'not reached'} | {speedup} | {wire} | "
+            f"{row.get('client_peak_mib') or float('nan'):.0f} |"
         )
     return "\n".join(lines)
 

@@ -5,9 +5,11 @@ half lives in another process (`hf_adc.distributed.launch.run_client`) runs the 
 module knows nothing of processes, so the dependency goes one way.
 """
 
+import resource
 import time
 from dataclasses import asdict
 
+import torch
 from datasets import DatasetDict
 from transformers import BaseImageProcessor
 
@@ -48,12 +50,21 @@ def train_split(
         "steps": trainer.state.global_step,
         "world_size": training_args.world_size,
         "train_seconds": train_seconds,
+        "peak_memory_mib": peak_memory_mib(training_args.device),
         "compression": split.client.config.compression,
         "topology": split.split_settings().get("topology", "standard"),
         "head_layers": split.split_settings().get("head_layers"),
         "log_history": trainer.state.log_history,
     }
     return trainer, results
+
+
+def peak_memory_mib(device) -> float:
+    """This process's peak memory in MiB: the GPU's allocations on CUDA, else the resident set (`ru_maxrss`), which
+    is what holding several micro-batches' graphs at once (`pipeline_micro_batches`) costs."""
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def pushed_model_id(training_args: ADCTrainingArguments) -> str | None:
