@@ -63,6 +63,17 @@ def ended(member: WireClient, test_accuracy: float) -> None:
     member.end([1.0, 1.0, 0.0, 2.0, 4.0, 2.0, test_accuracy, test_accuracy][:RESULTS])
 
 
+def ended_without_the_hostile_member(honest: WireClient, server, output_dir) -> dict:
+    """The honest member's END, the server's exit, and its results: `degraded`, without client 1, client 0 finished."""
+    ended(honest, 0.5)
+    log = finish(server)
+    assert server.returncode == 0, log[-3000:]
+    report = json.loads((output_dir / "server_results.json").read_text())
+    assert report["status"] == "degraded" and report["dropped"] == [1], report
+    assert report["clients"]["0"]["finished"] and report["clients"]["0"]["drop_reason"] is None
+    return report
+
+
 def test_a_member_cannot_take_another_members_slot_nor_own_the_average_nor_forge_the_models_record(
     tiny_vit_path, tmp_path
 ):
@@ -124,13 +135,8 @@ def test_a_half_that_breaks_the_client_half_is_charged_to_its_sender_not_to_the_
     torch.testing.assert_close(average, start)  # the average of the sound halves: the honest one alone
     honest.train_step()  # its next FORWARD is accepted: nothing broken reached it
     honest.sync(start, SHARD)
-    ended(honest, 0.5)
-    log = finish(server)
-    assert server.returncode == 0, log[-3000:]
-    report = json.loads((output_dir / "server_results.json").read_text())
-    assert report["status"] == "degraded" and report["dropped"] == [1], report
+    report = ended_without_the_hostile_member(honest, server, output_dir)
     assert "activations NaN or Inf" in report["clients"]["1"]["drop_reason"]
-    assert report["clients"]["0"]["finished"] and report["clients"]["0"]["drop_reason"] is None
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2, 4])
@@ -160,9 +166,5 @@ def test_a_holder_slower_than_its_lease_is_dropped_and_the_honest_waiter_trains_
     honest.sync(start, SHARD)
     honest.train_step(micro_batches)
     honest.sync(start, SHARD)
-    ended(honest, 0.5)
-    log = finish(server)
-    assert server.returncode == 0, log[-3000:]
-    report = json.loads((output_dir / "server_results.json").read_text())
-    assert report["status"] == "degraded" and report["dropped"] == [1], report
-    assert report["clients"]["0"]["finished"] and report["clients"]["0"]["steps"] == 2
+    report = ended_without_the_hostile_member(honest, server, output_dir)
+    assert report["clients"]["0"]["steps"] == 2

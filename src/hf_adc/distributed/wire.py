@@ -7,7 +7,7 @@ says:
     magic, protocol version, message kind, step, number of tensors, a float64 value (the bits),
     then for each of up to MAX_TENSORS slots: name id, dtype id, rank, and MAX_RANK dimensions
 
-The value carries a message's one scalar (a loss, a backward seed, a norm), so that such a message is a single
+The value carries a message's one scalar (a loss, a label smoothing, a row count, a max norm), so that a message is one
 send: every send also costs bytes below the transport (TCP/IP headers and acknowledgements, HTTP/2 frames and TLS
 records), and the fewer sends, the closer the bytes counted here come to the bytes on the wire.
 
