@@ -187,8 +187,8 @@ class RemoteLink(Link):
         micro-batch (float32, one per server gradient) and charged as step control."""
         norms = tensors.pop("norm", None)
         if last != (norms is not None):
-            raise WireError(f"the server's gradient norms came {'without' if last else 'before'} the step's last "
-                            "micro-batch.")  # fmt: skip
+            when = "did not come with" if last else "came before"
+            raise WireError(f"the server's gradient norms {when} the step's last micro-batch.")
         if norms is not None:
             if norms.dtype != torch.float32 or norms.shape != (self.num_server_norms,):
                 raise WireError(f"the server's norms must be {self.num_server_norms} float32; got {norms.dtype} "
