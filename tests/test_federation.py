@@ -266,14 +266,7 @@ def test_a_killed_client_is_dropped_the_others_go_on_and_it_rejoins_with_the_cur
         tmp_path, tiny_vit_path, digits_dir, "splitfed", 3, 60, server_extra=(*patient, "--round_timeout", "120"),
         client_extra=patient,
     )  # fmt: skip
-    # While the three join and train, a client with a wrong token and one with another split are refused.
     address = next(arg for arg in server.args if arg.startswith("127.0.0.1:"))
-    strangers = [
-        start_client(address, tiny_vit_path, digits_dir, tmp_path / "wrong-token", 1, "--num_clients", "3",
-                     "--max_steps", "60", "--join_token", "guess"),
-        start_client(address, tiny_vit_path, digits_dir, tmp_path / "other-split", 1, "--num_clients", "3",
-                     "--max_steps", "60", "--split_layer", "1"),
-    ]  # fmt: skip
     # Past the first round (its third step logged), so that the federation has an averaged half to hand out.
     wait_for(lambda: clients[2].log_path.read_text().count("'loss'") >= 3, 180, "client 2's third logged step")
     signal_group(clients[2], signal.SIGKILL)
@@ -281,6 +274,15 @@ def test_a_killed_client_is_dropped_the_others_go_on_and_it_rejoins_with_the_cur
     # The other two go on; they are stopped (and so wait) while client 2 restarts, so that it rejoins mid-way.
     for client in clients[:2]:
         signal_group(client, signal.SIGSTOP)
+    # Meanwhile, with client 2's kit (free now: one session a member), a client with a wrong token and one with
+    # another split are refused, and disturb nothing.
+    strangers = [
+        start_client(address, tiny_vit_path, digits_dir, tmp_path / "wrong-token", 2, "--num_clients", "3",
+                     "--max_steps", "60", "--join_token", "guess"),
+        start_client(address, tiny_vit_path, digits_dir, tmp_path / "other-split", 2, "--num_clients", "3",
+                     "--max_steps", "60", "--split_layer", "1"),
+    ]  # fmt: skip
+    stranger_logs = [wait_output(stranger, 120) for stranger in strangers]
     again = start_client(address, tiny_vit_path, digits_dir, output_dir / "client-2", 2, "--num_clients", "3",
                          "--max_steps", "60", *patient)  # fmt: skip
     wait_for(lambda: "Client 2 rejoined at round" in server.log_path.read_text(), 120, "client 2 rejoining")
@@ -289,8 +291,8 @@ def test_a_killed_client_is_dropped_the_others_go_on_and_it_rejoins_with_the_cur
     server_log, logs = finish_all(server, [*clients[:2], again])
     for client, log in zip([*clients[:2], again], logs, strict=True):
         assert client.returncode == 0, log[-3000:] + server_log[-3000:]
-    for stranger, reason in zip(strangers, ("wrong join token", "split settings differ"), strict=True):
-        log = wait_output(stranger, 120)
+    for stranger, log, reason in zip(strangers, stranger_logs, ("wrong join token", "split settings differ"),
+                                     strict=True):  # fmt: skip
         assert stranger.returncode != 0 and reason in log, log[-2000:]
 
     report = json.loads((output_dir / "server" / "server_results.json").read_text())
