@@ -47,7 +47,7 @@ from ..link import CommunicationRecord, Link, nbytes
 from ..split import SplitViTForImageClassification, SplitViTOutput
 from ..ushape import USplitViTForImageClassification
 from .connect import Connection
-from .server_half import global_norm
+from .server_half import global_norm, server_side_parameters
 from .settings import drop_modules
 from .wire import Kind, WireError, json_tensor
 
@@ -364,7 +364,7 @@ class RemoteSplitViT(SplitViTForImageClassification):
     """
 
     def __init__(self, split: SplitViTForImageClassification, link: RemoteLink):
-        link.num_server_norms = _server_norms(split)
+        link.num_server_norms = sum(1 for p in server_side_parameters(split) if p.requires_grad)
         bridge = drop_modules(split.bridge, split.bridge.server_modules)
         super().__init__(split.client, None, bridge, link)
         link.num_norms = sum(1 for parameter in self.parameters() if parameter.requires_grad)
@@ -390,7 +390,7 @@ class RemoteUSplitViT(USplitViTForImageClassification):
     `save_pretrained` writes the client's parts (`client/`, `head/`); the server writes `server/`."""
 
     def __init__(self, split: USplitViTForImageClassification, link: RemoteLink):
-        link.num_server_norms = _server_norms(split)
+        link.num_server_norms = sum(1 for p in server_side_parameters(split) if p.requires_grad)
         bridge = drop_modules(split.bridge, split.bridge.server_modules)
         super().__init__(split.client, None, split.head, bridge, link)
         link.ushaped = True
@@ -423,14 +423,6 @@ class RemoteUSplitViT(USplitViTForImageClassification):
             raise WireError(f"the server's head_activations of {returned.dtype} {tuple(returned.shape)} are not "
                             f"finite floats of ({rows}, 1 .. {tokens}, {hidden_size}).")  # fmt: skip
         return self._head_output(returned, targets, message, record)
-
-
-def _server_norms(split: SplitViTForImageClassification) -> int:
-    """The server's trainable tensors in `split` (its half's and its side of the bridge's): the norms that come down
-    with each step's last gradient."""
-    bridge = split.bridge
-    server_side = [p for name in bridge.server_modules for p in bridge.get_submodule(name).parameters()]
-    return sum(1 for parameter in [*server_side, *split.server.parameters()] if parameter.requires_grad)
 
 
 def remote_model(split: SplitViTForImageClassification, link: RemoteLink) -> RemoteSplitViT | RemoteUSplitViT:

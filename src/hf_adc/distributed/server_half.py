@@ -30,6 +30,14 @@ def global_norm(client_norms: torch.Tensor, server_norms: torch.Tensor, head_nor
     return torch.linalg.vector_norm(torch.cat([client_norms[:cut], server_norms.float().cpu(), client_norms[cut:]]))
 
 
+def server_side_parameters(split: SplitViTForImageClassification) -> list[nn.Parameter]:
+    """The server's parameters in a whole split, in the one-process order: its side of the bridge, then its half.
+    Their gradient norms go down with each step's last gradient."""
+    bridge = split.bridge
+    return [*(p for name in bridge.server_modules for p in bridge.get_submodule(name).parameters()),
+            *split.server.parameters()]  # fmt: skip
+
+
 @dataclass
 class PendingBackward:
     """What a FORWARD leaves for its BACKWARD: the activations as received (with their gradient to come), the
@@ -74,13 +82,13 @@ class ServerHalf:
     def __init__(self, split: SplitViTForImageClassification, args: TrainingArguments, keep_client: bool = False):
         bridge = split.bridge
         self.ushaped = isinstance(split, USplitViTForImageClassification)
-        server_side = {id(p) for name in bridge.server_modules for p in bridge.get_submodule(name).parameters()}
+        server_side = {id(p) for p in server_side_parameters(split)}
         client_side = [*split.client.parameters(), *(p for p in bridge.parameters() if id(p) not in server_side)]
         head = list(split.head.parameters()) if self.ushaped else []
         self.num_client_norms = sum(1 for parameter in [*client_side, *head] if parameter.requires_grad)  # STEP's
         self.num_head_norms = sum(1 for parameter in head if parameter.requires_grad)  # the last of them
-        server_parameters = [*(p for p in bridge.parameters() if id(p) in server_side), *split.server.parameters()]
-        self.num_server_norms = sum(1 for parameter in server_parameters if parameter.requires_grad)  # sent down
+        self.num_server_norms = sum(1 for parameter in server_side_parameters(split) if parameter.requires_grad)
+        self.sent_norms: torch.Tensor | None = None  # the step's server norms, as they went down
         if not keep_client:
             split.client = None
             if self.ushaped:
@@ -232,11 +240,13 @@ class ServerHalf:
 
     def gradient_norms(self) -> torch.Tensor:
         """The norm of each server gradient, in the one-process order, as float32 (what goes down with the step's
-        last gradient, so that the client forms the global norm without asking)."""
+        last gradient, so that the client forms the global norm without asking); kept for the STEP that follows,
+        which clips by the same norms without measuring the gradients again."""
         parameters = self._with_gradients()
         if not parameters:
             raise WireError("no micro-batch of this step has come: there are no gradients to measure.")
-        return torch.stack([torch.nn.utils.get_total_norm([p.grad]) for p in parameters]).float().cpu()
+        self.sent_norms = torch.stack([torch.nn.utils.get_total_norm([p.grad]) for p in parameters]).float().cpu()
+        return self.sent_norms
 
     def optimizer_step(self, client_norms: torch.Tensor, max_norm: float) -> torch.Tensor:
         """Clips by the global norm and steps; the norm is the norm of every per-tensor norm in the one-process
@@ -255,7 +265,9 @@ class ServerHalf:
         parameters = self._with_gradients()
         if not parameters:
             raise WireError("a STEP came before any micro-batch: there are no gradients to step with.")
-        total = global_norm(client_norms, self.gradient_norms(), self.num_head_norms).to(parameters[0].device)
+        server_norms = self.sent_norms if self.sent_norms is not None else self.gradient_norms()
+        self.sent_norms = None
+        total = global_norm(client_norms, server_norms, self.num_head_norms).to(parameters[0].device)
         if math.isfinite(max_norm):
             torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
         if torch.isfinite(total):
@@ -282,6 +294,7 @@ class ServerHalf:
 
     def discard_gradients(self) -> None:
         """Forgets the partial gradients of a step that will not be taken (its client was lost)."""
+        self.sent_norms = None
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
 
