@@ -358,6 +358,7 @@ class Listener:
             ("grpc.server_handshake_timeout_ms", int(self.handshake_timeout.total_seconds() * 1000)),  # TLS, HTTP/2
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),  # the clients' keepalive pings are welcome
             ("grpc.http2.max_ping_strikes", 0),
+            ("grpc.so_reuseport", 0),  # a second server on a taken port fails, rather than sharing its clients
         ]
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hf_adc-stream"),

@@ -6,7 +6,9 @@ This module builds on `hf_adc.experiment`, never the other way round: a one-proc
 
 import json
 import logging
+import math
 import multiprocessing
+import os
 import secrets
 import socket
 import tempfile
@@ -31,6 +33,7 @@ from .connect import Listener, connect
 from .federation import FederatedLink, FederatedServer
 from .files import CheckpointError, write_atomically
 from .provision import ephemeral_kits
+from .ranks import ServerRanks, from_rank_zero, join_in_rank_order, rank_address
 from .server import SplitServer
 from .settings import message_cap, session_settings
 
@@ -59,8 +62,15 @@ def remote_split(
     federation_args: FederationArguments | None = None,
 ) -> RemoteSplitViT:
     """`split`'s client side, joined to the server at `remote_args.server` (as client `client_id` of a federation
-    when `federation_args` names one): the handshake sends the settings the server must agree with."""
+    when `federation_args` names one): the handshake sends the settings the server must agree with. A client of
+    several processes joins a server of as many ranks: rank i at the server's port + i, rank 0 first
+    (`join_in_rank_order`)."""
     _check_share_head(isinstance(split, USplitViTForImageClassification), federation_args)
+    rank, ranks = training_args.process_index, training_args.world_size
+    if _federated(federation_args) and ranks > 1:
+        raise ValueError(f"a federation member (--client_id {federation_args.client_id}) runs one process; this "
+                         f"client runs {ranks}. Several processes train one split against a server of as many ranks, "
+                         "without --num_clients.")  # fmt: skip
     kit = remote_args.kit()
     if _federated(federation_args) and kit is not None and kit.name != f"client-{federation_args.client_id}":
         raise ValueError(
@@ -69,18 +79,23 @@ def remote_split(
         )
     batch = max(training_args.per_device_train_batch_size, training_args.per_device_eval_batch_size)
     cap = message_cap((split.client or split.server).config, batch)
-    peer = connect(remote_args.server, remote_args.timeout_delta(), kit, remote_args.insecure, cap)
-    if _federated(federation_args):
-        link = FederatedLink(peer, federation_args.client_id, split.link.channel, split.link.wire_dtype)
-    else:
-        link = RemoteLink(peer, split.link.channel, split.link.wire_dtype)
-    split = remote_model(split, link)
-    settings = session_settings(split, training_args)
-    if _federated(federation_args):
-        settings["federation"] = federation_args.shared_settings(training_args)
-        link.attach(split, with_head=federation_args.share_head)
-    link.join(settings, remote_args.token())
-    return split
+
+    def join() -> RemoteSplitViT:
+        address = rank_address(remote_args.server, rank)
+        peer = connect(address, remote_args.timeout_delta(), kit, remote_args.insecure, cap)
+        if _federated(federation_args):
+            link = FederatedLink(peer, federation_args.client_id, split.link.channel, split.link.wire_dtype)
+        else:
+            link = RemoteLink(peer, split.link.channel, split.link.wire_dtype)
+        remote = remote_model(split, link)
+        settings = {**session_settings(remote, training_args), "rank": rank, "ranks": ranks}
+        if _federated(federation_args):
+            settings["federation"] = federation_args.shared_settings(training_args)
+            link.attach(remote, with_head=federation_args.share_head)
+        link.join(settings, remote_args.token())
+        return remote
+
+    return join_in_rank_order(join, rank, ranks)
 
 
 def finish_remote(
@@ -100,7 +115,13 @@ def finish_remote(
         split.link.finish(results)
     else:
         split.link.finish()
-    results["transport"] = {**vars(split.link.peer.traffic), "server": remote_args.server}
+    traffic = vars(split.link.peer.traffic)
+    if trainer.args.world_size > 1:  # every rank's stream, summed: what crossed between the two sides
+        each = [None] * trainer.args.world_size
+        torch.distributed.all_gather_object(each, traffic)
+        traffic = {name: sum(rank[name] for rank in each) for name in traffic}
+        results["transport_ranks"] = each
+    results["transport"] = {**traffic, "server": remote_args.server}
 
 
 def _federation_results(trainer: ADCTrainer, link: FederatedLink, federation_args, shard_labels, dataset) -> dict:
@@ -176,13 +197,24 @@ def run_server(
 ) -> dict:
     """Serves the server half at `remote_args.listen` until a client has trained to the end (or is lost), then
     writes `server/` (and the bridge's server-side weights) and `server_results.json` into `output_dir`, and with
-    `push_to_hub` pushes the server half to `<hub_model_id>-server`."""
+    `push_to_hub` pushes the server half to `<hub_model_id>-server`.
+
+    Started as N ranks (`accelerate launch --num_processes N`, or torchrun), it serves one client of N processes:
+    rank r listens at the port + r, the ranks average the server half's gradients every step, and rank 0 writes the
+    files (`hf_adc.distributed.ranks`)."""
     if not remote_args.listen:
         raise ValueError("serve.py needs --listen HOST:PORT (e.g. 0.0.0.0:29500 to accept other machines).")
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id: the server half goes to <id>-server.")
     split_args.validate()
     _check_share_head(split_args.label_privacy, federation_args)
+    ranks = ServerRanks.of(training_args)
+    if ranks.size > 1 and federation_args is not None and federation_args.num_clients is not None:
+        raise ValueError(
+            f"--num_clients {federation_args.num_clients} with {ranks.size} server processes: a federation is served "
+            "by one process (several ranks serve one client of as many)."
+        )
+    listen = rank_address(remote_args.listen, ranks.rank)
 
     def build(labels):
         return build_split(model_args, split_args, labels, training_args.seed)[0].to(training_args.device)
@@ -198,7 +230,7 @@ def run_server(
     else:
         server = SplitServer(
             build, training_args, training_args.output_dir, join_token=remote_args.token(),
-            resume_from=training_args.resume_from_checkpoint,
+            resume_from=training_args.resume_from_checkpoint, ranks=ranks,
         )  # fmt: skip
     if remote_args.insecure and remote_args.token() is None:
         logger.warning("Plaintext and no join token ($%s): any client that reaches this address can join.",
@@ -206,17 +238,19 @@ def run_server(
     batch = max(training_args.per_device_train_batch_size, training_args.per_device_eval_batch_size)
     sessions = 1 if federation_args is None or federation_args.num_clients is None else federation_args.num_clients
     listener = Listener(
-        remote_args.listen, remote_args.timeout_delta(), kit=remote_args.kit(), insecure=remote_args.insecure,
+        listen, remote_args.timeout_delta(), kit=remote_args.kit(), insecure=remote_args.insecure,
         revocations=remote_args.revocations(), max_message_bytes=message_cap(model_config(model_args), batch),
         max_sessions=sessions, handshake_timeout=timedelta(seconds=remote_args.handshake_timeout),
         one_session_per_peer=isinstance(server, FederatedServer),  # a federation member is one session at a time
     )  # fmt: skip
-    logger.warning("Serving the server half on %s (%s).", remote_args.listen,
-                   "PLAINTEXT" if remote_args.insecure else "mutual TLS")  # fmt: skip
+    logger.warning("Serving the server half on %s (%s%s).", listen, "PLAINTEXT" if remote_args.insecure else
+                   "mutual TLS", f", rank {ranks.rank} of {ranks.size}" if ranks.size > 1 else "")  # fmt: skip
     try:
         results = server.serve(listener, accept_seconds=remote_args.accept_timeout)
     finally:
         listener.stop()
+    if not ranks.main:  # rank 0 writes the results (every rank's traffic in them) and pushes
+        return results
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -242,11 +276,43 @@ def _serve(*args) -> None:
     run_server(*args)
 
 
+def _serve_rank(rank: int, size: int, group_port: int, *args) -> None:
+    """Server rank `rank` of `size`'s entry point (spawned): its own process group on 127.0.0.1:`group_port`, as
+    `accelerate launch` would start it; accelerate forms the group as the arguments take their device."""
+    for name in [name for name in os.environ if name.startswith("TORCHELASTIC_")]:
+        del os.environ[name]  # the client's launcher's: its agent's store is not this group's
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(group_port))  # fmt: skip
+    model_args, split_args, training_args, remote_args, federation_args = args
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s server rank {rank} %(name)s: %(message)s")
+    # Fresh arguments: the client's carry its own process group; the server's collectives wait `--timeout` at most.
+    training_args = replace(training_args, ddp_timeout=math.ceil(remote_args.timeout))
+    run_server(model_args, split_args, training_args, remote_args, federation_args)
+
+
 def _client(client_id: int, *args) -> None:
     """A federation client process's entry point."""
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s client {client_id} %(name)s: %(message)s")
     results = run_client(*args)
     print(f"client {client_id}: {summary_text(results)}")
+
+
+def _free_ports(count: int, attempts: int = 50) -> int:
+    """The first of `count` consecutive free TCP ports on 127.0.0.1 (as free as a probe can tell)."""
+    for _ in range(attempts):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count > 65536:
+            continue
+        try:
+            for port in range(base + 1, base + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise OSError(f"found no {count} consecutive free ports on 127.0.0.1 in {attempts} attempts.")
 
 
 def start_local_server(
@@ -255,18 +321,18 @@ def start_local_server(
     training_args: ADCTrainingArguments,
     remote_args: RemoteArguments,
     federation_args: FederationArguments | None = None,
-) -> tuple[RemoteArguments, multiprocessing.Process]:
-    """Starts the server half in a process of its own on 127.0.0.1 (a free port, a fresh join token, and unless
-    `--insecure` a CA with a kit for the server and one per client, made on the fly in a private folder); returns
-    the client's remote arguments pointing at it (client 0's kit), and the process."""
+    ranks: int = 1,
+) -> tuple[RemoteArguments, list[multiprocessing.Process]]:
+    """Starts the server half on 127.0.0.1 (free ports, a fresh join token, and unless `--insecure` a CA with a kit
+    for the server and one per client, made on the fly in a private folder): one process, or for a client of
+    `ranks` processes a server of as many ranks, with their own process group. Returns the client's remote
+    arguments pointing at it (client 0's kit, which every rank of one client presents), and the processes."""
     if remote_args.credentials:
         raise ValueError(
             f"--credentials {remote_args.credentials} with --distributed: the one-machine command makes its own "
             "kits; give --credentials to serve.py and each client when they run apart."
         )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_ports(ranks)
     token = remote_args.token() or secrets.token_hex(16)
     address = f"127.0.0.1:{port}"
     credentials = None
@@ -278,16 +344,24 @@ def start_local_server(
         remote_args, distributed=False, listen=address, join_token=token,
         credentials=credentials and credentials["server"],
     )  # fmt: skip
-    process = multiprocessing.get_context("spawn").Process(
-        target=_serve, args=(model_args, split_args, training_args, server_args, federation_args), name="hf_adc-server"
-    )
-    process.start()
+    context = multiprocessing.get_context("spawn")
+    args = (model_args, split_args, training_args, server_args, federation_args)
+    if ranks == 1:
+        processes = [context.Process(target=_serve, args=args, name="hf_adc-server")]
+    else:
+        group_port = _free_ports(1)
+        processes = [
+            context.Process(target=_serve_rank, args=(rank, ranks, group_port, *args), name=f"hf_adc-server-{rank}")
+            for rank in range(ranks)
+        ]  # fmt: skip
+    for process in processes:
+        process.start()
     client_args = replace(
         remote_args, distributed=False, server=address, join_token=token,
         credentials=credentials and credentials["client-0"],
     )  # fmt: skip
     client_args.kits = credentials  # every client's kit, for `run_federation_here`
-    return client_args, process
+    return client_args, processes
 
 
 def run_with_local_server(
@@ -298,15 +372,20 @@ def run_with_local_server(
     remote_args: RemoteArguments,
     federation_args: FederationArguments | None = None,
 ) -> dict:
-    """`run_client` of a server process started here (`--distributed`); returns the client's results once the
-    server has stopped (or been stopped, `timeout` seconds after the client)."""
-    remote_args, server_process = start_local_server(model_args, split_args, training_args, remote_args)
+    """`run_client` of a server started here (`--distributed`); returns the client's results once the server has
+    stopped (or been stopped, `timeout` seconds after the client). A client of N processes starts one server, of N
+    ranks, from its rank 0."""
+    rank, ranks = training_args.process_index, training_args.world_size
+    remote_args, servers = from_rank_zero(lambda: start_local_server(
+        model_args, split_args, training_args, remote_args, ranks=ranks
+    ), rank, ranks)  # fmt: skip
     try:
         return run_client(model_args, split_args, data_args, training_args, remote_args, federation_args)
     finally:
-        server_process.join(timeout=remote_args.timeout)
-        if server_process.is_alive():
-            server_process.terminate()
+        for process in servers or []:
+            process.join(timeout=remote_args.timeout)
+            if process.is_alive():
+                process.terminate()
 
 
 def run_federation_here(
@@ -326,7 +405,7 @@ def run_federation_here(
             f"--resume_from_checkpoint {resume}: give the server's checkpoint-N in --output_dir "
             f"{training_args.output_dir}; each client resumes from its client-i/checkpoint-N there."
         )
-    remote_args, server = start_local_server(model_args, split_args, training_args, remote_args, federation_args)
+    remote_args, (server,) = start_local_server(model_args, split_args, training_args, remote_args, federation_args)
     context = multiprocessing.get_context("spawn")
     clients = []
     for client_id in range(federation_args.num_clients):

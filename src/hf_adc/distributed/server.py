@@ -20,6 +20,7 @@ from transformers import TrainingArguments
 from ..split import SplitViTForImageClassification
 from .connect import Connection
 from .files import CheckpointError
+from .ranks import RankGroupError, RanksDisagree, ServerRanks, check_ranks
 from .server_half import PendingBackward, ServerHalf
 from .settings import MAX_LABELS, differing_settings, session_settings
 from .wire import Frame, Kind, PeerLost, Refused, WireError, tensor_json
@@ -204,6 +205,11 @@ class SplitServer:
 
     A client that resumes from its `checkpoint-N` makes the server load its own `checkpoint-N` from `output_dir`,
     or from `resume_from` when given (whose step must then be the client's).
+
+    On a server of several ranks (`ranks`, see `hf_adc.distributed.ranks`) each rank runs a `SplitServer` for its
+    client rank: the handshake checks the client's rank and count against this rank's, BEGIN that all ranks serve
+    one client from one step; rank 0 writes the checkpoints and the final half once every rank's step is in, and
+    a rank whose serving ends tells the others, so that they end too.
     """
 
     def __init__(
@@ -213,8 +219,10 @@ class SplitServer:
         output_dir: str | Path,
         join_token: str | None = None,
         resume_from: str | Path | None = None,
+        ranks: ServerRanks | None = None,
     ):
         self.build = build
+        self.ranks = ranks or ServerRanks()
         self.args = args
         self.output_dir = Path(output_dir)
         self.join_token = join_token
@@ -256,12 +264,15 @@ class SplitServer:
         hellos: queue.Queue = queue.Queue()
         doorman = threading.Thread(target=self._let_in, args=(listener, hellos), name="doorman", daemon=True)
         doorman.start()
+        results = {"status": "failed", "steps": self.steps}
         try:
-            return self._serve_hellos(hellos, accept_seconds)
+            results = self._serve_hellos(hellos, accept_seconds)
+            return results
         finally:
             with self.hello_lock:
                 self.closed = True
             self._turn_away(hellos, "the server has ended its serving.")
+            self.ranks.end(results["status"])
 
     def _let_in(self, listener, hellos: queue.Queue) -> None:
         """Reads each new session's HELLO in a thread of its own, until the serving ends."""
@@ -298,12 +309,30 @@ class SplitServer:
                 return
             session.connection.refuse(reason)
 
+    def _next_hello(self, hellos: queue.Queue, accept_seconds: float | None):
+        """The next checked HELLO, or None once `accept_seconds` have passed, or another server rank has ended."""
+        deadline = None if accept_seconds is None else time.monotonic() + accept_seconds
+        while True:
+            wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if wait <= 0:
+                return None
+            try:
+                return hellos.get(timeout=wait)
+            except queue.Empty:
+                ended = self.ranks.ended()
+                if ended is not None:
+                    raise RankGroupError(f"another server rank has ended its serving ({ended}).") from None
+
     def _serve_hellos(self, hellos: queue.Queue, accept_seconds: float | None) -> dict:
         while True:
             try:
-                session, settings = hellos.get(timeout=accept_seconds)
-            except queue.Empty:
+                hello = self._next_hello(hellos, accept_seconds)
+            except RankGroupError as error:
+                logger.error("%s", error)
+                return {"status": "failed", "error": str(error), "steps": self.steps}
+            if hello is None:
                 return {"status": "no client", "steps": self.steps}
+            session, settings = hello
             try:
                 self._handshake(session, settings)
             except Exception as error:  # noqa: BLE001 - a handshake that breaks anything ends that session only
@@ -319,13 +348,13 @@ class SplitServer:
                 results = self._train(session)
                 session.connection.close()
                 return results
-            except (PeerLost, ServerFault) as error:
+            except (PeerLost, ServerFault, RankGroupError) as error:
                 logger.error(
                     "Session %d lost: %s. The last checkpoint in %s is kept.", session.number, error, self.output_dir
                 )
                 session.connection.refuse(str(error))
                 traffic = vars(session.connection.traffic)
-                status = "failed" if isinstance(error, ServerFault) else "client lost"
+                status = "client lost" if isinstance(error, PeerLost) else "failed"
                 return {"status": status, "error": str(error), "steps": self.steps, "traffic": traffic}
             except Exception as error:  # noqa: BLE001 - a message out of place or out of shape: that session ends
                 error = error if isinstance(error, (WireError, Refused)) else _unexpected(session, error)
@@ -339,9 +368,13 @@ class SplitServer:
         connection = session.connection
         if settings.get("federation"):
             raise Refused("the client expects a federation; this server serves one client (see --num_clients).")
+        try:
+            check_ranks(settings.get("rank", 0), settings.get("ranks", 1), self.ranks.rank, self.ranks.size)
+        except RanksDisagree as error:
+            raise Refused(str(error)) from error
         split = check_split_settings(settings, self.args, self.build, self.server_half)
         if self.server_half is None:
-            self.server_half = ServerHalf(split, self.args)
+            self.server_half = ServerHalf(split, self.args, ranks=self.ranks)
         session.ushaped = self.server_half.ushaped
         connection.open_up()  # before WELCOME: the client's next frame may be of the agreed split's size
         connection.send(Kind.WELCOME)
@@ -351,7 +384,16 @@ class SplitServer:
             frame = session.connection.recv(*self.handlers)
             session.advance(frame)
             if self.handlers[frame.kind](session, frame):
-                return {"status": "finished", "steps": self.steps, "traffic": vars(session.connection.traffic)}
+                return {"status": "finished", "steps": self.steps, **self._traffic(session)}
+
+    def _traffic(self, session: Session) -> dict:
+        """What crossed this session, and on several ranks what crossed all of them (`traffic`, summed) and each
+        (`rank_traffic`): a collective, at the end."""
+        traffic = vars(session.connection.traffic)
+        if self.ranks.size == 1:
+            return {"traffic": traffic}
+        each = self.ranks.gather(traffic)
+        return {"traffic": {name: sum(rank[name] for rank in each) for name in traffic}, "rank_traffic": each}
 
     def _checkpoint_dir(self, step: int) -> Path:
         return self.output_dir / f"checkpoint-{step}"
@@ -373,6 +415,11 @@ class SplitServer:
         max_steps, global_step = begin_scalars(frame)
         if self.args.max_steps > 0 and max_steps > self.args.max_steps:
             raise WireError(f"BEGIN's max_steps={max_steps} is over the server's max_steps={self.args.max_steps}.")
+        try:  # every rank's session is one client's: one certificate identity, one schedule, one step to start from
+            self.ranks.agree("certificate identity, max_steps and starting step",
+                             (session.connection.peer_name, max_steps, global_step))  # fmt: skip
+        except RanksDisagree as error:
+            raise Refused(str(error)) from error
         self.max_steps = max_steps
         self.server_half.make_optimizer(max_steps)
         if global_step or self.resume_from is not None:
@@ -392,14 +439,23 @@ class SplitServer:
         if not 1 <= frame.step <= self.max_steps:
             raise WireError(f"SAVE of step {frame.step} is out of range: 1 .. {self.max_steps} (BEGIN's max_steps).")
         try:
-            self.server_half.save_checkpoint(self._checkpoint_dir(frame.step))
-        except CheckpointError as error:
-            logger.error("%s", error)
+            self.ranks.agree("the step they save", frame.step)
+        except RanksDisagree as error:
             raise ServerFault(str(error)) from error
+        error = None
+        if self.ranks.main:  # the ranks hold the same half: rank 0 writes it
+            try:
+                self.server_half.save_checkpoint(self._checkpoint_dir(frame.step))
+            except CheckpointError as caught:
+                logger.error("%s", caught)
+                error = caught
+        if not self.ranks.all_ok(error is None):  # no rank answers before the checkpoint is whole on disk
+            raise ServerFault(str(error or f"server rank 0 could not write checkpoint-{frame.step}."))
         session.reply(Kind.DONE)
 
     def _end(self, session: Session, frame: Frame) -> bool:
-        """END: the final half saved; the session (and the serving) ends."""
-        self.server_half.save_final(self.output_dir)
+        """END: the final half saved (by rank 0); the session (and the serving) ends."""
+        if self.ranks.main:
+            self.server_half.save_final(self.output_dir)
         session.reply(Kind.DONE)
         return True

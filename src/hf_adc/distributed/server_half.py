@@ -13,6 +13,7 @@ from transformers import Trainer, TrainingArguments, get_scheduler
 from ..split import SERVER_BRIDGE_WEIGHTS_NAME, SplitViTForImageClassification, soft_targets
 from ..ushape import USplitViTForImageClassification
 from .files import CheckpointError, read_checked, write_atomically
+from .ranks import ServerRanks
 from .settings import drop_modules
 from .wire import WireError
 
@@ -76,10 +77,17 @@ class ServerHalf:
 
     Made from a whole split: the client half and the bridge's client-side modules are dropped, unless `keep_client`
     (a federation's server averages them and saves them next to its own). `steps` counts the optimizer steps
-    taken (a resumed checkpoint's included).
+    taken (a resumed checkpoint's included). On a server of several ranks (`ranks`), each rank's gradients are
+    averaged over the ranks once a step, before they are measured (`gradient_norms`), as DDP averages them.
     """
 
-    def __init__(self, split: SplitViTForImageClassification, args: TrainingArguments, keep_client: bool = False):
+    def __init__(
+        self,
+        split: SplitViTForImageClassification,
+        args: TrainingArguments,
+        keep_client: bool = False,
+        ranks: ServerRanks | None = None,
+    ):
         bridge = split.bridge
         self.ushaped = isinstance(split, USplitViTForImageClassification)
         server_side = {id(p) for p in server_side_parameters(split)}
@@ -96,6 +104,7 @@ class ServerHalf:
             drop_modules(split.bridge, split.bridge.client_modules)
         self.split = split
         self.args = args
+        self.ranks = ranks or ServerRanks()
         self.optimizer = None
         self.scheduler = None
         self.steps = 0
@@ -241,10 +250,12 @@ class ServerHalf:
     def gradient_norms(self) -> torch.Tensor:
         """The norm of each server gradient, in the one-process order, as float32 (what goes down with the step's
         last gradient, so that the client forms the global norm without asking); kept for the STEP that follows,
-        which clips by the same norms without measuring the gradients again."""
+        which clips by the same norms without measuring the gradients again. The step's gradients are complete
+        now: on several ranks they are averaged over the ranks first."""
         parameters = self._with_gradients()
         if not parameters:
             raise WireError("no micro-batch of this step has come: there are no gradients to measure.")
+        self.ranks.average_gradients(parameters)
         self.sent_norms = torch.stack([torch.nn.utils.get_total_norm([p.grad]) for p in parameters]).float().cpu()
         return self.sent_norms
 

@@ -57,7 +57,7 @@ def differing_settings(client: dict, server: dict) -> list[str]:
     return [
         f"{name}: client {client.get(name)!r}, server {server.get(name)!r}"
         for name in sorted(set(client) | set(server))
-        if name not in ("token", "federation") and client.get(name) != server.get(name)
+        if name not in ("token", "federation", "rank", "ranks") and client.get(name) != server.get(name)
     ]
 
 

@@ -286,6 +286,10 @@ class FederatedServer:
             raise Refused(f"this server runs a federation of {self.num_clients} clients: join with --client_id.")
         if federation.get("num_clients") != self.num_clients:
             raise Refused(f"num_clients: client {federation.get('num_clients')!r}, server {self.num_clients}.")
+        if settings.get("ranks", 1) != 1:
+            raise Refused(f"a federation member runs one process; this client runs {settings.get('ranks')!r} "
+                          "(several processes train one split against a server of as many ranks, without "
+                          "--num_clients).")  # fmt: skip
         shared = {key: value for key, value in federation.items() if key != "client_id"}
         if self.federation_settings is None:
             server = {name: plain(getattr(self.args, name)) for name in FEDERATION_ARGS}
