@@ -65,11 +65,15 @@ class ServerRanks:
     Every collective that fails (a rank died, a rank did not come within the group's timeout) raises
     `RankGroupError`, so that the session on this rank ends as the server's fault, never as its client's."""
 
+    servings = 0  # this process's servings so far: each tells its end under a key of its own
+
     def __init__(self, rank: int = 0, size: int = 1):
         if size > 1 and not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"server rank {rank} of {size}: torch.distributed is not initialized (start the server "
                                "with accelerate launch or torchrun).")  # fmt: skip
         self.rank, self.size = rank, size
+        ServerRanks.servings += 1
+        self.ended_key = f"hf_adc/server_ended/{ServerRanks.servings}"  # the same on every rank, serving by serving
 
     @classmethod
     def of(cls, training_args) -> "ServerRanks":
@@ -130,7 +134,7 @@ class ServerRanks:
         if self.size == 1:
             return
         try:
-            dist.distributed_c10d._get_default_store().set(ENDED_KEY, f"rank {self.rank}: {status}")
+            dist.distributed_c10d._get_default_store().set(self.ended_key, f"rank {self.rank}: {status}")
         except (RuntimeError, ValueError) as error:  # the store's rank is gone already: the others see that too
             logger.warning("Server rank %d could not tell the others it ended: %s", self.rank, error)
 
@@ -140,12 +144,10 @@ class ServerRanks:
             return None
         try:
             store = dist.distributed_c10d._get_default_store()
-            return store.get(ENDED_KEY).decode() if store.check([ENDED_KEY]) else None
+            return store.get(self.ended_key).decode() if store.check([self.ended_key]) else None
         except (RuntimeError, ValueError) as error:
             return f"the server ranks' store is gone ({error})"
 
-
-ENDED_KEY = "hf_adc/server_ended"
 
 
 def from_rank_zero(make: Callable[[], tuple[object, object]], rank: int, size: int) -> tuple[object, object]:

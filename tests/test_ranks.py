@@ -1,0 +1,250 @@
+"""Two processes on each side of one split (gloo on CPU): a client of two ranks against a server of two ranks trains
+exactly as the local two-process DDP split; ranks that do not fit are refused by both sides, naming both counts; a
+rank that dies ends the whole run, and both sides resume from their last common checkpoint."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    CONFIGS,
+    ROOT,
+    TIMEOUT,
+    WireClient,
+    client_hello,
+    data_args,
+    free_address,
+    model_args,
+    signal_group,
+    spawn,
+    start_server,
+    wait_output,
+    with_credentials,
+)
+from safetensors.torch import load_file
+
+from hf_adc.distributed import Refused
+from hf_adc.distributed.launch import _free_ports
+from hf_adc.distributed.ranks import rank_address
+
+STEPS, RANKS, ROWS_PER_RANK, BATCH = 4, 2, 96 // 2, 16
+METHODS = {
+    "none": ("--compression", "none"),
+    "adc": ("--compression", "adc", "--xi", "0.25"),
+    "bottlenet": ("--compression", "bottlenet", "--ratio", "0.25"),
+}
+CASES = [(method, accumulation, False) for method in METHODS for accumulation in (1, 2)] + [("adc", 1, True)]
+# Trainable tensors (see test_remote): the client's embeddings and two layers, BottleNet++'s encoder, a U-shaped
+# split's head; the server's two layers, final norm and classifier, BottleNet++'s decoder.
+CLIENT_TENSORS, ENCODER_TENSORS, HEAD_TENSORS = 4 + 2 * 16, 4, 4
+SERVER_TENSORS, DECODER_TENSORS = 2 * 16 + 4, 4
+
+
+def _case_name(method: str, accumulation: int, ushaped: bool) -> str:
+    return f"{method}{'-accumulation' if accumulation > 1 else ''}{'-ushaped' if ushaped else ''}"
+
+
+def _driver(role: str, plan: Path) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
+        "--main_process_port", str(_free_ports(1)), str(ROOT / "tests" / "ranks_driver.py"), role, str(plan),
+    ]  # fmt: skip
+    return spawn(command, HF_ADC_JOIN_TOKEN="secret")
+
+
+RESUMABLE = ("--compression", "adc", "--xi", "0.25", "--max_steps", "8", "--save_strategy", "steps", "--save_steps",
+             "4", "--ddp_timeout", "60")  # fmt: skip
+DEATH = 6  # the server rank dies after this optimizer step: checkpoint-4 is the last both sides saved
+
+
+def _pair(name: str, shared: list[str], digits_dir, root: Path, address: str, *client_extra: str) -> dict:
+    """A client of two processes and a server of two ranks on `shared` settings, into `root/name/split`."""
+    output_dir = root / name / "split"
+    return {
+        "name": name,
+        "client": with_credentials([*shared, *data_args(digits_dir, output_dir), "--server", address, "--timeout",
+                                    TIMEOUT, *client_extra]),
+        "server": with_credentials([*shared, "--listen", address, "--timeout", TIMEOUT, "--accept_timeout", "120",
+                                    "--output_dir", str(output_dir), *client_extra]),
+    }  # fmt: skip
+
+
+def _run_drivers(plan: list[dict], plan_path: Path, during=None) -> dict:
+    """Both groups on `plan`; `during()` runs while they do. Returns their logs and exit codes."""
+    plan_path.write_text(json.dumps(plan))
+    server = _driver("server", plan_path)
+    client = _driver("client", plan_path)
+    if during is not None:
+        during()
+    client_log = wait_output(client, 600)
+    server_log = wait_output(server, 60)
+    return {"client_log": client_log, "server_log": server_log, "client": client.returncode,
+            "server": server.returncode, "ended": time.time()}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tiny_vit_path, digits_dir, tmp_path_factory):
+    """Every case trained by the local two-process DDP split and by a client of two processes against a server of
+    two ranks (one start of each group for all cases, `ranks_driver.py`); first, the client of two processes
+    against a server of one; last, a run whose server rank 1 dies, and the uninterrupted run to resume it against.
+    Returns the folder and the logs."""
+    root = tmp_path_factory.mktemp("ranks")
+    single = free_address()
+    single_server = start_server(single, root / "single", *model_args(tiny_vit_path, "--max_steps", str(STEPS)))
+    refused = [*model_args(tiny_vit_path, "--max_steps", str(STEPS)), *data_args(digits_dir, root / "refused"),
+               "--server", single, "--timeout", TIMEOUT]  # fmt: skip
+    plan = [{"name": "refused", "refused": with_credentials(refused), "record": str(root / "refused.json")}]
+    for case in CASES:
+        method, accumulation, ushaped = case
+        name = _case_name(*case)
+        shared = model_args(
+            tiny_vit_path, *METHODS[method], "--gradient_accumulation_steps", str(accumulation),
+            "--max_steps", str(STEPS), "--ddp_timeout", "60", *(("--label_privacy",) if ushaped else ()),
+        )  # fmt: skip
+        plan.append(_pair(name, shared, digits_dir, root, f"127.0.0.1:{_free_ports(RANKS)}"))
+        plan[-1]["local"] = [*shared, *data_args(digits_dir, root / name / "local")]
+    resumable = model_args(tiny_vit_path, *RESUMABLE)
+    plan.append(_pair("uninterrupted", resumable, digits_dir, root, f"127.0.0.1:{_free_ports(RANKS)}"))
+    plan.append(_pair("interrupted", resumable, digits_dir, root, f"127.0.0.1:{_free_ports(RANKS)}"))
+    plan[-1]["die"] = {"rank": 1, "step": DEATH, "record": str(root / "died")}
+    runs = _run_drivers(plan, root / "plan.json")
+    signal_group(single_server, signal.SIGKILL)  # it refused the client and waits for the next
+    single_server.wait(timeout=30)
+    return {"root": root, "single_log": single_server.log_path.read_text(), **runs}
+
+
+def test_a_client_of_two_processes_against_a_server_of_one_is_refused_by_both_naming_both(two_rank_runs):
+    errors = json.loads((two_rank_runs["root"] / "refused.json").read_text())
+    assert len(errors) == RANKS
+    assert "Refused" in errors[0] and "the client runs 2 process(es) and this server 1" in errors[0], errors
+    assert "RankFailed: client rank 0 failed" in errors[1] and "this server 1" in errors[1], errors
+    assert "the client runs 2 process(es) and this server 1" in two_rank_runs["single_log"]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    weights = {}
+    for name in ("client", "server", "head"):
+        if (folder / name / "model.safetensors").exists():
+            weights.update({f"{name}:{k}": v for k, v in load_file(folder / name / "model.safetensors").items()})
+    for name in ("bridge.safetensors", "server_bridge.safetensors"):
+        if (folder / name).exists():
+            weights.update({f"bridge:{k}": v for k, v in load_file(folder / name).items() if "calls" not in k})
+    return weights
+
+
+def _micro_batches(accumulation: int, per_epoch: int = ROWS_PER_RANK // BATCH) -> int:
+    """One rank's micro-batches in `STEPS` steps: each epoch is steps of `accumulation`, and a ragged last one."""
+    ragged = per_epoch % accumulation
+    windows = [accumulation] * (per_epoch // accumulation) + ([ragged] if ragged else [])
+    return sum(windows[step % len(windows)] for step in range(STEPS))
+
+
+@pytest.mark.parametrize(("method", "accumulation", "ushaped"), CASES, ids=[_case_name(*case) for case in CASES])
+def test_two_ranks_a_side_train_one_split_exactly_like_the_local_ddp_split(two_rank_runs, method, accumulation,
+                                                                          ushaped):  # fmt: skip
+    folder = two_rank_runs["root"] / _case_name(method, accumulation, ushaped)
+    assert (folder / "split" / "results.json").exists(), two_rank_runs["client_log"][-4000:]
+    local = json.loads((folder / "local" / "results.json").read_text())
+    split = json.loads((folder / "split" / "results.json").read_text())
+    assert local["world_size"] == split["world_size"] == RANKS
+    losses = [[entry["loss"] for entry in run["log_history"] if "loss" in entry] for run in (local, split)]
+    assert len(losses[0]) == STEPS
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+    assert split["test_accuracy"] == local["test_accuracy"]
+    expected, actual = _weights(folder / "local"), _weights(folder / "split")
+    assert expected.keys() == actual.keys() and any(key.startswith("server:") for key in actual)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0, msg=key)
+
+    # The ledger, summed over the ranks: the local split's, plus each rank's control values (per micro-batch the
+    # smoothing and seed up and the loss down, or a U-shaped split's row count up; per step the norms both ways).
+    bottlenet = method == "bottlenet"
+    norms = CLIENT_TENSORS + ENCODER_TENSORS * bottlenet + HEAD_TENSORS * ushaped
+    server_norms = SERVER_TENSORS - 4 * ushaped + DECODER_TENSORS * bottlenet  # the head's norm and classifier
+    micro_batches = _micro_batches(accumulation)
+    control_up = RANKS * ((8 if ushaped else 16) * micro_batches + STEPS * (4 * norms + 8))
+    control_down = RANKS * ((0 if ushaped else 8) * micro_batches + STEPS * 4 * server_norms)
+    assert split["uplink_bytes"] == local["uplink_bytes"] + control_up
+    assert split["downlink_bytes"] == local["downlink_bytes"] + control_down
+
+    # One server: its two ranks stepped together, rank 0 wrote the results with every rank's traffic in them.
+    server = json.loads((folder / "split" / "server_results.json").read_text())
+    assert server["status"] == "finished" and server["steps"] == STEPS
+    assert len(server["rank_traffic"]) == RANKS
+    assert server["traffic"]["payload_received"] == sum(rank["payload_received"] for rank in server["rank_traffic"])
+    assert server["traffic"]["payload_received"] == split["transport"]["payload_sent"]
+    assert server["traffic"]["payload_sent"] == split["transport"]["payload_received"]
+
+
+def _probe(address: str, settings: dict, client_id: int = 0) -> WireClient:
+    return WireClient(address, settings, client_id=client_id, retry_busy=False)
+
+
+def test_a_dead_server_rank_ends_the_whole_run_and_both_sides_resume_exactly_from_their_last_common_checkpoint(
+    two_rank_runs, tiny_vit_path, digits_dir
+):
+    root = two_rank_runs["root"]
+    # The death (server rank 1, abruptly, after step 6) ended both groups, each within the timeout.
+    assert two_rank_runs["server"] != 0 and two_rank_runs["client"] != 0
+    assert two_rank_runs["ended"] - float((root / "died").read_text()) < float(TIMEOUT)
+    folder = root / "interrupted" / "split"
+    assert (folder / "checkpoint-4" / "trainer_state.json").exists()
+    assert (folder / "checkpoint-4" / "server_state.safetensors").exists()
+    assert not (folder / "results.json").exists()
+    ended = folder / "server_results.json"  # rank 0 may write why it ended before its launcher stops it
+    assert not ended.exists() or json.loads(ended.read_text())["status"] in ("failed", "client lost")
+
+    # Resumed, with the same two ranks a side: first, sessions that do not fit this server are refused.
+    address = f"127.0.0.1:{_free_ports(RANKS)}"
+    resume = ("--resume_from_checkpoint", str(folder / "checkpoint-4"))
+    plan = [_pair("interrupted", model_args(tiny_vit_path, *RESUMABLE), digits_dir, root, address, *resume)]
+    plan[0]["wait_for"] = str(root / "probed")
+    refusals = []
+
+    def probe() -> None:
+        rank_one = rank_address(address, 1)
+        settings, _ = client_hello(plan[0]["client"], [str(label) for label in range(5)])
+        for where, claim, message in [
+            (address, {}, "the client runs 1 process(es) and this server 2"),
+            (address, {"rank": 5, "ranks": 2}, "the client claims rank 5, outside 0 .. 1"),
+            (address, {"rank": 1, "ranks": 2}, "client rank 1 reached server rank 0"),
+            (rank_one, {"rank": 0, "ranks": 2}, "client rank 0 reached server rank 1"),
+        ]:
+            with pytest.raises(Refused, match=re.escape(message)):
+                _probe(where, {**settings, **claim}).welcome()
+            refusals.append(message)
+        # All ranks of one client are one party: one rank each with client-0's and client-1's kit is refused at
+        # BEGIN, by both server ranks; a second session of one rank is turned away while the first is open.
+        first = _probe(address, {**settings, "rank": 0, "ranks": 2})
+        first.welcome()
+        with pytest.raises(Refused, match="busy"):
+            _probe(address, {**settings, "rank": 0, "ranks": 2}).welcome()
+        other = _probe(rank_one, {**settings, "rank": 1, "ranks": 2}, client_id=1)
+        other.welcome()
+        with ThreadPoolExecutor(2) as pool:
+            begins = [pool.submit(session.begin, 8) for session in (first, other)]
+            for begun in begins:
+                with pytest.raises(Refused, match=r"differ in certificate identity.*client-0.*client-1"):
+                    begun.result(timeout=60)
+        refusals.append("identity")
+        (root / "probed").touch()
+
+    runs = _run_drivers(plan, root / "resume.json", during=probe)
+    assert len(refusals) == 5
+    assert runs["client"] == 0 and runs["server"] == 0, runs["client_log"][-4000:] + runs["server_log"][-3000:]
+    resumed = json.loads((folder / "results.json").read_text())
+    uninterrupted = json.loads((root / "uninterrupted" / "split" / "results.json").read_text())
+    losses = [[entry["loss"] for entry in run["log_history"] if "loss" in entry] for run in (uninterrupted, resumed)]
+    assert resumed["steps"] == 8 and losses[1] == pytest.approx(losses[0], abs=1e-6)  # the first 4 from the checkpoint
+    expected, actual = _weights(root / "uninterrupted" / "split"), _weights(folder)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0, msg=key)
+    assert json.loads((folder / "server_results.json").read_text())["status"] == "finished"
