@@ -60,6 +60,8 @@ def test_splitfed_averages_unequal_shards_by_size_and_refuses_clients_that_diffe
             return {**settings, "federation": {**settings["federation"], **changes}}
 
         assert "num_clients: client 3, server 2" in refusal(address, differing(num_clients=3))
+        reason = refusal(address, {**settings, "rank": 0, "ranks": 2})  # a member is one process, not a DDP group
+        assert "a federation member runs one process; this client runs 2" in reason
         reason = refusal(address, differing(partition="dirichlet"))
         assert "federation settings differ" in reason and "partition: client 'dirichlet', server 'iid'" in reason
         assert "alpha: client 0.1, server 0.5" in refusal(address, differing(alpha=0.1))
@@ -127,7 +129,7 @@ def test_splitfed_averages_unequal_shards_by_size_and_refuses_clients_that_diffe
         assert client["counted_uplink_bytes"] > half_bytes and client["counted_downlink_bytes"] > half_bytes
     assert report["total"]["counted_uplink_bytes"] == sum(c["counted_uplink_bytes"] for c in report["clients"].values())
     assert report["sync_transfers"] == 4  # two halves up, the average down twice
-    assert log.count("refused") == 11 and "Refused a stream of client-0 at the door" in log, log[-3000:]
+    assert log.count("refused") == 12 and "Refused a stream of client-0 at the door" in log, log[-3000:]
     # The server keeps the averaged half as the split's client half.
     saved = hf_adc.SplitViTForImageClassification.from_pretrained(output_dir)
     torch.testing.assert_close(half_vector(client_side_tensors(saved)), expected, rtol=1e-6, atol=1e-6)
