@@ -236,3 +236,29 @@ def test_randomized_response_flips_at_its_stated_rate_always_the_same_way_for_an
         randomize_labels(torch.tensor([0, 10]), num_classes, epsilon)
     with pytest.raises(ValueError, match="epsilon=0 is out of range"):
         randomize_labels(labels, num_classes, 0)
+
+
+def test_privacy_benchmark_quick_run_writes_records_and_resumes(tiny_vit_path, digits_dir, tmp_path):
+    import sys
+
+    from helpers import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import privacy as benchmark
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    args = ["--preset", "tiny", "--model_name_or_path", tiny_vit_path, "--dataset_name", digits_dir,
+            "--output-dir", str(tmp_path), "--freeze_client"]  # fmt: skip
+    records = benchmark.main(args)
+    assert [(record["method"], record["noise_multiplier"]) for record in records] == [("none", 0.1), ("adc", 0.1)]
+    for record in records:
+        assert 0 <= record["test_accuracy"] <= 1 and record["bytes"] > 0 and record["images"] == 32
+        assert record["ssim_mean"] is not None and record["label_attack_accuracy"] is not None
+    plain, adc = records
+    assert plain["epsilon"] > 0 and plain["delta"] == 1e-5  # rows of one example, the client half frozen
+    assert adc["epsilon"] is None and "k-means" in adc["epsilon_reason"]
+    assert plain["label_attack_accuracy"] == 1.0  # class ids cross the standard split
+    assert adc["bytes"] < plain["bytes"]
+    assert benchmark.main(args) == records  # resumed: nothing left to run
+    assert len((tmp_path / "privacy.jsonl").read_text().splitlines()) == 2
