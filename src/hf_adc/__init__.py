@@ -27,6 +27,7 @@ from .modeling import (
     ViTServerConfig,
     ViTServerModel,
 )
+from .privacy import PayloadNoiseConfig  # registers the payload-noise stage with `build_bridge`
 from .split import SplitViTForImageClassification, SplitViTOutput, split_vit
 from .training import ADCTrainer, ADCTrainingArguments
 from .ushape import USplitViTForImageClassification  # registers the U-shaped topology with `split_vit`
@@ -52,6 +53,7 @@ __all__ = [
     "Ledger",
     "Link",
     "Message",
+    "PayloadNoiseConfig",
     "QuantizationConfig",
     "RandomTopKConfig",
     "TopKConfig",

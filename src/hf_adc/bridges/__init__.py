@@ -8,7 +8,7 @@ from .c3sl import C3SLBridge, C3SLConfig, c3sl_for_ratio
 from .composed import ComposedBridge, ComposedConfig
 from .levels import COMPOSED_METHODS, config_for_ratio, level_methods
 from .quantize import QuantizationConfig, QuantizeBridge, quantize_for_ratio
-from .registry import CONFIGS, BridgeMethod, method_of, register_bridge
+from .registry import CONFIGS, WRAPPERS, BridgeMethod, method_of, register_bridge, register_wrapper
 from .topk import RandomTopKBridge, RandomTopKConfig, TopKBridge, TopKConfig, randomtopk_for_ratio, topk_for_ratio
 
 register_bridge(
@@ -43,6 +43,8 @@ def config_from_dict(settings: dict) -> BridgeConfig | None:
     method = settings.pop("method", None)
     if method == "none":
         return None
+    if method in WRAPPERS:
+        return WRAPPERS[method](compression=config_from_dict(settings.pop("compression")), **settings)
     if method is not None and "+" in method:
         return ComposedConfig(config_from_dict(settings["reducer"]), config_from_dict(settings["codec"]))
     if method not in CONFIGS:
@@ -54,6 +56,8 @@ def build_bridge(config: BridgeConfig | None, num_tokens: int, hidden_size: int,
     """The bridge for `config` at a cut of `num_tokens` x `hidden_size` activations; `None` is uncompressed."""
     if config is None:
         return IdentityBridge()
+    if isinstance(config, tuple(WRAPPERS.values())):
+        return config.wrap(build_bridge(config.compression, num_tokens, hidden_size, num_labels))
     if isinstance(config, ComposedConfig):
         parts = [build_bridge(part, num_tokens, hidden_size, num_labels) for part in (config.reducer, config.codec)]
         return ComposedBridge(config, *parts)
@@ -101,4 +105,5 @@ __all__ = [
     "config_for_ratio",
     "kmeans",
     "register_bridge",
+    "register_wrapper",
 ]

@@ -49,6 +49,10 @@ class BridgeMethod:
 METHODS: dict[str, BridgeMethod] = {}
 # method name -> config class, kept in step with METHODS (public as `hf_adc.bridges.CONFIGS`).
 CONFIGS: dict[str, type[BridgeConfig]] = {}
+# Stages that wrap a whole bridge (a defence such as `hf_adc.privacy.PayloadNoiseConfig`): method name -> config class.
+# Such a config holds the wrapped config in its field `compression` (None: the uncompressed split) and builds its
+# bridge with `wrap(inner_bridge)`; it is no compression method, so it is listed apart from METHODS.
+WRAPPERS: dict[str, type[BridgeConfig]] = {}
 
 
 def register_bridge(
@@ -79,6 +83,14 @@ def register_bridge(
     METHODS[method] = entry
     CONFIGS[method] = config
     return entry
+
+
+def register_wrapper(config: type[BridgeConfig]) -> None:
+    """Lets `build_bridge` and `config_from_dict` handle `config`, a stage around any bridge (see `WRAPPERS`)."""
+    method = config.method
+    if method in METHODS or WRAPPERS.get(method, config) is not config:
+        raise ValueError(f"method {method!r} is registered already; give the wrapper {config.__name__} another name.")
+    WRAPPERS[method] = config
 
 
 def method_of(config: BridgeConfig) -> BridgeMethod | None:
