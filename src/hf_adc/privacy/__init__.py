@@ -13,20 +13,29 @@ final model itself reveals.
   (randomized response drawn once per example); `accounting` (their epsilon with `dp-accounting`, and where it holds).
 """
 
-from .accounting import (
-    Guarantee,
-    payload_noise_epsilon,
-    payload_noise_guarantee,
-    randomized_response_epsilon,
-    randomized_response_noise_parameter,
-    releases_per_example,
-)
-from .image_metrics import ReconstructionReport, image_scores, score_rows, to_unit_range
-from .inversion import LearnedInversion, TokenInverter, score_inversion, simulable, surrogate_views
-from .label_dp import keep_probability, randomize_labels, with_randomized_labels
-from .label_inference import cluster_guess, direction_guess, label_accuracy, soft_label_guess
-from .observation import Observation, Observer
+import importlib
+
 from .payload_noise import PayloadNoiseBridge, PayloadNoiseConfig, clip_rows
+
+# The attacks and the accountant load torchmetrics and dp-accounting: imported when first named, so that
+# `import hf_adc` (every client and server process) does not pay for them.
+_LAZY = {
+    "accounting": ("Guarantee", "payload_noise_epsilon", "payload_noise_guarantee", "randomized_response_epsilon",
+                   "randomized_response_noise_parameter", "releases_per_example"),
+    "image_metrics": ("ReconstructionReport", "image_scores", "score_rows", "to_unit_range"),
+    "inversion": ("LearnedInversion", "TokenInverter", "score_inversion", "simulable", "surrogate_views"),
+    "label_dp": ("keep_probability", "randomize_labels", "with_randomized_labels"),
+    "label_inference": ("cluster_guess", "direction_guess", "label_accuracy", "soft_label_guess"),
+    "observation": ("Observation", "Observer"),
+}  # fmt: skip
+_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+
 
 __all__ = [
     "Guarantee",
