@@ -336,3 +336,40 @@ def step_bytes(half_norms: int = 36, batch: int = 16, server_norms: int = 36) ->
 def epoch_bytes(rows: int) -> int:
     """The uncompressed traffic of `rows` samples: a sample's activations both ways and its int64 label."""
     return rows * (2 * 17 * 32 * 4 + 8)
+
+
+def run_drivers(plan: list[dict], plan_path: Path, config: str, during=None) -> dict:
+    """Every case of `plan` (see tests/pairs_driver.py) by one server group and one client group of `config`'s
+    processes, each started once; `during()` runs while they do. Returns their logs, exit codes and end time."""
+    import json
+
+    plan_path.write_text(json.dumps(plan))
+    groups = {}
+    for role in ("server", "client"):
+        with socket.socket() as probe:  # the group's own rendezvous port
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+            "--main_process_port", str(port), str(ROOT / "tests" / "pairs_driver.py"), role, str(plan_path),
+        ]  # fmt: skip
+        groups[role] = spawn(command, HF_ADC_JOIN_TOKEN="secret")
+    if during is not None:
+        during()
+    client_log = wait_output(groups["client"], 900)
+    server_log = wait_output(groups["server"], 60)
+    return {"client_log": client_log, "server_log": server_log, "client": groups["client"].returncode,
+            "server": groups["server"].returncode, "ended": time.time()}  # fmt: skip
+
+
+def pair_case(name: str, shared: list[str], digits: str, root: Path, address: str, *both: str,
+              client_only: tuple[str, ...] = ()) -> dict:  # fmt: skip
+    """A driver case: a client and a server on `shared` settings (and `both`), into `root/name/split`."""
+    output_dir = root / name / "split"
+    return {
+        "name": name,
+        "client": with_credentials([*shared, *data_args(digits, output_dir), "--server", address, "--timeout",
+                                    TIMEOUT, *both, *client_only]),
+        "server": with_credentials([*shared, "--listen", address, "--timeout", TIMEOUT, "--accept_timeout", "120",
+                                    "--output_dir", str(output_dir), *both]),
+    }  # fmt: skip

@@ -5,27 +5,22 @@ rank that dies ends the whole run, and both sides resume from their last common 
 import json
 import re
 import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import (
-    CONFIGS,
-    ROOT,
     TIMEOUT,
     WireClient,
     client_hello,
     data_args,
     free_address,
     model_args,
+    pair_case,
+    run_drivers,
     signal_group,
-    spawn,
     start_server,
-    wait_output,
     with_credentials,
 )
 from safetensors.torch import load_file
@@ -51,48 +46,15 @@ def _case_name(method: str, accumulation: int, ushaped: bool) -> str:
     return f"{method}{'-accumulation' if accumulation > 1 else ''}{'-ushaped' if ushaped else ''}"
 
 
-def _driver(role: str, plan: Path) -> subprocess.Popen:
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
-        "--main_process_port", str(_free_ports(1)), str(ROOT / "tests" / "ranks_driver.py"), role, str(plan),
-    ]  # fmt: skip
-    return spawn(command, HF_ADC_JOIN_TOKEN="secret")
-
-
 RESUMABLE = ("--compression", "adc", "--xi", "0.25", "--max_steps", "8", "--save_strategy", "steps", "--save_steps",
              "4", "--ddp_timeout", "60")  # fmt: skip
 DEATH = 6  # the server rank dies after this optimizer step: checkpoint-4 is the last both sides saved
 
 
-def _pair(name: str, shared: list[str], digits_dir, root: Path, address: str, *client_extra: str) -> dict:
-    """A client of two processes and a server of two ranks on `shared` settings, into `root/name/split`."""
-    output_dir = root / name / "split"
-    return {
-        "name": name,
-        "client": with_credentials([*shared, *data_args(digits_dir, output_dir), "--server", address, "--timeout",
-                                    TIMEOUT, *client_extra]),
-        "server": with_credentials([*shared, "--listen", address, "--timeout", TIMEOUT, "--accept_timeout", "120",
-                                    "--output_dir", str(output_dir), *client_extra]),
-    }  # fmt: skip
-
-
-def _run_drivers(plan: list[dict], plan_path: Path, during=None) -> dict:
-    """Both groups on `plan`; `during()` runs while they do. Returns their logs and exit codes."""
-    plan_path.write_text(json.dumps(plan))
-    server = _driver("server", plan_path)
-    client = _driver("client", plan_path)
-    if during is not None:
-        during()
-    client_log = wait_output(client, 600)
-    server_log = wait_output(server, 60)
-    return {"client_log": client_log, "server_log": server_log, "client": client.returncode,
-            "server": server.returncode, "ended": time.time()}  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def two_rank_runs(tiny_vit_path, digits_dir, tmp_path_factory):
     """Every case trained by the local two-process DDP split and by a client of two processes against a server of
-    two ranks (one start of each group for all cases, `ranks_driver.py`); first, the client of two processes
+    two ranks (one start of each group for all cases, `pairs_driver.py`); first, the client of two processes
     against a server of one; last, a run whose server rank 1 dies, and the uninterrupted run to resume it against.
     Returns the folder and the logs."""
     root = tmp_path_factory.mktemp("ranks")
@@ -108,13 +70,13 @@ def two_rank_runs(tiny_vit_path, digits_dir, tmp_path_factory):
             tiny_vit_path, *METHODS[method], "--gradient_accumulation_steps", str(accumulation),
             "--max_steps", str(STEPS), "--ddp_timeout", "60", *(("--label_privacy",) if ushaped else ()),
         )  # fmt: skip
-        plan.append(_pair(name, shared, digits_dir, root, f"127.0.0.1:{_free_ports(RANKS)}"))
+        plan.append(pair_case(name, shared, digits_dir, root, f"127.0.0.1:{_free_ports(RANKS)}"))
         plan[-1]["local"] = [*shared, *data_args(digits_dir, root / name / "local")]
     resumable = model_args(tiny_vit_path, *RESUMABLE)
-    plan.append(_pair("uninterrupted", resumable, digits_dir, root, f"127.0.0.1:{_free_ports(RANKS)}"))
-    plan.append(_pair("interrupted", resumable, digits_dir, root, f"127.0.0.1:{_free_ports(RANKS)}"))
+    plan.append(pair_case("uninterrupted", resumable, digits_dir, root, f"127.0.0.1:{_free_ports(RANKS)}"))
+    plan.append(pair_case("interrupted", resumable, digits_dir, root, f"127.0.0.1:{_free_ports(RANKS)}"))
     plan[-1]["die"] = {"rank": 1, "step": DEATH, "record": str(root / "died")}
-    runs = _run_drivers(plan, root / "plan.json")
+    runs = run_drivers(plan, root / "plan.json", "cpu_2proc.yaml")
     signal_group(single_server, signal.SIGKILL)  # it refused the client and waits for the next
     single_server.wait(timeout=30)
     return {"root": root, "single_log": single_server.log_path.read_text(), **runs}
@@ -204,7 +166,7 @@ def test_a_dead_server_rank_ends_the_whole_run_and_both_sides_resume_exactly_fro
     # Resumed, with the same two ranks a side: first, sessions that do not fit this server are refused.
     address = f"127.0.0.1:{_free_ports(RANKS)}"
     resume = ("--resume_from_checkpoint", str(folder / "checkpoint-4"))
-    plan = [_pair("interrupted", model_args(tiny_vit_path, *RESUMABLE), digits_dir, root, address, *resume)]
+    plan = [pair_case("interrupted", model_args(tiny_vit_path, *RESUMABLE), digits_dir, root, address, *resume)]
     plan[0]["wait_for"] = str(root / "probed")
     refusals = []
 
@@ -236,7 +198,7 @@ def test_a_dead_server_rank_ends_the_whole_run_and_both_sides_resume_exactly_fro
         refusals.append("identity")
         (root / "probed").touch()
 
-    runs = _run_drivers(plan, root / "resume.json", during=probe)
+    runs = run_drivers(plan, root / "resume.json", "cpu_2proc.yaml", during=probe)
     assert len(refusals) == 5
     assert runs["client"] == 0 and runs["server"] == 0, runs["client_log"][-4000:] + runs["server_log"][-3000:]
     resumed = json.loads((folder / "results.json").read_text())

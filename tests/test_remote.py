@@ -18,6 +18,8 @@ from helpers import (
     free_address,
     launch,
     model_args,
+    pair_case,
+    run_drivers,
     signal_group,
     start_client,
     start_server,
@@ -71,48 +73,72 @@ STEPS, EVAL_ROWS, TOKENS, WIDTH, LABELS = 20, 48, 17, 32, 5
 EVAL_WIDTH = {"bottlenet": 8, "adc+bottlenet": 16}  # d' = round(ratio * 32): the bottleneck runs in eval too
 
 
-def _pair_and_one_process(tiny_vit_path, digits_dir, tmp_path, run: tuple[str, ...],
-                          client_only: tuple[str, ...] = ()) -> tuple[dict, dict]:  # fmt: skip
-    """`run` by a server and a client process (`tmp_path/split`, the client with `client_only` too) and in this
-    process (`tmp_path/alone`): checks that both trained alike (every loss, the accuracy, every weight to 1e-6);
-    returns both results."""
-    shared = model_args(tiny_vit_path, *run)
-    address = free_address()
-    server = start_server(address, tmp_path / "split", *shared)
-    client = start_client(address, tiny_vit_path, digits_dir, tmp_path / "split", *run, *client_only)
-    train_here([*shared, *data_args(digits_dir, tmp_path / "alone")])  # while the two processes start
-    client_log = wait_output(client, 300)
-    server_log = finish(server)
-    assert client.returncode == 0, client_log[-3000:] + server_log[-3000:]
-    assert server.returncode == 0, server_log[-3000:]
+def _case_id(method: str, accumulation: int) -> str:
+    return f"{method}-accumulation" if accumulation > 1 else method
 
-    one = json.loads((tmp_path / "alone" / "results.json").read_text())
-    two = json.loads((tmp_path / "split" / "results.json").read_text())
+
+PIPELINED = [("adc", 4), ("bottlenet", 2)]
+USHAPED_CASES = [("adc", 0, 1), ("bottlenet", 0, 1), ("c3sl", 0, 1), ("adc+quantize8", 0, 1), ("none", 1, 2)]
+# Every pair run, by name: (the run's settings, the client's own flags).
+PAIRS = {
+    **{_case_id(method, accumulation): (
+        (*REMOTE_METHODS[method], "--gradient_accumulation_steps", str(accumulation), "--max_steps", str(STEPS)), ()
+    ) for method, accumulation in CASES},
+    **{f"pipelined-{method}-{accumulation}": (
+        (*REMOTE_METHODS[method], "--gradient_accumulation_steps", str(accumulation), "--max_steps", str(STEPS)),
+        ("--pipeline_micro_batches", "true"),
+    ) for method, accumulation in PIPELINED},
+    **{f"ushaped-{method}-head{head}-acc{accumulation}": (
+        (*REMOTE_METHODS[method], "--label_privacy", "--head_layers", str(head), "--gradient_accumulation_steps",
+         str(accumulation), "--max_steps", str(STEPS)), ()
+    ) for method, head, accumulation in USHAPED_CASES},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_vit_path, digits_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """Every run of `PAIRS` by a server and a client process (`NAME/split`), and in one process (`NAME/alone`): one
+    start of each process for all runs (`pairs_driver.py`), the recipes' own code in each."""
+    root = tmp_path_factory.mktemp("pairs")
+    plan = []
+    for name, (run, client_only) in PAIRS.items():
+        shared = model_args(tiny_vit_path, *run)
+        plan.append(pair_case(name, shared, digits_dir, root, free_address(), client_only=client_only))
+        plan[-1]["local"] = [*shared, *data_args(digits_dir, root / name / "alone")]
+    return root, run_drivers(plan, root / "plan.json", "cpu.yaml")
+
+
+def _pair_and_one_process(pairs: tuple[Path, dict], name: str) -> tuple[dict, dict]:
+    """Run `name` by a server and a client process and in one process: checks that both trained alike (every loss,
+    the accuracy, every weight to 1e-6); returns both results."""
+    root, runs = pairs
+    folder = root / name
+    assert (folder / "split" / "results.json").exists(), runs["client_log"][-3000:] + runs["server_log"][-3000:]
+    one = json.loads((folder / "alone" / "results.json").read_text())
+    two = json.loads((folder / "split" / "results.json").read_text())
     losses = [[entry["loss"] for entry in run["log_history"] if "loss" in entry] for run in (one, two)]
     assert len(losses[0]) == STEPS
     assert losses[1] == pytest.approx(losses[0], abs=1e-6)
     assert two["test_accuracy"] == one["test_accuracy"]
-    expected, actual = _weights(tmp_path / "alone"), _weights(tmp_path / "split")
+    expected, actual = _weights(folder / "alone"), _weights(folder / "split")
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0, msg=key)
     return one, two
 
 
-@pytest.mark.parametrize(("method", "accumulation"), CASES,
-                         ids=[f"{m}-accumulation" if a > 1 else m for m, a in CASES])  # fmt: skip
-def test_two_processes_train_exactly_like_one(tiny_vit_path, digits_dir, tmp_path, method, accumulation):
-    run = (*REMOTE_METHODS[method], "--gradient_accumulation_steps", str(accumulation), "--max_steps", str(STEPS))
-    one, two = _pair_and_one_process(tiny_vit_path, digits_dir, tmp_path, run)
+@pytest.mark.parametrize(("method", "accumulation"), CASES, ids=[_case_id(*case) for case in CASES])
+def test_two_processes_train_exactly_like_one(pairs, method, accumulation):
+    one, two = _pair_and_one_process(pairs, _case_id(method, accumulation))
     _check_ledger(one, two, method, accumulation)
-    assert hf_adc.SplitViTForImageClassification.from_pretrained(tmp_path / "split").server is not None
+    split = pairs[0] / _case_id(method, accumulation) / "split"
+    assert hf_adc.SplitViTForImageClassification.from_pretrained(split).server is not None
 
 
-@pytest.mark.parametrize(("method", "accumulation"), [("adc", 4), ("bottlenet", 2)])
-def test_a_pipelined_step_trains_exactly_like_one_process(tiny_vit_path, digits_dir, tmp_path, method, accumulation):
+@pytest.mark.parametrize(("method", "accumulation"), PIPELINED)
+def test_a_pipelined_step_trains_exactly_like_one_process(pairs, method, accumulation):
     """--pipeline_micro_batches: the step's forwards go out back to back, the gradients are applied as they come."""
-    run = (*REMOTE_METHODS[method], "--gradient_accumulation_steps", str(accumulation), "--max_steps", str(STEPS))
-    one, two = _pair_and_one_process(tiny_vit_path, digits_dir, tmp_path, run, ("--pipeline_micro_batches", "true"))
+    one, two = _pair_and_one_process(pairs, f"pipelined-{method}-{accumulation}")
     _check_ledger(one, two, method, accumulation)
 
 
@@ -146,19 +172,16 @@ def _check_ledger(one: dict, two: dict, method: str, accumulation: int) -> None:
     assert transport["payload_sent"] + transport["payload_received"] >= two["total_bytes"]
 
 
-USHAPED_CASES = [("adc", 0, 1), ("bottlenet", 0, 1), ("c3sl", 0, 1), ("adc+quantize8", 0, 1), ("none", 1, 2)]
 HEAD_TENSORS = 4  # the head's layernorm (weight, bias) and classifier (weight, bias); 16 more per head layer
 
 
 @pytest.mark.parametrize(("method", "head_layers", "accumulation"), USHAPED_CASES,
                          ids=[f"{m}-head{h}-acc{a}" for m, h, a in USHAPED_CASES])  # fmt: skip
-def test_a_ushaped_pair_trains_exactly_like_one_process_and_no_label_crosses(
-    tiny_vit_path, digits_dir, tmp_path, method, head_layers, accumulation
-):
-    run = (*REMOTE_METHODS[method], "--label_privacy", "--head_layers", str(head_layers),
-           "--gradient_accumulation_steps", str(accumulation), "--max_steps", str(STEPS))  # fmt: skip
-    one, two = _pair_and_one_process(tiny_vit_path, digits_dir, tmp_path, run)
-    assert any(key.startswith("head:") for key in _weights(tmp_path / "split"))
+def test_a_ushaped_pair_trains_exactly_like_one_process_and_no_label_crosses(pairs, method, head_layers, accumulation):
+    name = f"ushaped-{method}-head{head_layers}-acc{accumulation}"
+    one, two = _pair_and_one_process(pairs, name)
+    split = pairs[0] / name / "split"
+    assert any(key.startswith("head:") for key in _weights(split))
 
     # No label crosses either way: per micro-batch only the row count of the FORWARD goes up as a control value
     # (float64), nothing comes down (the client holds the loss); per optimizer step the norms as in the standard
@@ -175,7 +198,7 @@ def test_a_ushaped_pair_trains_exactly_like_one_process_and_no_label_crosses(
     head_tokens = TOKENS if head_layers else 1
     assert two["inference_bytes"] == EVAL_ROWS * (TOKENS * EVAL_WIDTH.get(method, WIDTH) + head_tokens * WIDTH) * 4
     assert two["topology"] == one["topology"] == "u-shaped"
-    merged = hf_adc.SplitViTForImageClassification.from_pretrained(tmp_path / "split")
+    merged = hf_adc.SplitViTForImageClassification.from_pretrained(split)
     assert isinstance(merged, hf_adc.USplitViTForImageClassification) and merged.server is not None
 
 

@@ -1,9 +1,10 @@
-"""Two processes a side, many runs, one start each: the driver behind tests/test_ranks.py.
+"""A client and a server, many runs, one start each: the driver behind tests/test_remote.py and tests/test_ranks.py.
 
-Launched twice, as two groups of two processes (`accelerate launch --config_file cpu_2proc.yaml
-tests/ranks_driver.py ROLE PLAN`): ROLE `server` serves each case of PLAN in turn as one server of two ranks
-(`recipes/serve.py`'s `main`); ROLE `client` trains each case as the local two-process DDP split, then as a client of
-two processes against that server (`recipes/train.py`'s `main`, once without and once with `--server`). A case with
+Launched twice, as two groups of one or two processes (`accelerate launch --config_file cpu.yaml|cpu_2proc.yaml
+tests/pairs_driver.py ROLE PLAN`, `helpers.run_drivers`): ROLE `server` serves each case of PLAN in turn
+(`recipes/serve.py`'s `main`, as one server of that many ranks); ROLE `client` trains each case in one process (or
+as the local two-process DDP split), then as a client of that many processes against that server
+(`recipes/train.py`'s `main`, once without and once with `--server`). A case with
 `refused` instead joins a server of one rank and records what each client rank raised. Starting each group once,
 not once per case, keeps the suite short; the code under test is the recipes' own.
 
