@@ -72,6 +72,10 @@ def two_rank_runs(tiny_vit_path, digits_dir, tmp_path_factory):
         )  # fmt: skip
         plan.append(pair_case(name, shared, digits_dir, root, f"127.0.0.1:{_free_ports(RANKS)}"))
         plan[-1]["local"] = [*shared, *data_args(digits_dir, root / name / "local")]
+    # `--distributed` from a client of two processes: one server, of two ranks, started by client rank 0.
+    adc = model_args(tiny_vit_path, *METHODS["adc"], "--max_steps", str(STEPS), "--ddp_timeout", "60")
+    plan.append({"name": "distributed", "client": [*adc, *data_args(digits_dir, root / "distributed"),
+                                                   "--distributed", "--timeout", TIMEOUT]})  # fmt: skip
     resumable = model_args(tiny_vit_path, *RESUMABLE)
     plan.append(pair_case("uninterrupted", resumable, digits_dir, root, f"127.0.0.1:{_free_ports(RANKS)}"))
     plan.append(pair_case("interrupted", resumable, digits_dir, root, f"127.0.0.1:{_free_ports(RANKS)}"))
@@ -143,6 +147,18 @@ def test_two_ranks_a_side_train_one_split_exactly_like_the_local_ddp_split(two_r
     assert server["traffic"]["payload_received"] == sum(rank["payload_received"] for rank in server["rank_traffic"])
     assert server["traffic"]["payload_received"] == split["transport"]["payload_sent"]
     assert server["traffic"]["payload_sent"] == split["transport"]["payload_received"]
+
+
+def test_distributed_from_a_client_of_two_processes_starts_one_server_of_two_ranks(two_rank_runs):
+    root = two_rank_runs["root"]
+    assert (root / "distributed" / "results.json").exists(), two_rank_runs["client_log"][-4000:]
+    server = json.loads((root / "distributed" / "server_results.json").read_text())
+    assert server["status"] == "finished" and len(server["rank_traffic"]) == RANKS
+    assert two_rank_runs["client_log"].count("Serving the server half on") == RANKS  # one server, two ranks
+    expected, actual = _weights(root / "adc" / "local"), _weights(root / "distributed")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0, msg=key)
 
 
 def _probe(address: str, settings: dict, client_id: int = 0) -> WireClient:

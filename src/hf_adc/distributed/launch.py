@@ -66,17 +66,17 @@ def remote_split(
     several processes joins a server of as many ranks: rank i at the server's port + i, rank 0 first
     (`join_in_rank_order`)."""
     _check_share_head(isinstance(split, USplitViTForImageClassification), federation_args)
-    rank, ranks = training_args.process_index, training_args.world_size
-    if _federated(federation_args) and ranks > 1:
-        raise ValueError(f"a federation member (--client_id {federation_args.client_id}) runs one process; this "
-                         f"client runs {ranks}. Several processes train one split against a server of as many ranks, "
-                         "without --num_clients.")  # fmt: skip
     kit = remote_args.kit()
     if _federated(federation_args) and kit is not None and kit.name != f"client-{federation_args.client_id}":
         raise ValueError(
             f"--client_id {federation_args.client_id} disagrees with this client's certificate ({kit.name}): a "
             "federation client's id comes from its kit (client-N)."
         )
+    rank, ranks = training_args.process_index, training_args.world_size
+    if _federated(federation_args) and ranks > 1:
+        raise ValueError(f"a federation member (--client_id {federation_args.client_id}) runs one process; this "
+                         f"client runs {ranks}. Several processes train one split against a server of as many ranks, "
+                         "without --num_clients.")  # fmt: skip
     batch = max(training_args.per_device_train_batch_size, training_args.per_device_eval_batch_size)
     cap = message_cap((split.client or split.server).config, batch)
 
