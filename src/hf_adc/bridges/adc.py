@@ -9,6 +9,7 @@ cluster's gradient on the kept tokens and zero elsewhere, so the gradient comes 
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -101,12 +102,16 @@ def _kmeans_plus_plus(points: torch.Tensor, num_clusters: int, generator: torch.
     The squared distances between all points are computed once and every draw takes a uniform number drawn
     up front through the inverse CDF of the D^2 weights, so each of the sequential draws is a handful of small
     kernels. When every remaining point duplicates a chosen one (all weights zero) the draw picks the last
-    point, a duplicate: its cluster starts empty and the first Lloyd step fills it.
+    point, a duplicate: its cluster starts empty and the first Lloyd step fills it. On the CPU the draws run
+    in NumPy (`_host_draws`), which picks the same points at a fraction of the dispatch cost.
     """
     num_points = points.shape[0]
     norms = points.pow(2).sum(dim=1)
     distances = torch.addmm(norms + norms.unsqueeze(1), points, points.T, alpha=-2).clamp_(min=0)
     uniforms = torch.rand(num_clusters, 1, generator=generator, device=points.device, dtype=points.dtype)
+    if _reads_are_free(points) and points.dtype in (torch.float32, torch.float64):
+        picks = _host_draws(distances.detach().numpy(), uniforms.view(-1).numpy())
+        return points[torch.from_numpy(picks)]
     picks = [(uniforms[0] * num_points).long().clamp_(max=num_points - 1)]
     nearest = distances[picks[0]]
     for draw in uniforms[1:]:
@@ -115,6 +120,22 @@ def _kmeans_plus_plus(points: torch.Tensor, num_clusters: int, generator: torch.
         picks.append(torch.searchsorted(cumulative[:, :-1], draw * cumulative[:, -1:], right=True).squeeze(1))
         nearest = torch.minimum(nearest, distances[picks[-1]])
     return points[torch.cat(picks)]
+
+
+def _host_draws(distances: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """The indices `_kmeans_plus_plus`'s tensor loop picks, drawn in NumPy on the host: the same picks bit for bit,
+    since the prefix sums accumulate in float64 and round to the points' dtype (as torch's CPU cumsum does) and
+    the draw scales the total in that dtype. Each sequential draw costs a few NumPy calls instead of seven
+    tensor dispatches, most of the seeding's time at B = 128."""
+    num_points = distances.shape[0]
+    picks = np.empty(len(uniforms), dtype=np.int64)
+    picks[0] = min(int(uniforms[0] * uniforms.dtype.type(num_points)), num_points - 1)
+    nearest = distances[picks[0]].copy()
+    for index in range(1, len(uniforms)):
+        cumulative = nearest.cumsum(dtype=np.float64).astype(nearest.dtype)
+        picks[index] = cumulative[:-1].searchsorted(uniforms[index] * cumulative[-1], side="right")
+        np.minimum(nearest, distances[picks[index]], out=nearest)
+    return picks
 
 
 def _fill_empty_clusters(points: torch.Tensor, assignment: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -157,9 +178,19 @@ def kmeans(
     unconditionally (a no-op when none is empty) and freezes the centroids once they have converged, which
     gives the same answer.
     """
+    return _kmeans_with_means(points, num_clusters, generator=generator, max_iter=max_iter, tol=tol)[0]
+
+
+def _kmeans_with_means(
+    points: torch.Tensor, num_clusters: int, *, generator: torch.Generator, max_iter: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`kmeans`' assignment, with each cluster's size and the mean of its points: the last Lloyd update, which
+    averages the points of the assignment returned, so that the encoder need not average them again."""
     num_points = points.shape[0]
     if num_clusters == num_points:
-        return torch.arange(num_points, device=points.device)
+        assignment = torch.arange(num_points, device=points.device)
+        counts = torch.ones(num_points, dtype=assignment.dtype, device=points.device)
+        return assignment, counts, torch.zeros_like(points).index_add_(0, assignment, points) / counts.unsqueeze(1)
     host = _reads_are_free(points)
     centroids = _kmeans_plus_plus(points, num_clusters, generator)
     converged = torch.zeros((), dtype=torch.bool, device=points.device)
@@ -170,15 +201,15 @@ def kmeans(
         if not host or not counts.all():
             assignment = _fill_empty_clusters(points, assignment, centroids)
             counts = torch.bincount(assignment, minlength=num_clusters)
-        updated = torch.zeros_like(centroids).index_add_(0, assignment, points) / counts.unsqueeze(1)
+        means = torch.zeros_like(centroids).index_add_(0, assignment, points) / counts.unsqueeze(1)
         if host:
-            moved, centroids = centroids, updated
+            moved, centroids = centroids, means
             if (centroids - moved).norm(dim=1).max() <= tol:
                 break
         else:
-            converged = converged | ((updated - centroids).norm(dim=1).max() <= tol)
-            centroids = torch.where(converged, centroids, updated)
-    return assignment
+            converged = converged | ((means - centroids).norm(dim=1).max() <= tol)
+            centroids = torch.where(converged, centroids, means)
+    return assignment, counts, means
 
 
 def adc_for_ratio(xi: float, num_tokens: int, hidden_size: int, batch_size: int, seed: int = 0) -> ADCConfig:
@@ -228,20 +259,19 @@ class ADCBridge(SeededBridge):
         num_clusters, num_kept = self.config.sizes(batch_size, num_tokens)
 
         cls_attention = cls_attention.float()
-        cluster_ids = kmeans(
+        cluster_ids, counts, centroid_rows = _kmeans_with_means(
             cls_attention,
             num_clusters,
             generator=self.next_generator(cls_attention.device),
             max_iter=self.config.kmeans_iters,
             tol=self.config.kmeans_tol,
         )
-        sizes = torch.bincount(cluster_ids, minlength=num_clusters).float().unsqueeze(1)
+        sizes = counts.float()
 
         def cluster_mean(rows: torch.Tensor) -> torch.Tensor:
-            total = rows.new_zeros(num_clusters, *rows.shape[1:]).index_add(0, cluster_ids, rows)
-            return total / sizes.view(-1, *[1] * (rows.dim() - 1))
+            total = rows.new_zeros(num_clusters, *rows.shape[1:]).index_add_(0, cluster_ids, rows)
+            return total.div_(sizes.view(-1, *[1] * (rows.dim() - 1)))
 
-        centroid_rows = cluster_mean(cls_attention)
         top_tokens = centroid_rows[:, 1:].topk(num_kept - 1, dim=1, sorted=False).indices.sort(dim=1).values + 1
         cls_column = torch.zeros(num_clusters, 1, dtype=top_tokens.dtype, device=top_tokens.device)
         token_indices = torch.cat([cls_column, top_tokens], dim=1)
