@@ -15,7 +15,14 @@ import sys
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from hf_adc.experiment import PRETRAIN_RECIPE, DataArguments, ModelArguments, run_pretraining, with_defaults
+from hf_adc.experiment import (
+    PRETRAIN_RECIPE,
+    DataArguments,
+    ModelArguments,
+    release_process_group,
+    run_pretraining,
+    with_defaults,
+)
 
 
 def main(argv: list[str]) -> dict:
@@ -29,4 +36,7 @@ def main(argv: list[str]) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    finally:
+        release_process_group()

@@ -35,7 +35,14 @@ from transformers import HfArgumentParser  # noqa: E402
 
 from hf_adc.distributed.arguments import FederationArguments, RemoteArguments, check_server_arguments  # noqa: E402
 from hf_adc.distributed.launch import run_server  # noqa: E402
-from hf_adc.experiment import SERVE_RECIPE, ModelArguments, SplitArguments, resolve_checkpoint, with_defaults  # noqa: E402
+from hf_adc.experiment import (  # noqa: E402
+    SERVE_RECIPE,
+    ModelArguments,
+    SplitArguments,
+    release_process_group,
+    resolve_checkpoint,
+    with_defaults,
+)
 from hf_adc.training import ADCTrainingArguments  # noqa: E402
 
 
@@ -54,4 +61,8 @@ def main(argv: list[str]) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s server %(name)s: %(message)s")
-    sys.exit(1 if main(sys.argv[1:])["status"] == "failed" else 0)
+    try:
+        status = main(sys.argv[1:])["status"]
+    finally:
+        release_process_group()
+    sys.exit(1 if status == "failed" else 0)

@@ -50,6 +50,7 @@ from hf_adc.experiment import (
     DataArguments,
     ModelArguments,
     SplitArguments,
+    release_process_group,
     resolve_checkpoint,
     summary_text,
     train_from_arguments,
@@ -82,4 +83,7 @@ def main(argv: list[str]) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    finally:
+        release_process_group()

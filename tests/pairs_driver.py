@@ -79,4 +79,9 @@ def main(role: str, plan: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    from hf_adc.experiment import release_process_group
+
+    try:
+        main(*sys.argv[1:])
+    finally:
+        release_process_group()

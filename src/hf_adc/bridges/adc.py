@@ -109,7 +109,8 @@ def _kmeans_plus_plus(points: torch.Tensor, num_clusters: int, generator: torch.
     norms = points.pow(2).sum(dim=1)
     distances = torch.addmm(norms + norms.unsqueeze(1), points, points.T, alpha=-2).clamp_(min=0)
     uniforms = torch.rand(num_clusters, 1, generator=generator, device=points.device, dtype=points.dtype)
-    if _reads_are_free(points) and points.dtype in (torch.float32, torch.float64):
+    host_dtype = distances.dtype == uniforms.dtype and distances.dtype in (torch.float32, torch.float64)
+    if _reads_are_free(points) and host_dtype:  # (under autocast the distances may be bfloat16: the tensor loop)
         picks = _host_draws(distances.detach().numpy(), uniforms.view(-1).numpy())
         return points[torch.from_numpy(picks)]
     picks = [(uniforms[0] * num_points).long().clamp_(max=num_points - 1)]

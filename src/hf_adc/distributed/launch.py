@@ -22,7 +22,7 @@ from ..data import partition_indices
 from ..experiment.arguments import DataArguments, ModelArguments, SplitArguments
 from ..experiment.models import build_split, model_config, with_transforms
 from ..experiment.report import federation_table, summary_text
-from ..experiment.run import prepare_run, pushed_model_id, report_run, train_split
+from ..experiment.run import prepare_run, pushed_model_id, release_process_group, report_run, train_split
 from ..hub import push_parts
 from ..split import SplitViTForImageClassification
 from ..training import ADCTrainer, ADCTrainingArguments
@@ -287,7 +287,10 @@ def _serve_rank(rank: int, size: int, group_port: int, *args) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s server rank {rank} %(name)s: %(message)s")
     # Fresh arguments: the client's carry its own process group; the server's collectives wait `--timeout` at most.
     training_args = replace(training_args, ddp_timeout=math.ceil(remote_args.timeout))
-    run_server(model_args, split_args, training_args, remote_args, federation_args)
+    try:
+        run_server(model_args, split_args, training_args, remote_args, federation_args)
+    finally:
+        release_process_group()
 
 
 def _client(client_id: int, *args) -> None:

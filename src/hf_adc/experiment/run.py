@@ -152,3 +152,13 @@ def train_from_arguments(model_args, split_args, data_args, training_args):
     return run_split_training(
         model_args, split_args, data_args, training_args, resume_from_checkpoint=training_args.resume_from_checkpoint
     )
+
+
+def release_process_group() -> None:
+    """Destroys this process's torch.distributed group, if it has one (a recipe's last step on every rank). A gloo
+    group left to the interpreter's exit can abort the process (`terminate called without an active exception`)
+    when the other ranks are gone first, and the launcher then fails the whole run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
