@@ -5,6 +5,7 @@ rank that dies ends the whole run, and both sides resume from their last common 
 import json
 import re
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,11 +17,14 @@ from helpers import (
     client_hello,
     data_args,
     free_address,
+    launch_command,
     model_args,
     pair_case,
     run_drivers,
     signal_group,
+    spawn,
     start_server,
+    wait_output,
     with_credentials,
 )
 from safetensors.torch import load_file
@@ -226,3 +230,21 @@ def test_a_dead_server_rank_ends_the_whole_run_and_both_sides_resume_exactly_fro
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0, msg=key)
     assert json.loads((folder / "server_results.json").read_text())["status"] == "finished"
+
+
+def test_a_server_rank_still_waiting_for_its_client_stops_when_another_ranks_serving_ends(tiny_vit_path, tmp_path):
+    """`accelerate launch --num_processes 2 recipes/serve.py`: client rank 0 joins and vanishes before rank 1 came;
+    server rank 0 ends (its client is lost), and rank 1, still waiting for its client, ends too, long before its
+    accept timeout, instead of holding a half of a server that can no longer train."""
+    address = f"127.0.0.1:{_free_ports(RANKS)}"
+    args = [*model_args(tiny_vit_path, "--max_steps", str(STEPS), "--ddp_timeout", "60"), "--listen", address,
+            "--timeout", TIMEOUT, "--accept_timeout", "300", "--output_dir", str(tmp_path / "server")]  # fmt: skip
+    server = spawn(launch_command("serve.py", with_credentials(args), "cpu_2proc.yaml"), HF_ADC_JOIN_TOKEN="secret")
+    settings, _ = client_hello(args, [str(label) for label in range(5)])
+    first = _probe(address, {**settings, "rank": 0, "ranks": 2})
+    first.welcome()
+    first.channel.close()  # gone before its rank 1 joined
+    started = time.monotonic()
+    log = wait_output(server, 60)
+    assert time.monotonic() - started < 30, log[-3000:]
+    assert "another server rank has ended its serving (rank 0: client lost)" in log, log[-3000:]
