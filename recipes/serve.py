@@ -15,6 +15,10 @@ The transport is gRPC with mutual TLS: `--credentials` is the server's kit from 
 It exits once a client has trained to the end (or was lost mid-training, keeping the last checkpoint), or when
 no client came within `--accept_timeout` seconds.
 
+Started as N ranks it serves one client of N processes (`accelerate launch --num_processes N recipes/train.py
+--server HOST:PORT`): `accelerate launch --num_processes N recipes/serve.py --listen HOST:PORT ...`, rank r at
+PORT + r; the ranks average the server half's gradients every step, rank 0 writes the files (hf_adc.distributed.ranks).
+
 With `--num_clients N` it serves a federation (hf_adc.distributed.federation): N clients, each started with `--server`,
 `--num_clients N` and its `--client_id`; `--schedule sequential|splitfed`, `--sync_every K` steps per turn or
 between averagings, `--round_timeout` seconds before a missing client is dropped, `--min_clients` to go on with.

@@ -28,6 +28,11 @@ or on two (start the server first; same model, split and training arguments on b
     python recipes/serve.py --listen 0.0.0.0:29500 --credentials kits/server ...                    # on the server host
     accelerate launch recipes/train.py --server SERVER_HOST:29500 --credentials kits/client-0 ...   # on the client host
 
+A client of N processes (DDP) trains one split against a server of N ranks (client rank i joins PORT + i):
+
+    accelerate launch --num_processes 2 recipes/serve.py --listen 0.0.0.0:29500 ...                # server host
+    accelerate launch --num_processes 2 recipes/train.py --server SERVER_HOST:29500 ...            # client host
+
 Several clients (each on its own shard; `--schedule sequential` or `splitfed`, see hf_adc.distributed.federation):
 
     python recipes/serve.py --listen 0.0.0.0:29500 --num_clients 3 --schedule splitfed --sync_every 10 ...

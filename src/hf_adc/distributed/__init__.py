@@ -9,6 +9,7 @@
 - `client.py`: the client's `RemoteLink` and `RemoteSplitViT` (trained by the unchanged `ADCTrainer`);
 - `server_half.py`: the `ServerHalf` both servers compose (compute, optimizer and schedule, checkpoint files);
 - `server.py`: the single-client `SplitServer` (accept, handshake, a table from message kind to handler);
+- `ranks.py`: several processes on each side (a server of N ranks for a client of N processes, rank i to rank i);
 - `federation/`: several clients (membership, schedules, FedAvg, the round plan, checkpoints, the server);
 - `arguments.py`, `launch.py`: the command-line arguments and the code that starts servers and clients.
 """
