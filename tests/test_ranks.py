@@ -248,3 +248,18 @@ def test_a_server_rank_still_waiting_for_its_client_stops_when_another_ranks_ser
     log = wait_output(server, 60)
     assert time.monotonic() - started < 30, log[-3000:]
     assert "another server rank has ended its serving (rank 0: client lost)" in log, log[-3000:]
+
+
+def test_a_federation_server_refuses_to_start_as_several_ranks(tiny_vit_path, tmp_path):
+    from types import SimpleNamespace
+
+    from hf_adc.distributed.arguments import FederationArguments, RemoteArguments
+    from hf_adc.distributed.launch import run_server
+    from hf_adc.experiment import ModelArguments, SplitArguments
+
+    training = SimpleNamespace(world_size=2, process_index=0, push_to_hub=False, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="--num_clients 3 with 2 server processes: a federation is served by one"):
+        run_server(
+            ModelArguments(model_name_or_path=tiny_vit_path), SplitArguments(), training,
+            RemoteArguments(listen=free_address(), insecure=True), FederationArguments(num_clients=3),
+        )  # fmt: skip

@@ -208,12 +208,12 @@ def run_server(
         raise ValueError("--push_to_hub needs --hub_model_id: the server half goes to <id>-server.")
     split_args.validate()
     _check_share_head(split_args.label_privacy, federation_args)
-    ranks = ServerRanks.of(training_args)
-    if ranks.size > 1 and federation_args is not None and federation_args.num_clients is not None:
+    if training_args.world_size > 1 and federation_args is not None and federation_args.num_clients is not None:
         raise ValueError(
-            f"--num_clients {federation_args.num_clients} with {ranks.size} server processes: a federation is served "
-            "by one process (several ranks serve one client of as many)."
+            f"--num_clients {federation_args.num_clients} with {training_args.world_size} server processes: a "
+            "federation is served by one process (several ranks serve one client of as many)."
         )
+    ranks = ServerRanks.of(training_args)
     listen = rank_address(remote_args.listen, ranks.rank)
 
     def build(labels):
