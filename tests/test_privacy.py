@@ -262,3 +262,84 @@ def test_privacy_benchmark_quick_run_writes_records_and_resumes(tiny_vit_path, d
     assert adc["bytes"] < plain["bytes"]
     assert benchmark.main(args) == records  # resumed: nothing left to run
     assert len((tmp_path / "privacy.jsonl").read_text().splitlines()) == 2
+
+
+def test_recipe_flags_wrap_the_compression_in_secret_payload_noise_and_refuse_bad_settings():
+    from hf_adc.experiment import SplitArguments
+
+    config = SplitArguments(compression="adc", xi=0.25, payload_noise=0.5, payload_clip_norm=2.0).compression_config(3)
+    assert config == PayloadNoiseConfig(hf_adc.ADCConfig(xi=0.25, seed=3), clip_norm=2.0, noise_multiplier=0.5,
+                                        seed=None)  # fmt: skip
+    plain = SplitArguments(compression="none", payload_noise=0.0, payload_clip_norm=1.0, payload_noise_in_eval=True)
+    assert plain.compression_config() == PayloadNoiseConfig(None, 1.0, 0.0, noise_in_eval=True, seed=None)
+    assert SplitArguments(compression="topk", rate=0.2).compression_config() == hf_adc.TopKConfig(rate=0.2)
+    bad = {
+        "payload_noise=-1.0 is out of range": dict(payload_noise=-1.0, payload_clip_norm=1.0),
+        "payload_noise=nan is out of range": dict(payload_noise=math.nan, payload_clip_norm=1.0),
+        "payload_clip_norm=0.0 is out of range": dict(payload_noise=1.0, payload_clip_norm=0.0),
+        "--payload_clip_norm is missing": dict(payload_noise=1.0),
+        "--payload_noise is missing": dict(payload_clip_norm=1.0),
+        "--payload_noise_in_eval needs": dict(payload_noise_in_eval=True),
+    }
+    for message, flags in bad.items():
+        with pytest.raises(ValueError, match=message):
+            SplitArguments(compression="adc", **flags).compression_config()
+    # The seed is secret: two batches, or two bridges of one config, never draw the same noise.
+    bridge = hf_adc.bridges.build_bridge(config, 17, 32, NUM_LABELS)
+    rows = torch.zeros(4, 17, 32)
+    assert not torch.equal(bridge.noise(rows), bridge.noise(rows))
+
+
+def test_a_server_without_payload_noise_refuses_a_client_with_it(tiny_vit_path):
+    from helpers import client_hello, model_args
+
+    from hf_adc.distributed.settings import differing_settings
+
+    labels = [str(label) for label in range(NUM_LABELS)]
+    plain, _ = client_hello(model_args(tiny_vit_path, "--compression", "adc", "--xi", "0.25"), labels)
+    noisy_flags = ["--compression", "adc", "--xi", "0.25", "--payload_noise", "0.5", "--payload_clip_norm", "2"]
+    noisy, _ = client_hello(model_args(tiny_vit_path, *noisy_flags), labels)
+    assert noisy["compression"]["method"] == "payload_noise" and noisy["compression"]["seed"] is None
+    differences = differing_settings(noisy, plain)
+    assert len(differences) == 1 and differences[0].startswith("compression: client {'method': 'payload_noise'")
+    assert differing_settings(noisy, client_hello(model_args(tiny_vit_path, *noisy_flags), labels)[0]) == []
+    louder, _ = client_hello(model_args(tiny_vit_path, *noisy_flags[:-1], "4"), labels)
+    assert differing_settings(noisy, louder)  # a different clip norm is refused too
+
+
+def test_label_dp_flag_randomizes_the_training_labels_once_at_its_rate_and_leaves_the_test_labels(digits_dir):
+    from hf_adc.experiment import DataArguments, load_data
+
+    plain = load_data(DataArguments(dataset_name=digits_dir), seed=5)
+    private = load_data(DataArguments(dataset_name=digits_dir, label_dp_epsilon=1.0), seed=5)
+    train, noisy = torch.tensor(plain["train"]["label"]), torch.tensor(private["train"]["label"])
+    assert (noisy == train).float().mean().item() == pytest.approx(keep_probability(1.0, 10), abs=0.04)
+    assert private["test"]["label"] == plain["test"]["label"]
+    assert private["train"].features["label"] == plain["train"].features["label"]
+    again = load_data(DataArguments(dataset_name=digits_dir, label_dp_epsilon=1.0), seed=5)
+    assert again["train"]["label"] == private["train"]["label"]  # drawn once from the run's seed
+    other = load_data(DataArguments(dataset_name=digits_dir, label_dp_epsilon=1.0), seed=6)
+    assert other["train"]["label"] != private["train"]["label"]
+    with pytest.raises(ValueError, match="labels never leave the client"):
+        DataArguments(label_dp_epsilon=1.0).check_label_dp(label_privacy=True)
+    with pytest.raises(ValueError, match="label_dp_epsilon=0.0 is out of range"):
+        DataArguments(label_dp_epsilon=0.0).check_label_dp(label_privacy=False)
+    DataArguments(label_dp_epsilon=1.0).check_label_dp(label_privacy=False)
+
+
+def test_recipe_trains_with_payload_noise_and_label_dp_charged_like_the_plain_bridge(tiny_vit_path, digits_dir,
+                                                                                    tmp_path):  # fmt: skip
+    from helpers import tiny_run_args, train_here
+
+    def run(name, *flags):
+        args = tiny_run_args(tiny_vit_path, digits_dir, tmp_path / name, "--compression", "adc", "--xi", "0.25",
+                             "--max_steps", "2", "--eval_strategy", "no", *flags)  # fmt: skip
+        return train_here(args)
+
+    plain = run("plain")
+    private = run("private", "--payload_noise", "0.5", "--payload_clip_norm", "5", "--label_dp_epsilon", "2")
+    assert private["compression"]["method"] == "payload_noise" and private["args"]["data"]["label_dp_epsilon"] == 2
+    charged = ("uplink_bytes", "downlink_bytes", "total_bytes", "uncompressed_bytes")
+    assert [private[name] for name in charged] == [plain[name] for name in charged] and plain["total_bytes"] > 0
+    with pytest.raises(ValueError, match="labels never leave the client"):
+        run("ushaped", "--label_privacy", "--label_dp_epsilon", "2")
