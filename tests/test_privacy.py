@@ -1,6 +1,7 @@
 """hf_adc.privacy: the attacks recover what they should, the defences compose and are charged, the epsilons are the
 library's."""
 
+import copy
 import math
 
 import pytest
@@ -20,11 +21,14 @@ from hf_adc.privacy import (
     direction_guess,
     keep_probability,
     label_accuracy,
+    norm_guess,
+    norm_scores,
     payload_noise_epsilon,
     payload_noise_guarantee,
     randomize_labels,
     randomized_response_epsilon,
     score_inversion,
+    shared_head_guess,
     soft_label_guess,
     surrogate_views,
 )
@@ -58,12 +62,12 @@ def public_vit() -> ViTForImageClassification:
     return ViTForImageClassification(tiny_vit_config())
 
 
-def fine_tune(public, compression, pixel_values, labels, steps=6, batch_size=16, **split_kwargs):
-    """The client's run: a split of a copy of `public`, trained `steps` steps (AdamW 1e-4) while an Observer records."""
-    model = ViTForImageClassification(tiny_vit_config())
+def fine_tune(public, compression, pixel_values, labels, steps=6, batch_size=16, learning_rate=1e-4, **split_kwargs):
+    """The client's run: a split of a copy of `public`, trained `steps` steps (AdamW) while an Observer records."""
+    model = ViTForImageClassification(public.config)
     model.load_state_dict(public.state_dict())
     split = hf_adc.split_vit(model, 2, compression=compression, **split_kwargs).train()
-    optimizer = torch.optim.AdamW(split.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(split.parameters(), lr=learning_rate)
     with Observer(split, max_steps=steps) as seen:
         for step in range(steps):
             rows = slice(step * batch_size, (step + 1) * batch_size)
@@ -140,6 +144,44 @@ def test_adc_soft_labels_and_ushaped_head_gradients_reveal_the_class(digits, pub
     for guess in (direction_guess, cluster_guess):
         result = label_accuracy(guess(gradients, known, truth[known], NUM_LABELS)[unknown], truth[unknown])
         assert result["accuracy"] > result["majority_baseline"] + 0.3, (guess.__name__, result)
+
+
+def test_ushaped_gradient_norms_reveal_the_rare_class_of_a_binary_task(digits):
+    from sklearn.metrics import roc_auc_score
+
+    pixel_values, digit_classes = digits
+    labels = (digit_classes == 0).long()  # digits 0 and 5: about one in five
+    torch.manual_seed(0)
+    public = ViTForImageClassification(tiny_vit_config(num_labels=2))
+    _, seen = fine_tune(public, None, pixel_values, labels, steps=12, batch_size=32, learning_rate=1e-3,
+                        label_privacy=True)  # fmt: skip
+    seen = seen[4:]  # once the model has learned that one class is rare
+    gradients, truth = torch.cat([step.head_gradients for step in seen]), torch.cat([step.labels for step in seen])
+    known = torch.cat([torch.nonzero(truth == label)[:3, 0] for label in range(2)])  # three known per class
+    unknown = torch.ones(len(truth), dtype=torch.bool).index_fill_(0, known, False)
+    result = label_accuracy(norm_guess(gradients, known, truth[known], 2)[unknown], truth[unknown])
+    assert result["majority_baseline"] < 0.85 and result["accuracy"] > result["majority_baseline"] + 0.1, result
+    assert roc_auc_score(truth.numpy(), norm_scores(gradients).numpy()) > 0.9
+    with pytest.raises(ValueError, match="known_labels must lie in 0 .. 1"):
+        norm_guess(gradients, known, truth[known] + 1, 2)
+
+
+def test_shared_head_solves_ushaped_labels_exactly_from_head_gradients(digits, public_vit):
+    pixel_values, labels = digits
+    # The server's copy of the shared head: the weights of the last synchronisation (here the start), while the
+    # client trains its own copy on.
+    server_head = hf_adc.split_vit(copy.deepcopy(public_vit), 2, label_privacy=True).head
+    _, seen = fine_tune(public_vit, None, pixel_values, labels, steps=6, label_privacy=True)
+    truth = torch.cat([step.labels for step in seen])
+    guesses = torch.cat([shared_head_guess(server_head, step.head_activations, step.head_gradients) for step in seen])
+    result = label_accuracy(guesses, truth)
+    assert result["accuracy"] > 0.95 > result["majority_baseline"] + 0.5, result
+    torch.manual_seed(1)
+    other_head = hf_adc.split_vit(ViTForImageClassification(tiny_vit_config()), 2, label_privacy=True).head
+    wrong = torch.cat([shared_head_guess(other_head, step.head_activations, step.head_gradients) for step in seen])
+    assert label_accuracy(wrong, truth)["accuracy"] < result["accuracy"] - 0.3  # the weights are what solves it
+    with pytest.raises(ValueError, match="must have one shape"):
+        shared_head_guess(server_head, seen[0].head_activations, seen[0].head_gradients[:1])
 
 
 def test_payload_noise_epsilon_is_the_gaussian_mechanism_of_sensitivity_2c_composed_per_example():

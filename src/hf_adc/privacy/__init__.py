@@ -8,7 +8,8 @@ final model itself reveals.
 
 - attacks: `inversion` (a decoder trained on auxiliary data through the surrogate client and bridge, applied to
   what the server half received: `Observer` records it), scored by `image_metrics` (SSIM, PSNR from torchmetrics,
-  against the auxiliary mean image); `label_inference` (ADC's soft labels, head-gradient directions);
+  against the auxiliary mean image); `label_inference` (ADC's soft labels; head-gradient directions and norms, and
+  the exact solve when heads are shared);
 - defences: `payload_noise` (clipped Gaussian noise on the payload, a stage around any bridge), `label_dp`
   (randomized response drawn once per example); `accounting` (their epsilon with `dp-accounting`, and where it holds).
 """
@@ -25,7 +26,8 @@ _LAZY = {
     "image_metrics": ("ReconstructionReport", "image_scores", "score_rows", "to_unit_range"),
     "inversion": ("LearnedInversion", "TokenInverter", "score_inversion", "simulable", "surrogate_views"),
     "label_dp": ("keep_probability", "randomize_labels", "with_randomized_labels"),
-    "label_inference": ("cluster_guess", "direction_guess", "label_accuracy", "soft_label_guess"),
+    "label_inference": ("cluster_guess", "direction_guess", "label_accuracy", "norm_guess", "norm_scores",
+                        "shared_head_guess", "soft_label_guess"),
     "observation": ("Observation", "Observer"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
@@ -48,6 +50,9 @@ __all__ = [
     "direction_guess",
     "image_scores",
     "label_accuracy",
+    "norm_guess",
+    "norm_scores",
+    "shared_head_guess",
     "score_inversion",
     "score_rows",
     "simulable",
