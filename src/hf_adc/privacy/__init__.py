@@ -8,8 +8,9 @@ final model itself reveals.
 
 - attacks: `inversion` (a decoder trained on auxiliary data through the surrogate client and bridge, applied to
   what the server half received: `Observer` records it), scored by `image_metrics` (SSIM, PSNR from torchmetrics,
-  against the auxiliary mean image); `label_inference` (ADC's soft labels; head-gradient directions and norms, and
-  the exact solve when heads are shared);
+  against the auxiliary mean image); `white_box_inversion` (a search for images whose surrogate output matches, with
+  a total-variation prior; `strongest_inversion` keeps the stronger attack per method); `label_inference` (ADC's
+  soft labels; head-gradient directions and norms, and the exact solve when heads are shared);
 - defences: `payload_noise` (clipped Gaussian noise on the payload, a stage around any bridge), `label_dp`
   (randomized response drawn once per example); `accounting` (their epsilon with `dp-accounting`, and where it holds).
 """
@@ -29,6 +30,7 @@ _LAZY = {
     "label_inference": ("cluster_guess", "direction_guess", "label_accuracy", "norm_guess", "norm_scores",
                         "shared_head_guess", "soft_label_guess"),
     "observation": ("Observation", "Observer"),
+    "white_box_inversion": ("WhiteBoxInversion", "strongest_inversion", "total_variation"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
@@ -46,6 +48,7 @@ __all__ = [
     "Observer",
     "ReconstructionReport",
     "TokenInverter",
+    "WhiteBoxInversion",
     "cluster_guess",
     "direction_guess",
     "image_scores",
@@ -57,8 +60,10 @@ __all__ = [
     "score_rows",
     "simulable",
     "soft_label_guess",
+    "strongest_inversion",
     "surrogate_views",
     "to_unit_range",
+    "total_variation",
     "PayloadNoiseBridge",
     "PayloadNoiseConfig",
     "clip_rows",
