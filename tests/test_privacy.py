@@ -1,6 +1,7 @@
 """hf_adc.privacy: the attacks recover what they should, the defences compose and are charged, the epsilons are the
 library's."""
 
+import contextlib
 import copy
 import math
 
@@ -15,11 +16,13 @@ import hf_adc
 from hf_adc.bridges import ComposedConfig, config_for_ratio, config_from_dict
 from hf_adc.privacy import (
     LearnedInversion,
+    NoPeek,
     Observer,
     PayloadNoiseConfig,
     WhiteBoxInversion,
     cluster_guess,
     direction_guess,
+    distance_correlation,
     keep_probability,
     label_accuracy,
     norm_guess,
@@ -122,6 +125,49 @@ def test_white_box_inversion_recovers_an_uncompressed_split_and_the_stronger_att
     assert reports["learned"].summary()["ssim_mean"] < report["ssim_mean"]
     with pytest.raises(ValueError, match="pixel_range=.* is out of range"):
         WhiteBoxInversion(surrogate, auxiliary_mean, (1.0, -1.0))
+
+
+def test_nopeek_lowers_what_a_learned_inversion_recovers_even_with_the_trained_client_half(digits, public_vit):
+    pixel_values, labels = digits
+    auxiliary, victims = slice(0, 1200), torch.arange(1200, 1488)  # disjoint
+
+    def attacked(weight):
+        """SSIM of a learned inversion that holds the trained client half (a federation's server does) on the
+        last two steps of a run of 20 (batch 32, AdamW 5e-4), with NoPeek at `weight` or without (None)."""
+        model = ViTForImageClassification(public_vit.config)
+        model.load_state_dict(public_vit.state_dict())
+        split = hf_adc.split_vit(model, 2).train()
+        optimizer = torch.optim.AdamW(split.parameters(), lr=5e-4)
+        nopeek = NoPeek(split, weight) if weight else None
+        with Observer(split, max_steps=2) as seen, nopeek or contextlib.nullcontext():
+            for step in range(20):
+                rows = victims[(step * 32) % 288 :][:32]
+                split(pixel_values[rows], labels=labels[rows]).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        views, images = surrogate_views(split.client, None, pixel_values[auxiliary], labels[auxiliary], NUM_LABELS, 16)
+        attack = LearnedInversion.for_client(split.client, seed=0)
+        attack.fit(views, images, steps=300)
+        report = score_inversion(attack, seen.observations, MEAN, STD, pixel_values[auxiliary].mean(0)).summary()
+        return report, nopeek
+
+    plain, _ = attacked(None)
+    defended, nopeek = attacked(10.0)
+    assert plain["ssim_mean"] > plain["baseline_ssim_mean"] + 0.15, plain  # the attack works without the defence
+    assert defended["ssim_mean"] < plain["ssim_mean"] - 0.1, (defended, plain)
+    assert len(nopeek.penalties) == 20 and nopeek.penalties[-1] < nopeek.penalties[0] - 0.05
+
+
+def test_distance_correlation_is_one_for_a_similarity_small_for_independence_and_nopeek_refuses_bad_weights():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 4, 4, generator=generator)
+    assert distance_correlation(x, 2 * x.flatten(1) + 1).item() == pytest.approx(1.0, abs=1e-4)
+    low = torch.randn(256, 4, generator=generator)  # few dimensions, many samples: the estimator's bias is small
+    assert distance_correlation(low, torch.randn(256, 4, generator=generator)).item() < 0.3
+    with pytest.raises(ValueError, match="weight=0 is out of range"):
+        NoPeek(torch.nn.Module(), 0)
+    with pytest.raises(ValueError, match="must hold the same number of samples"):
+        distance_correlation(x, x[:3])
 
 
 def _noisy(config):

@@ -12,7 +12,8 @@ final model itself reveals.
   a total-variation prior; `strongest_inversion` keeps the stronger attack per method); `label_inference` (ADC's
   soft labels; head-gradient directions and norms, and the exact solve when heads are shared);
 - defences: `payload_noise` (clipped Gaussian noise on the payload, a stage around any bridge), `label_dp`
-  (randomized response drawn once per example); `accounting` (their epsilon with `dp-accounting`, and where it holds).
+  (randomized response drawn once per example), `nopeek` (a distance-correlation loss on the client, empirical);
+  `accounting` (their epsilon with `dp-accounting`, and where it holds).
 """
 
 import importlib
@@ -29,6 +30,7 @@ _LAZY = {
     "label_dp": ("keep_probability", "randomize_labels", "with_randomized_labels"),
     "label_inference": ("cluster_guess", "direction_guess", "label_accuracy", "norm_guess", "norm_scores",
                         "shared_head_guess", "soft_label_guess"),
+    "nopeek": ("NoPeek", "distance_correlation"),
     "observation": ("Observation", "Observer"),
     "white_box_inversion": ("WhiteBoxInversion", "strongest_inversion", "total_variation"),
 }  # fmt: skip
@@ -44,6 +46,7 @@ def __getattr__(name: str):
 __all__ = [
     "Guarantee",
     "LearnedInversion",
+    "NoPeek",
     "Observation",
     "Observer",
     "ReconstructionReport",
@@ -51,6 +54,7 @@ __all__ = [
     "WhiteBoxInversion",
     "cluster_guess",
     "direction_guess",
+    "distance_correlation",
     "image_scores",
     "label_accuracy",
     "norm_guess",
