@@ -72,6 +72,7 @@ def main(argv: list[str]) -> dict:
     model_args, split_args, data_args, training_args, remote_args, federation_args = args
     check_client_arguments(remote_args, federation_args)
     split_args.validate()
+    data_args.check_label_dp(split_args.label_privacy)
     resolve_checkpoint(model_args, split_args, data_args, use_cpu=training_args.use_cpu)
     if remote_args.distributed and federation_args.num_clients is not None:
         return run_federation_here(*args)  # prints the federation's table

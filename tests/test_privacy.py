@@ -1,6 +1,8 @@
 """hf_adc.privacy: the attacks recover what they should, the defences compose and are charged, the epsilons are the
 library's."""
 
+import contextlib
+import copy
 import math
 
 import pytest
@@ -14,18 +16,25 @@ import hf_adc
 from hf_adc.bridges import ComposedConfig, config_for_ratio, config_from_dict
 from hf_adc.privacy import (
     LearnedInversion,
+    NoPeek,
     Observer,
     PayloadNoiseConfig,
+    WhiteBoxInversion,
     cluster_guess,
     direction_guess,
+    distance_correlation,
     keep_probability,
     label_accuracy,
+    norm_guess,
+    norm_scores,
     payload_noise_epsilon,
     payload_noise_guarantee,
     randomize_labels,
     randomized_response_epsilon,
     score_inversion,
+    shared_head_guess,
     soft_label_guess,
+    strongest_inversion,
     surrogate_views,
 )
 
@@ -58,12 +67,12 @@ def public_vit() -> ViTForImageClassification:
     return ViTForImageClassification(tiny_vit_config())
 
 
-def fine_tune(public, compression, pixel_values, labels, steps=6, batch_size=16, **split_kwargs):
-    """The client's run: a split of a copy of `public`, trained `steps` steps (AdamW 1e-4) while an Observer records."""
-    model = ViTForImageClassification(tiny_vit_config())
+def fine_tune(public, compression, pixel_values, labels, steps=6, batch_size=16, learning_rate=1e-4, **split_kwargs):
+    """The client's run: a split of a copy of `public`, trained `steps` steps (AdamW) while an Observer records."""
+    model = ViTForImageClassification(public.config)
     model.load_state_dict(public.state_dict())
     split = hf_adc.split_vit(model, 2, compression=compression, **split_kwargs).train()
-    optimizer = torch.optim.AdamW(split.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(split.parameters(), lr=learning_rate)
     with Observer(split, max_steps=steps) as seen:
         for step in range(steps):
             rows = slice(step * batch_size, (step + 1) * batch_size)
@@ -89,6 +98,76 @@ def test_learned_inversion_recovers_an_uncompressed_split_well_above_the_mean_im
     shuffled = [type(seen)(**{**seen.__dict__, "view": seen.view.roll(1, 0)}) for seen in observations]
     control = score_inversion(attack, shuffled, MEAN, STD, pixel_values[auxiliary].mean(0)).summary()
     assert control["ssim_mean"] < report["ssim_mean"] - 0.2, (control, report)
+
+
+def test_white_box_inversion_recovers_an_uncompressed_split_and_the_stronger_attack_is_reported(digits, public_vit):
+    pixel_values, labels = digits
+    auxiliary_mean = pixel_values[:1200].mean(0)
+    _, observations = fine_tune(public_vit, None, pixel_values[1200:], labels[1200:], steps=2)
+    surrogate = hf_adc.split_vit(public_vit, 2).client
+    attack = WhiteBoxInversion(surrogate, auxiliary_mean, (-1.0, 1.0), steps=200)
+    report = score_inversion(attack, observations, MEAN, STD, auxiliary_mean).summary()
+    assert report["ssim_mean"] > report["baseline_ssim_mean"] + 0.3, report
+    assert report["psnr_mean"] > report["baseline_psnr_mean"] + 6, report
+    assert all(parameter.requires_grad for parameter in surrogate.parameters())  # the surrogate is left as it was
+    # The score comes from the image each row stands for: the same reconstructions against other images score low.
+    shuffled = [type(seen)(**{**seen.__dict__, "view": seen.view.roll(1, 0)}) for seen in observations]
+    control = score_inversion(attack, shuffled, MEAN, STD, auxiliary_mean).summary()
+    assert control["ssim_mean"] < report["ssim_mean"] - 0.3, (control, report)
+
+    views, images = surrogate_views(surrogate, None, pixel_values[:256], labels[:256], NUM_LABELS, 16)
+    learned = LearnedInversion.for_client(surrogate, width=32, layers=1)
+    learned.fit(views, images, steps=20)  # barely trained: the white box must win
+    strongest, reports = strongest_inversion({"learned": learned, "white_box": attack}, observations, MEAN, STD,
+                                             auxiliary_mean)  # fmt: skip
+    assert strongest == "white_box" and set(reports) == {"learned", "white_box"}
+    assert reports["white_box"].summary() == pytest.approx(report)
+    assert reports["learned"].summary()["ssim_mean"] < report["ssim_mean"]
+    with pytest.raises(ValueError, match="pixel_range=.* is out of range"):
+        WhiteBoxInversion(surrogate, auxiliary_mean, (1.0, -1.0))
+
+
+def test_nopeek_lowers_what_a_learned_inversion_recovers_even_with_the_trained_client_half(digits, public_vit):
+    pixel_values, labels = digits
+    auxiliary, victims = slice(0, 1200), torch.arange(1200, 1488)  # disjoint
+
+    def attacked(weight):
+        """SSIM of a learned inversion that holds the trained client half (a federation's server does) on the
+        last two steps of a run of 20 (batch 32, AdamW 5e-4), with NoPeek at `weight` or without (None)."""
+        model = ViTForImageClassification(public_vit.config)
+        model.load_state_dict(public_vit.state_dict())
+        split = hf_adc.split_vit(model, 2).train()
+        optimizer = torch.optim.AdamW(split.parameters(), lr=5e-4)
+        nopeek = NoPeek(split, weight) if weight else None
+        with Observer(split, max_steps=2) as seen, nopeek or contextlib.nullcontext():
+            for step in range(20):
+                rows = victims[(step * 32) % 288 :][:32]
+                split(pixel_values[rows], labels=labels[rows]).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        views, images = surrogate_views(split.client, None, pixel_values[auxiliary], labels[auxiliary], NUM_LABELS, 16)
+        attack = LearnedInversion.for_client(split.client, seed=0)
+        attack.fit(views, images, steps=300)
+        report = score_inversion(attack, seen.observations, MEAN, STD, pixel_values[auxiliary].mean(0)).summary()
+        return report, nopeek
+
+    plain, _ = attacked(None)
+    defended, nopeek = attacked(10.0)
+    assert plain["ssim_mean"] > plain["baseline_ssim_mean"] + 0.15, plain  # the attack works without the defence
+    assert defended["ssim_mean"] < plain["ssim_mean"] - 0.1, (defended, plain)
+    assert len(nopeek.penalties) == 20 and nopeek.penalties[-1] < nopeek.penalties[0] - 0.05
+
+
+def test_distance_correlation_is_one_for_a_similarity_small_for_independence_and_nopeek_refuses_bad_weights():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 4, 4, generator=generator)
+    assert distance_correlation(x, 2 * x.flatten(1) + 1).item() == pytest.approx(1.0, abs=1e-4)
+    low = torch.randn(256, 4, generator=generator)  # few dimensions, many samples: the estimator's bias is small
+    assert distance_correlation(low, torch.randn(256, 4, generator=generator)).item() < 0.3
+    with pytest.raises(ValueError, match="weight=0 is out of range"):
+        NoPeek(torch.nn.Module(), 0)
+    with pytest.raises(ValueError, match="must hold the same number of samples"):
+        distance_correlation(x, x[:3])
 
 
 def _noisy(config):
@@ -140,6 +219,44 @@ def test_adc_soft_labels_and_ushaped_head_gradients_reveal_the_class(digits, pub
     for guess in (direction_guess, cluster_guess):
         result = label_accuracy(guess(gradients, known, truth[known], NUM_LABELS)[unknown], truth[unknown])
         assert result["accuracy"] > result["majority_baseline"] + 0.3, (guess.__name__, result)
+
+
+def test_ushaped_gradient_norms_reveal_the_rare_class_of_a_binary_task(digits):
+    from sklearn.metrics import roc_auc_score
+
+    pixel_values, digit_classes = digits
+    labels = (digit_classes == 0).long()  # digits 0 and 5: about one in five
+    torch.manual_seed(0)
+    public = ViTForImageClassification(tiny_vit_config(num_labels=2))
+    _, seen = fine_tune(public, None, pixel_values, labels, steps=12, batch_size=32, learning_rate=1e-3,
+                        label_privacy=True)  # fmt: skip
+    seen = seen[4:]  # once the model has learned that one class is rare
+    gradients, truth = torch.cat([step.head_gradients for step in seen]), torch.cat([step.labels for step in seen])
+    known = torch.cat([torch.nonzero(truth == label)[:3, 0] for label in range(2)])  # three known per class
+    unknown = torch.ones(len(truth), dtype=torch.bool).index_fill_(0, known, False)
+    result = label_accuracy(norm_guess(gradients, known, truth[known], 2)[unknown], truth[unknown])
+    assert result["majority_baseline"] < 0.85 and result["accuracy"] > result["majority_baseline"] + 0.1, result
+    assert roc_auc_score(truth.numpy(), norm_scores(gradients).numpy()) > 0.9
+    with pytest.raises(ValueError, match="known_labels must lie in 0 .. 1"):
+        norm_guess(gradients, known, truth[known] + 1, 2)
+
+
+def test_shared_head_solves_ushaped_labels_exactly_from_head_gradients(digits, public_vit):
+    pixel_values, labels = digits
+    # The server's copy of the shared head: the weights of the last synchronisation (here the start), while the
+    # client trains its own copy on.
+    server_head = hf_adc.split_vit(copy.deepcopy(public_vit), 2, label_privacy=True).head
+    _, seen = fine_tune(public_vit, None, pixel_values, labels, steps=6, label_privacy=True)
+    truth = torch.cat([step.labels for step in seen])
+    guesses = torch.cat([shared_head_guess(server_head, step.head_activations, step.head_gradients) for step in seen])
+    result = label_accuracy(guesses, truth)
+    assert result["accuracy"] > 0.95 > result["majority_baseline"] + 0.5, result
+    torch.manual_seed(1)
+    other_head = hf_adc.split_vit(ViTForImageClassification(tiny_vit_config()), 2, label_privacy=True).head
+    wrong = torch.cat([shared_head_guess(other_head, step.head_activations, step.head_gradients) for step in seen])
+    assert label_accuracy(wrong, truth)["accuracy"] < result["accuracy"] - 0.3  # the weights are what solves it
+    with pytest.raises(ValueError, match="must have one shape"):
+        shared_head_guess(server_head, seen[0].head_activations, seen[0].head_gradients[:1])
 
 
 def test_payload_noise_epsilon_is_the_gaussian_mechanism_of_sensitivity_2c_composed_per_example():
@@ -262,3 +379,84 @@ def test_privacy_benchmark_quick_run_writes_records_and_resumes(tiny_vit_path, d
     assert adc["bytes"] < plain["bytes"]
     assert benchmark.main(args) == records  # resumed: nothing left to run
     assert len((tmp_path / "privacy.jsonl").read_text().splitlines()) == 2
+
+
+def test_recipe_flags_wrap_the_compression_in_secret_payload_noise_and_refuse_bad_settings():
+    from hf_adc.experiment import SplitArguments
+
+    config = SplitArguments(compression="adc", xi=0.25, payload_noise=0.5, payload_clip_norm=2.0).compression_config(3)
+    assert config == PayloadNoiseConfig(hf_adc.ADCConfig(xi=0.25, seed=3), clip_norm=2.0, noise_multiplier=0.5,
+                                        seed=None)  # fmt: skip
+    plain = SplitArguments(compression="none", payload_noise=0.0, payload_clip_norm=1.0, payload_noise_in_eval=True)
+    assert plain.compression_config() == PayloadNoiseConfig(None, 1.0, 0.0, noise_in_eval=True, seed=None)
+    assert SplitArguments(compression="topk", rate=0.2).compression_config() == hf_adc.TopKConfig(rate=0.2)
+    bad = {
+        "payload_noise=-1.0 is out of range": dict(payload_noise=-1.0, payload_clip_norm=1.0),
+        "payload_noise=nan is out of range": dict(payload_noise=math.nan, payload_clip_norm=1.0),
+        "payload_clip_norm=0.0 is out of range": dict(payload_noise=1.0, payload_clip_norm=0.0),
+        "--payload_clip_norm is missing": dict(payload_noise=1.0),
+        "--payload_noise is missing": dict(payload_clip_norm=1.0),
+        "--payload_noise_in_eval needs": dict(payload_noise_in_eval=True),
+    }
+    for message, flags in bad.items():
+        with pytest.raises(ValueError, match=message):
+            SplitArguments(compression="adc", **flags).compression_config()
+    # The seed is secret: two batches, or two bridges of one config, never draw the same noise.
+    bridge = hf_adc.bridges.build_bridge(config, 17, 32, NUM_LABELS)
+    rows = torch.zeros(4, 17, 32)
+    assert not torch.equal(bridge.noise(rows), bridge.noise(rows))
+
+
+def test_a_server_without_payload_noise_refuses_a_client_with_it(tiny_vit_path):
+    from helpers import client_hello, model_args
+
+    from hf_adc.distributed.settings import differing_settings
+
+    labels = [str(label) for label in range(NUM_LABELS)]
+    plain, _ = client_hello(model_args(tiny_vit_path, "--compression", "adc", "--xi", "0.25"), labels)
+    noisy_flags = ["--compression", "adc", "--xi", "0.25", "--payload_noise", "0.5", "--payload_clip_norm", "2"]
+    noisy, _ = client_hello(model_args(tiny_vit_path, *noisy_flags), labels)
+    assert noisy["compression"]["method"] == "payload_noise" and noisy["compression"]["seed"] is None
+    differences = differing_settings(noisy, plain)
+    assert len(differences) == 1 and differences[0].startswith("compression: client {'method': 'payload_noise'")
+    assert differing_settings(noisy, client_hello(model_args(tiny_vit_path, *noisy_flags), labels)[0]) == []
+    louder, _ = client_hello(model_args(tiny_vit_path, *noisy_flags[:-1], "4"), labels)
+    assert differing_settings(noisy, louder)  # a different clip norm is refused too
+
+
+def test_label_dp_flag_randomizes_the_training_labels_once_at_its_rate_and_leaves_the_test_labels(digits_dir):
+    from hf_adc.experiment import DataArguments, load_data
+
+    plain = load_data(DataArguments(dataset_name=digits_dir), seed=5)
+    private = load_data(DataArguments(dataset_name=digits_dir, label_dp_epsilon=1.0), seed=5)
+    train, noisy = torch.tensor(plain["train"]["label"]), torch.tensor(private["train"]["label"])
+    assert (noisy == train).float().mean().item() == pytest.approx(keep_probability(1.0, 10), abs=0.04)
+    assert private["test"]["label"] == plain["test"]["label"]
+    assert private["train"].features["label"] == plain["train"].features["label"]
+    again = load_data(DataArguments(dataset_name=digits_dir, label_dp_epsilon=1.0), seed=5)
+    assert again["train"]["label"] == private["train"]["label"]  # drawn once from the run's seed
+    other = load_data(DataArguments(dataset_name=digits_dir, label_dp_epsilon=1.0), seed=6)
+    assert other["train"]["label"] != private["train"]["label"]
+    with pytest.raises(ValueError, match="labels never leave the client"):
+        DataArguments(label_dp_epsilon=1.0).check_label_dp(label_privacy=True)
+    with pytest.raises(ValueError, match="label_dp_epsilon=0.0 is out of range"):
+        DataArguments(label_dp_epsilon=0.0).check_label_dp(label_privacy=False)
+    DataArguments(label_dp_epsilon=1.0).check_label_dp(label_privacy=False)
+
+
+def test_recipe_trains_with_payload_noise_and_label_dp_charged_like_the_plain_bridge(tiny_vit_path, digits_dir,
+                                                                                    tmp_path):  # fmt: skip
+    from helpers import tiny_run_args, train_here
+
+    def run(name, *flags):
+        args = tiny_run_args(tiny_vit_path, digits_dir, tmp_path / name, "--compression", "adc", "--xi", "0.25",
+                             "--max_steps", "2", "--eval_strategy", "no", *flags)  # fmt: skip
+        return train_here(args)
+
+    plain = run("plain")
+    private = run("private", "--payload_noise", "0.5", "--payload_clip_norm", "5", "--label_dp_epsilon", "2")
+    assert private["compression"]["method"] == "payload_noise" and private["args"]["data"]["label_dp_epsilon"] == 2
+    charged = ("uplink_bytes", "downlink_bytes", "total_bytes", "uncompressed_bytes")
+    assert [private[name] for name in charged] == [plain[name] for name in charged] and plain["total_bytes"] > 0
+    with pytest.raises(ValueError, match="labels never leave the client"):
+        run("ushaped", "--label_privacy", "--label_dp_epsilon", "2")

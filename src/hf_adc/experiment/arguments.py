@@ -4,6 +4,7 @@
 typed and documented like the config field it sets; `compression_config` turns the flags into a bridge config.
 """
 
+import math
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import get_type_hints
 
@@ -13,6 +14,7 @@ from ..bridges import BridgeConfig, ComposedConfig
 from ..bridges.registry import METHODS, methods_with_role
 from ..data import DEFAULT_DATASET
 from ..link import WIRE_DTYPES, ChannelConfig, resolve_wire_dtype
+from ..privacy.payload_noise import PayloadNoiseConfig
 
 
 @dataclass
@@ -29,6 +31,13 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep this many test rows."})
     image_column: str | None = field(default=None, metadata={"help": "Image column (found by type if absent)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (found by type if absent)."})
+    label_dp_epsilon: float | None = field(
+        default=None,
+        metadata={
+            "help": "Label DP for the standard split: randomized response at this epsilon (> 0) on the training "
+            "labels, drawn once from --seed before training (hf_adc.privacy.label_dp). Refused with --label_privacy."
+        },
+    )
     augment: bool = field(
         default=False,
         metadata={
@@ -36,6 +45,19 @@ class DataArguments:
             "budgets of the main job it cost accuracy (0.835 with it, 0.88 without)."
         },
     )
+
+    def check_label_dp(self, label_privacy: bool) -> None:
+        """Raises on a label-DP setting that is out of range, or that a U-shaped split makes pointless."""
+        epsilon = self.label_dp_epsilon
+        if epsilon is None:
+            return
+        if not (math.isfinite(epsilon) and epsilon > 0):
+            raise ValueError(f"label_dp_epsilon={epsilon} is out of range: it must be a finite number > 0.")
+        if label_privacy:
+            raise ValueError(
+                "--label_dp_epsilon randomizes the labels the server reads in the standard split; with "
+                "--label_privacy (the U-shaped split) the labels never leave the client, so there is nothing to hide."
+            )
 
     def class_list(self) -> list[int | str] | None:
         if self.classes is None:
@@ -131,7 +153,7 @@ class _SplitArgumentsBehaviour:
         if foreign:
             raise ValueError(f"{', '.join(foreign)} do not apply to --compression {self.compression}.")
         if self.compression == "none":
-            return None
+            return self._with_payload_noise(None)
         configs = []
         for method in methods:
             entry = METHODS[method]
@@ -139,7 +161,25 @@ class _SplitArgumentsBehaviour:
             if "seed" in {item.name for item in fields(entry.config)}:
                 own["seed"] = seed
             configs.append(entry.config(**own))
-        return ComposedConfig(*configs) if composed else configs[0]
+        return self._with_payload_noise(ComposedConfig(*configs) if composed else configs[0])
+
+    def _with_payload_noise(self, config: BridgeConfig | None) -> BridgeConfig | None:
+        """`config` wrapped in clipped Gaussian noise when `--payload_noise` asks for it. The noise seed is secret
+        (None: drawn from the OS every batch), never the run's seed, which the server knows."""
+        sigma, clip = self.payload_noise, self.payload_clip_norm
+        if sigma is None and clip is None:
+            if self.payload_noise_in_eval:
+                raise ValueError("--payload_noise_in_eval needs --payload_noise and --payload_clip_norm.")
+            return config
+        if sigma is None or clip is None:
+            missing = "payload_clip_norm" if clip is None else "payload_noise"
+            raise ValueError(f"--payload_noise and --payload_clip_norm go together: --{missing} is missing.")
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"payload_noise={sigma} is out of range: the noise multiplier must be finite and >= 0.")
+        if not (math.isfinite(clip) and clip > 0):
+            raise ValueError(f"payload_clip_norm={clip} is out of range: it must be a finite number > 0.")
+        in_eval = self.payload_noise_in_eval
+        return PayloadNoiseConfig(config, clip_norm=clip, noise_multiplier=sigma, noise_in_eval=in_eval, seed=None)
 
     def channel_config(self) -> ChannelConfig | None:
         if self.channel not in ("clean", "awgn"):
@@ -167,6 +207,13 @@ LABEL_PRIVACY_HELP = (
 )
 HEAD_LAYERS_HELP = "With --label_privacy: the last encoder layers the client's head keeps (0 .. layers - split - 1)."
 
+PAYLOAD_NOISE_HELP = (
+    "Clipped Gaussian noise on the payload, around the chosen compression (hf_adc.privacy.payload_noise): the noise "
+    "multiplier sigma >= 0 (std sigma x --payload_clip_norm; 0: clipping alone). Both sides must give the same."
+)
+PAYLOAD_CLIP_HELP = "With --payload_noise: the L2 norm C (> 0) each sent row is clipped to."
+PAYLOAD_EVAL_HELP = "With --payload_noise: noise evaluation and split-inference payloads too (else unprotected)."
+
 
 def _split_arguments() -> type:
     reducers, codecs = methods_with_role("reducer"), methods_with_role("codec")
@@ -188,6 +235,9 @@ def _split_arguments() -> type:
         ("channel", str, field(default="clean", metadata={"help": "Channel at the cut: 'clean' or 'awgn'."})),
         ("snr_db", str | None, field(default=None, metadata={"help": "AWGN SNR in dB: '20', or a range '10,30'."})),
         ("wire_dtype", str, field(default="float32", metadata={"help": wire_help})),
+        ("payload_noise", float | None, field(default=None, metadata={"help": PAYLOAD_NOISE_HELP})),
+        ("payload_clip_norm", float | None, field(default=None, metadata={"help": PAYLOAD_CLIP_HELP})),
+        ("payload_noise_in_eval", bool, field(default=False, metadata={"help": PAYLOAD_EVAL_HELP})),
     ]
     knobs = [_knob_field(knob, methods) for knob, methods in _knobs().items()]
     return make_dataclass(
@@ -197,7 +247,7 @@ def _split_arguments() -> type:
         namespace={
             "__module__": __name__,
             "__doc__": "Where the model is cut, the bridge at the cut (one flag per registered knob), the channel "
-            "and the wire dtype.",
+            "and the wire dtype, and the payload noise around the bridge.",
         },
     )
 

@@ -17,8 +17,9 @@ logger = logging.getLogger(__name__)
 
 
 def load_data(data_args: DataArguments, seed: int):
-    """The `DatasetDict(train, test)` the data arguments describe (see `load_image_dataset`)."""
-    return load_image_dataset(
+    """The `DatasetDict(train, test)` the data arguments describe (see `load_image_dataset`); with
+    `label_dp_epsilon`, the training labels randomized once from `seed` (the test labels as they are)."""
+    dataset = load_image_dataset(
         data_args.dataset_name,
         classes=data_args.class_list(),
         max_train_samples=data_args.max_train_samples,
@@ -27,6 +28,12 @@ def load_data(data_args: DataArguments, seed: int):
         label_column=data_args.label_column,
         seed=seed,
     )
+    if data_args.label_dp_epsilon is not None:
+        from ..privacy.label_dp import with_randomized_labels
+
+        num_classes = dataset["train"].features["label"].num_classes
+        dataset["train"] = with_randomized_labels(dataset["train"], num_classes, data_args.label_dp_epsilon, seed)
+    return dataset
 
 
 def with_transforms(dataset, image_processor: BaseImageProcessor, augment: bool):

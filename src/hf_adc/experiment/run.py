@@ -87,6 +87,7 @@ def prepare_run(
 ) -> tuple[DatasetDict, SplitViTForImageClassification, BaseImageProcessor]:
     """The data (without the image transforms, so that its labels can still be read as a column), the split and its
     image processor."""
+    data_args.check_label_dp(split_args.label_privacy)
     dataset = load_data(data_args, training_args.seed)
     split, image_processor = build_split(
         model_args, split_args, dataset["train"].features["label"].names, training_args.seed

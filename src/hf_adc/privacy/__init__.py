@@ -8,9 +8,12 @@ final model itself reveals.
 
 - attacks: `inversion` (a decoder trained on auxiliary data through the surrogate client and bridge, applied to
   what the server half received: `Observer` records it), scored by `image_metrics` (SSIM, PSNR from torchmetrics,
-  against the auxiliary mean image); `label_inference` (ADC's soft labels, head-gradient directions);
+  against the auxiliary mean image); `white_box_inversion` (a search for images whose surrogate output matches, with
+  a total-variation prior; `strongest_inversion` keeps the stronger attack per method); `label_inference` (ADC's
+  soft labels; head-gradient directions and norms, and the exact solve when heads are shared);
 - defences: `payload_noise` (clipped Gaussian noise on the payload, a stage around any bridge), `label_dp`
-  (randomized response drawn once per example); `accounting` (their epsilon with `dp-accounting`, and where it holds).
+  (randomized response drawn once per example), `nopeek` (a distance-correlation loss on the client, empirical);
+  `accounting` (their epsilon with `dp-accounting`, and where it holds).
 """
 
 import importlib
@@ -25,8 +28,11 @@ _LAZY = {
     "image_metrics": ("ReconstructionReport", "image_scores", "score_rows", "to_unit_range"),
     "inversion": ("LearnedInversion", "TokenInverter", "score_inversion", "simulable", "surrogate_views"),
     "label_dp": ("keep_probability", "randomize_labels", "with_randomized_labels"),
-    "label_inference": ("cluster_guess", "direction_guess", "label_accuracy", "soft_label_guess"),
+    "label_inference": ("cluster_guess", "direction_guess", "label_accuracy", "norm_guess", "norm_scores",
+                        "shared_head_guess", "soft_label_guess"),
+    "nopeek": ("NoPeek", "distance_correlation"),
     "observation": ("Observation", "Observer"),
+    "white_box_inversion": ("WhiteBoxInversion", "strongest_inversion", "total_variation"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
@@ -40,20 +46,28 @@ def __getattr__(name: str):
 __all__ = [
     "Guarantee",
     "LearnedInversion",
+    "NoPeek",
     "Observation",
     "Observer",
     "ReconstructionReport",
     "TokenInverter",
+    "WhiteBoxInversion",
     "cluster_guess",
     "direction_guess",
+    "distance_correlation",
     "image_scores",
     "label_accuracy",
+    "norm_guess",
+    "norm_scores",
+    "shared_head_guess",
     "score_inversion",
     "score_rows",
     "simulable",
     "soft_label_guess",
+    "strongest_inversion",
     "surrogate_views",
     "to_unit_range",
+    "total_variation",
     "PayloadNoiseBridge",
     "PayloadNoiseConfig",
     "clip_rows",

@@ -14,7 +14,11 @@ example, and the batches are neither Poisson-sampled nor secret). The epsilon ho
   its clusters are chosen by k-means over the whole batch, so one example can move other rows; no bound is claimed;
 - **the client computation before the noise does not train on the private data** (a frozen client half and a bridge
   without trained client modules). A client half fine-tuned with clean gradients of its data makes every later row
-  depend on every example seen before, which the per-row argument does not cover; no epsilon is claimed then.
+  depend on every example seen before, which the per-row argument does not cover; no epsilon is claimed then;
+- **the noise is secret from the server**: a seed the server knows lets it regenerate the noise and subtract it. The
+  compression settings, a `PayloadNoiseConfig`'s seed included, are exchanged when client and server meet, so the
+  recipes' `--payload_noise` draws it from the operating system (`seed=None`); an integer seed is for experiments in
+  one process, where the attack is given only what the server half receives.
 
 The epsilon covers the activations only: in the standard split the labels cross (use `label_dp` for them); in the
 U-shaped split `head_gradients` cross and are not covered; evaluation payloads are covered only with

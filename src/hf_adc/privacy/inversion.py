@@ -62,7 +62,8 @@ def simulable(config: BridgeConfig | None) -> BridgeConfig | None:
         inner = simulable(config.compression)
         if inner is not config.compression:
             return inner
-        return PayloadNoiseConfig(inner, config.clip_norm, config.noise_multiplier, seed=config.seed + 1)
+        seed = 1 if config.seed is None else config.seed + 1  # the server's own draws, never the client's
+        return PayloadNoiseConfig(inner, config.clip_norm, config.noise_multiplier, seed=seed)
     return config
 
 

@@ -6,12 +6,20 @@
   it knows (as in the literature: arXiv 2102.08504; SDAR), the server scores each gradient by direction:
   `direction_guess` gives each row the class whose known gradients it is most aligned with (cosine with the mean
   unit gradient of the class); `cluster_guess` clusters the unit gradients into as many groups as classes (k-means)
-  and names each group by the known labels in it.
+  and names each group by the known labels in it. `norm_guess` scores each gradient by its norm alone (the norm
+  attack of arXiv 2102.08504, SecretFlow's `norm_torch.py`): a class the model already predicts well sends back small
+  gradients, so in an imbalanced task the rare class stands out; `norm_scores` gives the raw score, for an AUC.
+- **U-shaped split with shared heads** (`--share_head`): the server holds the heads' averaged weights, the rows it
+  returned (`head_activations`, its own output) and `head_gradients`. The gradient of cross-entropy with respect to
+  the logits is softmax - one-hot (over the batch size): one negative entry, at the true class. `shared_head_guess`
+  maps each row's `head_gradients` back through the head's Jacobian (a least-squares solve, exact while the head has
+  more inputs than classes) and reads the class off that negative entry; it needs no known label.
 
 Accuracy is reported against the majority-class baseline (`label_accuracy`).
 """
 
 import torch
+from torch import nn
 
 from ..bridges import kmeans
 
@@ -66,6 +74,48 @@ def cluster_guess(
     fallback = direction_guess(torch.cat([unit, centroids]), known_rows, known_labels, num_classes)[len(unit) :]
     names = torch.where(votes.sum(dim=1) > 0, votes.argmax(dim=1), fallback)
     return names[assignment]
+
+
+def norm_scores(gradients: torch.Tensor) -> torch.Tensor:
+    """Each row's gradient L2 norm: the norm attack's score (larger: less well predicted, in an imbalanced binary task
+    the rare class)."""
+    return gradients.float().flatten(1).norm(dim=1)
+
+
+def norm_guess(
+    gradients: torch.Tensor, known_rows: torch.Tensor, known_labels: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Each row's guessed class: the class whose known rows' median log gradient norm is nearest its own (in a binary
+    task, a threshold halfway between the two classes' typical norms; a class with no known row is never guessed)."""
+    _check_known(gradients.shape[0], known_rows, known_labels, num_classes)
+    scores = norm_scores(gradients).clamp_min(1e-30).log()
+    centres = torch.full((num_classes,), torch.inf)
+    for label in known_labels.unique():
+        centres[label] = scores[known_rows[known_labels == label]].median()
+    return (scores[:, None] - centres[None, :]).abs().argmin(dim=1)
+
+
+def shared_head_guess(head: nn.Module, head_activations: torch.Tensor, head_gradients: torch.Tensor) -> torch.Tensor:
+    """Each returned row's class, solved from a head whose weights the server holds (`--share_head`):
+    `head_activations` `(rows, tokens, hidden)` are what the server returned, `head_gradients` their gradients. Per
+    row, the gradient with respect to the logits is solved from `head_gradients` = J^T dL/dlogits (J: the Jacobian of
+    the head's logits in its input, least squares) and the class is its most negative entry (softmax - one-hot is
+    negative only there). `head` is used in evaluation mode and left as it was."""
+    if head_activations.shape != head_gradients.shape or head_activations.dim() != 3:
+        raise ValueError(f"head_activations {tuple(head_activations.shape)} and head_gradients "
+                         f"{tuple(head_gradients.shape)} must have one shape (rows, tokens, hidden).")  # fmt: skip
+    was_training = head.training
+    head.eval()
+    try:
+        guesses = []
+        for row, gradient in zip(head_activations.float(), head_gradients.float(), strict=True):
+            jacobian = torch.autograd.functional.jacobian(lambda x: head(x[None]).logits[0].float(), row)
+            jacobian = jacobian.reshape(jacobian.shape[0], -1).double()  # (classes, tokens x hidden)
+            logit_gradient = torch.linalg.lstsq(jacobian.T, gradient.reshape(-1, 1).double()).solution[:, 0]
+            guesses.append(logit_gradient.argmin())
+    finally:
+        head.train(was_training)
+    return torch.stack(guesses)
 
 
 def label_accuracy(guesses: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -6,6 +6,8 @@
   merged rows of kept tokens, Top-K's values scattered back, dequantized codes, BottleNet++'s decoded codes);
 - `targets`: the label distributions the server trained on (standard split: class ids one-hot, ADC's soft labels);
   None in a U-shaped split, where no label crosses;
+- `head_activations`: what the server returned to the client's head in a U-shaped split (its own output); None in
+  a standard split;
 - `head_gradients`: what the client's head sends up in a U-shaped split (the gradient of the loss with respect to
   what the server returned); None in a standard split;
 - and, for scoring, never shown to an attack: the batch's `pixel_values` and `labels`, and `cluster_ids` (which row
@@ -30,6 +32,7 @@ class Observation:
     labels: torch.Tensor
     cluster_ids: torch.Tensor | None = None
     targets: torch.Tensor | None = None
+    head_activations: torch.Tensor | None = None
     head_gradients: torch.Tensor | None = None
 
     @property
@@ -92,6 +95,7 @@ class Observer:
             return
         step = self._step
         returned = kwargs.get("hidden_states", args[0] if args else None)
+        step["head_activations"] = returned.detach().float().cpu()
 
         def keep(gradient):
             step["head_gradients"] = gradient.detach().float().cpu()

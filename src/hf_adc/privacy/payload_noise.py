@@ -9,10 +9,16 @@ value. What Top-K keeps and what quantization codes is then chosen from the nois
 noise sends no byte of its own: the ledger charges what the wrapped bridge sends, now noisy. In evaluation and split
 inference the payload crosses noisy only with `noise_in_eval=True`; otherwise evaluation is unprotected.
 
+The noise must be secret from the server: a server that knows the seed regenerates the noise and subtracts it. A
+seed (an int) makes experiments in one process reproducible; `seed=None` (what the recipes' `--payload_noise`
+builds, since the run's seed is a setting both sides share) draws each batch's noise from the operating system's
+entropy, never written down.
+
 Which methods this gives an epsilon for, and under which condition, is `hf_adc.privacy.accounting`'s to say.
 """
 
 import math
+import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +43,9 @@ class PayloadNoiseConfig(BridgeConfig):
     noise_in_eval: bool = field(
         default=False, metadata={"help": "Also noise evaluation and split-inference payloads (else unprotected)."}
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the noise."})
+    seed: int | None = field(
+        default=0, metadata={"help": "Seed of the noise (None: secret, from the OS's entropy every batch)."}
+    )
 
     def __post_init__(self):
         if isinstance(self.compression, PayloadNoiseConfig):
@@ -48,6 +56,8 @@ class PayloadNoiseConfig(BridgeConfig):
             raise ValueError(f"clip_norm={self.clip_norm} is out of range: it must be a finite number > 0.")
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
             raise ValueError(f"noise_multiplier={self.noise_multiplier} is out of range: it must be finite and >= 0.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed={self.seed!r} is out of range: it must be an integer, or None (secret).")
 
     @property
     def inner_method(self) -> str:
@@ -84,6 +94,13 @@ class PayloadNoiseBridge(SeededBridge):
         self.needs_cls_attention = inner.needs_cls_attention
         self.client_modules = tuple(f"inner.{name}" for name in inner.client_modules)
         self.server_modules = tuple(f"inner.{name}" for name in inner.server_modules)
+
+    def next_generator(self, device: torch.device) -> torch.Generator:
+        """The seeded generator of this batch, or, with `seed=None`, one seeded from the OS's entropy."""
+        if self.config.seed is not None:
+            return super().next_generator(device)
+        self.calls += 1
+        return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
     def noise(self, rows: torch.Tensor) -> torch.Tensor:
         """Clipped rows plus N(0, (sigma C)^2), drawn from this bridge's seeded generator."""
