@@ -424,18 +424,27 @@ def test_a_server_without_payload_noise_refuses_a_client_with_it(tiny_vit_path):
     assert differing_settings(noisy, louder)  # a different clip norm is refused too
 
 
-def test_label_dp_flag_randomizes_the_training_labels_once_at_its_rate_and_leaves_the_test_labels(digits_dir):
+def test_label_dp_flag_randomizes_the_training_labels_once_at_its_rate_and_leaves_the_test_labels(digits_dir,
+                                                                                                tmp_path):  # fmt: skip
     from hf_adc.experiment import DataArguments, load_data
+    from hf_adc.privacy.label_dp import SECRET_FILE, secret_seed
 
+    # The seed is the client's secret, kept in its output folder: the same on resume, never the run's --seed.
+    secret = secret_seed(tmp_path / "run")
+    assert secret_seed(tmp_path / "run") == secret and (tmp_path / "run" / SECRET_FILE).exists()
+    assert secret_seed(tmp_path / "other") != secret
+    private_args = DataArguments(dataset_name=digits_dir, label_dp_epsilon=1.0)
+    with pytest.raises(ValueError, match="needs a secret label_dp_seed"):
+        load_data(private_args, seed=5)
     plain = load_data(DataArguments(dataset_name=digits_dir), seed=5)
-    private = load_data(DataArguments(dataset_name=digits_dir, label_dp_epsilon=1.0), seed=5)
+    private = load_data(private_args, seed=5, label_dp_seed=secret)
     train, noisy = torch.tensor(plain["train"]["label"]), torch.tensor(private["train"]["label"])
     assert (noisy == train).float().mean().item() == pytest.approx(keep_probability(1.0, 10), abs=0.04)
     assert private["test"]["label"] == plain["test"]["label"]
     assert private["train"].features["label"] == plain["train"].features["label"]
-    again = load_data(DataArguments(dataset_name=digits_dir, label_dp_epsilon=1.0), seed=5)
-    assert again["train"]["label"] == private["train"]["label"]  # drawn once from the run's seed
-    other = load_data(DataArguments(dataset_name=digits_dir, label_dp_epsilon=1.0), seed=6)
+    again = load_data(private_args, seed=5, label_dp_seed=secret)
+    assert again["train"]["label"] == private["train"]["label"]  # the same secret, the same draw (a resumed run)
+    other = load_data(private_args, seed=5, label_dp_seed=secret_seed(tmp_path / "other"))
     assert other["train"]["label"] != private["train"]["label"]
     with pytest.raises(ValueError, match="labels never leave the client"):
         DataArguments(label_dp_epsilon=1.0).check_label_dp(label_privacy=True)

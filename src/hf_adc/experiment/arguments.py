@@ -35,7 +35,8 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Label DP for the standard split: randomized response at this epsilon (> 0) on the training "
-            "labels, drawn once from --seed before training (hf_adc.privacy.label_dp). Refused with --label_privacy."
+            "labels, drawn once before training from a secret seed kept in --output_dir (label_dp_secret.json; never "
+            "--seed, which the server knows), reused on resume (hf_adc.privacy.label_dp). Refused with --label_privacy."
         },
     )
     augment: bool = field(

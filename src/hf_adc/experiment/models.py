@@ -16,9 +16,10 @@ from .arguments import DataArguments, ModelArguments, SplitArguments
 logger = logging.getLogger(__name__)
 
 
-def load_data(data_args: DataArguments, seed: int):
+def load_data(data_args: DataArguments, seed: int, label_dp_seed: int | None = None):
     """The `DatasetDict(train, test)` the data arguments describe (see `load_image_dataset`); with
-    `label_dp_epsilon`, the training labels randomized once from `seed` (the test labels as they are)."""
+    `label_dp_epsilon`, the training labels randomized once from `label_dp_seed` (the test labels as they are), a
+    secret the server must not know (`hf_adc.privacy.label_dp.secret_seed`), never the run's `seed`."""
     dataset = load_image_dataset(
         data_args.dataset_name,
         classes=data_args.class_list(),
@@ -31,8 +32,13 @@ def load_data(data_args: DataArguments, seed: int):
     if data_args.label_dp_epsilon is not None:
         from ..privacy.label_dp import with_randomized_labels
 
+        if label_dp_seed is None:
+            raise ValueError("label_dp_epsilon needs a secret label_dp_seed (hf_adc.privacy.label_dp.secret_seed): the "
+                             "run's seed is shared with the server, which could redraw every flip.")  # fmt: skip
         num_classes = dataset["train"].features["label"].num_classes
-        dataset["train"] = with_randomized_labels(dataset["train"], num_classes, data_args.label_dp_epsilon, seed)
+        dataset["train"] = with_randomized_labels(
+            dataset["train"], num_classes, data_args.label_dp_epsilon, label_dp_seed
+        )
     return dataset
 
 

@@ -88,7 +88,12 @@ def prepare_run(
     """The data (without the image transforms, so that its labels can still be read as a column), the split and its
     image processor."""
     data_args.check_label_dp(split_args.label_privacy)
-    dataset = load_data(data_args, training_args.seed)
+    label_dp_seed = None
+    if data_args.label_dp_epsilon is not None:
+        from ..privacy.label_dp import secret_seed
+
+        label_dp_seed = secret_seed(training_args.output_dir)  # the client's own, kept with its outputs
+    dataset = load_data(data_args, training_args.seed, label_dp_seed)
     split, image_processor = build_split(
         model_args, split_args, dataset["train"].features["label"].names, training_args.seed
     )
