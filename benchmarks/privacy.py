@@ -24,6 +24,7 @@ Pictures, redrawn from the folder alone with `--plot-only` (no training):
 
 - `privacy_frontier.png`: the attack's SSIM against the bytes sent per training sample (log), test accuracy as
   colour, one marker per record (method, level, noise, topology);
+- `privacy_table.md`: every record as a Markdown table;
 - `reconstructions.png`: the same 8 training images (first row) and, one row per record, what the attack made of
   them. After training, the first batch of the training rows crosses once more, through the trained client half and
   the bridge (noise included) in training mode, as any step would; the attack's reconstructions of its first 8
@@ -273,6 +274,40 @@ def label(record: dict) -> str:
     return f"{record['method']}{level} s={record['noise_multiplier']:g}{extra}"
 
 
+def epsilon_cell(record: dict) -> str:
+    """A record's epsilon, or why none is claimed, in a few words."""
+    if record["epsilon"] is not None:
+        return f"{record['epsilon']:.3g} (delta {record['delta']:g})"
+    reason = record["epsilon_reason"]
+    if "k-means" in reason:
+        return "none proven: k-means merges across samples"
+    if "trains on the private data" in reason:
+        return "none proven: the client half trains"
+    return "no noise" if reason == "no payload noise" else f"none: {reason}"
+
+
+def table(records: list[dict]) -> str:
+    """The records as a Markdown table, in the order they were run."""
+    lines = [
+        "| method | xi | topology | client | sigma | bytes | bytes / sample | test acc | SSIM mean / p90 | best member "
+        "| mean image SSIM | PSNR mean / p90 (dB) | mean image PSNR | label attack / majority | epsilon |",
+        "|" + "---|" * 15,
+    ]
+    for r in records:
+        labels = "-" if r["label_attack_accuracy"] is None else (
+            f"{r['label_attack_accuracy']:.3f} / {r['label_majority_baseline']:.3f}"
+        )  # fmt: skip
+        lines.append(
+            f"| {r['method']} | {r['level']:g} | {r['topology']} | {'frozen' if r['frozen_client'] else 'trains'} "
+            f"| {r['noise_multiplier']:g} | {r['bytes']:,} | {r.get('bytes_per_sample', 0):,.0f} "
+            f"| {r['test_accuracy']:.3f} | {r['ssim_mean']:.3f} / {r['ssim_p90']:.3f} "
+            f"| {r['ssim_best_member_mean']:.3f} | {r['baseline_ssim_mean']:.3f} "
+            f"| {r['psnr_mean']:.2f} / {r['psnr_p90']:.2f} | {r['baseline_psnr_mean']:.2f} | {labels} "
+            f"| {epsilon_cell(r)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plot(output_dir: Path) -> list[Path]:
     """Draws `privacy_frontier.png` and `reconstructions.png` from `privacy.jsonl` and `reconstructions/` in
     `output_dir`; returns the files written."""
@@ -284,7 +319,8 @@ def plot(output_dir: Path) -> list[Path]:
     records = [json.loads(line) for line in (output_dir / "privacy.jsonl").read_text().splitlines()]
     if not records:
         return []
-    written = []
+    written = [output_dir / "privacy_table.md"]
+    written[0].write_text(table(records))
     markers = dict(zip(sorted({record["method"] for record in records}), "osD^vP*Xph<>", strict=False))
     figure, axes = plt.subplots(figsize=(8, 5.5))
     accuracies = [record["test_accuracy"] for record in records]

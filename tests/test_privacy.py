@@ -267,7 +267,7 @@ def test_privacy_benchmark_quick_run_writes_records_and_resumes(tiny_vit_path, d
         shown = np.load(tmp_path / record["reconstructions"])
         assert shown["originals"].dtype == np.uint8 and shown["originals"].shape == shown["reconstructions"].shape
         assert shown["originals"].shape[0] == 8
-    pictures = [tmp_path / "privacy_frontier.png", tmp_path / "reconstructions.png"]
+    pictures = [tmp_path / "privacy_frontier.png", tmp_path / "reconstructions.png", tmp_path / "privacy_table.md"]
     for picture in pictures:
         picture.unlink()
     assert benchmark.main(["--plot-only", "--output-dir", str(tmp_path)]) == records  # redrawn, nothing trained
