@@ -207,7 +207,8 @@ class PrivacySweep:
 
         labels = torch.cat([seen.labels for seen in observations])
         if args.label_privacy:
-            gradients = torch.cat([seen.head_gradients for seen in observations])
+            # One gradient per row the server sent down; each member of a merged row (ADC) gets its row's.
+            gradients = torch.cat([seen.head_gradients[seen.members] for seen in observations])
             known = torch.cat([torch.nonzero(labels == c)[:2, 0] for c in range(self.num_labels)])
             guesses = direction_guess(gradients, known, labels[known], self.num_labels)
         else:
