@@ -316,6 +316,7 @@ def plot(output_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     records = [json.loads(line) for line in (output_dir / "privacy.jsonl").read_text().splitlines()]
     if not records:
@@ -336,9 +337,12 @@ def plot(output_dir: Path) -> list[Path]:
                       textcoords="offset points")  # fmt: skip
     baseline = sum(record["baseline_ssim_mean"] for record in records) / len(records)
     axes.set_xscale("log")
+    axes.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axes.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes.axhline(baseline, color="grey", linestyle="--", linewidth=1)
-    axes.annotate("attack baseline: the auxiliary mean image", (axes.get_xlim()[0], baseline), fontsize=7,
-                  color="grey", xytext=(4, -10), textcoords="offset points")  # fmt: skip
+    axes.annotate("attack baseline: the auxiliary mean image", (axes.get_xlim()[1], baseline), fontsize=7,
+                  color="grey", xytext=(-4, -10), textcoords="offset points", ha="right")  # fmt: skip
     axes.set_xlabel("bytes sent per training sample (both ways, log)")
     axes.set_ylabel("inversion SSIM, mean over images (higher: more leaks)")
     axes.set_title("What the server reconstructs against what the client sends (thick edge: payload noise)")
