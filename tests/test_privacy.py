@@ -5,6 +5,7 @@ import contextlib
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -379,6 +380,15 @@ def test_privacy_benchmark_quick_run_writes_records_and_resumes(tiny_vit_path, d
     assert adc["bytes"] < plain["bytes"]
     assert benchmark.main(args) == records  # resumed: nothing left to run
     assert len((tmp_path / "privacy.jsonl").read_text().splitlines()) == 2
+    for record in records:  # the first 8 images of one batch, beside what the attack made of them
+        shown = np.load(tmp_path / record["reconstructions"])
+        assert shown["originals"].dtype == np.uint8 and shown["originals"].shape == shown["reconstructions"].shape
+        assert shown["originals"].shape[0] == 8
+    pictures = [tmp_path / "privacy_frontier.png", tmp_path / "reconstructions.png", tmp_path / "privacy_table.md"]
+    for picture in pictures:
+        picture.unlink()
+    assert benchmark.main(["--plot-only", "--output-dir", str(tmp_path)]) == records  # redrawn, nothing trained
+    assert all(picture.stat().st_size > 0 for picture in pictures)
 
 
 def test_recipe_flags_wrap_the_compression_in_secret_payload_noise_and_refuse_bad_settings():
