@@ -25,9 +25,12 @@ def keep_probability(epsilon: float, num_classes: int) -> float:
     return math.exp(epsilon) / (math.exp(epsilon) + num_classes - 1)
 
 
-def randomize_labels(labels: torch.Tensor, num_classes: int, epsilon: float, seed: int = 0) -> torch.Tensor:
+def randomize_labels(labels: torch.Tensor, num_classes: int, epsilon: float, seed: int | None = None) -> torch.Tensor:
     """The cached noisy labels of a training set: one draw per example (row of `labels`, integer class ids in
-    0 .. num_classes - 1), the same for the same seed, each kept with `keep_probability(epsilon, num_classes)`."""
+    0 .. num_classes - 1), the same for the same seed, each kept with `keep_probability(epsilon, num_classes)`.
+
+    The seed must be secret from the server (anyone who knows it redraws every flip and undoes it): give
+    `secret_seed(output_dir)` to draw the same labels again on resume; None draws a fresh secret from the OS."""
     if labels.dim() != 1 or labels.is_floating_point():
         raise ValueError(
             f"labels must be a 1-d tensor of class ids; got dtype {labels.dtype}, shape {tuple(labels.shape)}."
@@ -36,7 +39,7 @@ def randomize_labels(labels: torch.Tensor, num_classes: int, epsilon: float, see
         bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
         raise ValueError(f"label {bad} is out of range: labels must lie in [0, {num_classes}).")
     keep = keep_probability(epsilon, num_classes)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
     kept = torch.rand(labels.shape, generator=generator) < keep
     # One of the K - 1 other classes, uniformly: the label plus 1 .. K - 1, modulo K.
     shift = torch.randint(1, num_classes, labels.shape, generator=generator)
@@ -44,7 +47,7 @@ def randomize_labels(labels: torch.Tensor, num_classes: int, epsilon: float, see
     return torch.where(kept, labels.cpu(), other).to(labels.device)
 
 
-def with_randomized_labels(dataset, num_classes: int, epsilon: float, seed: int = 0, column: str = "label"):
+def with_randomized_labels(dataset, num_classes: int, epsilon: float, seed: int | None = None, column: str = "label"):
     """A `datasets.Dataset` whose `column` holds its labels randomized once (`randomize_labels`), for training."""
     noisy = randomize_labels(torch.as_tensor(dataset[column]), num_classes, epsilon, seed)
     return dataset.remove_columns(column).add_column(column, noisy.tolist(), feature=dataset.features[column])
