@@ -65,8 +65,9 @@ def main(argv: list[str]) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s server %(name)s: %(message)s")
+    status = "failed"
     try:
         status = main(sys.argv[1:])["status"]
     finally:
-        release_process_group()
+        release_process_group(status == "finished")
     sys.exit(1 if status == "failed" else 0)

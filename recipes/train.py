@@ -89,7 +89,9 @@ def main(argv: list[str]) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    finished = False
     try:
         main(sys.argv[1:])
+        finished = True
     finally:
-        release_process_group()
+        release_process_group(finished)

@@ -81,7 +81,9 @@ def main(role: str, plan: str) -> None:
 if __name__ == "__main__":
     from hf_adc.experiment import release_process_group
 
+    finished = False
     try:
         main(*sys.argv[1:])
+        finished = True
     finally:
-        release_process_group()
+        release_process_group(finished)

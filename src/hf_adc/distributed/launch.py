@@ -287,10 +287,11 @@ def _serve_rank(rank: int, size: int, group_port: int, *args) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s server rank {rank} %(name)s: %(message)s")
     # Fresh arguments: the client's carry its own process group; the server's collectives wait `--timeout` at most.
     training_args = replace(training_args, ddp_timeout=math.ceil(remote_args.timeout))
+    status = "failed"
     try:
-        run_server(model_args, split_args, training_args, remote_args, federation_args)
+        status = run_server(model_args, split_args, training_args, remote_args, federation_args)["status"]
     finally:
-        release_process_group()
+        release_process_group(status == "finished")
 
 
 def _client(client_id: int, *args) -> None:

@@ -5,6 +5,7 @@ half lives in another process (`hf_adc.distributed.launch.run_client`) runs the 
 module knows nothing of processes, so the dependency goes one way.
 """
 
+import logging
 import resource
 import time
 from dataclasses import asdict
@@ -18,6 +19,8 @@ from ..training import ADCTrainer, ADCTrainingArguments
 from .arguments import DataArguments, ModelArguments, SplitArguments
 from .models import build_split, load_data, with_transforms
 from .report import write_results
+
+logger = logging.getLogger(__name__)
 
 
 def train_split(
@@ -160,11 +163,19 @@ def train_from_arguments(model_args, split_args, data_args, training_args):
     )
 
 
-def release_process_group() -> None:
-    """Destroys this process's torch.distributed group, if it has one (a recipe's last step on every rank). A gloo
-    group left to the interpreter's exit can abort the process (`terminate called without an active exception`)
-    when the other ranks are gone first, and the launcher then fails the whole run."""
+def release_process_group(finished: bool = True) -> None:
+    """Destroys this process's torch.distributed group, if it has one (a recipe's last step on every rank); once
+    every rank has `finished`, after a barrier, so that no rank leaves while another still talks to it. A gloo group
+    left to the interpreter's exit, or a rank that exits while the others still use their pairs with it, can abort
+    the process (`terminate called without an active exception`), and the launcher then fails the whole run. A rank
+    that did not finish (an error) skips the barrier: the others learn of it from their own collectives."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        try:
+            dist.barrier()
+        except (RuntimeError, ValueError) as error:  # another rank is gone: nothing to wait for
+            logger.warning("Ranks did not meet at the end (%s); leaving the group.", error)
+    dist.destroy_process_group()
