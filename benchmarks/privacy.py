@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accuracy_vs_communication import TensorRows  # benchmarks/ is on the path when run as a script
 from transformers import logging as transformers_logging
 
 import hf_adc
@@ -135,16 +136,6 @@ def tensors(dataset, transform) -> tuple[torch.Tensor, torch.Tensor]:
     return rows["pixel_values"], torch.as_tensor(rows["labels"])
 
 
-class RowsDataset(torch.utils.data.Dataset):
-    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor):
-        self.pixel_values, self.labels = pixel_values, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
-
 
 class PrivacySweep:
     """The data, the checkpoint and the server's surrogate for one preset; `run` measures one cell."""
@@ -163,7 +154,7 @@ class PrivacySweep:
         rows = self.dataset["train"]
         self.auxiliary = tensors(rows.select(range(preset.auxiliary_rows)), transform)
         self.train = tensors(rows.select(range(preset.auxiliary_rows, len(rows))), transform)
-        self.test = RowsDataset(*tensors(self.dataset["test"], transform))
+        self.test = TensorRows(*tensors(self.dataset["test"], transform))
         self.surrogate = hf_adc.split_vit(reference, args.split_layer or preset.split_layer).client.eval()
         self.num_tokens = self.surrogate.embeddings.patch_embeddings.num_patches + 1
         with torch.no_grad():
@@ -193,7 +184,7 @@ class PrivacySweep:
             dataloader_drop_last=method == "c3sl",
         )  # fmt: skip
         with Observer(split, max_steps=preset.recorded_steps) as seen:
-            _, results = train_split(split, training_args, RowsDataset(*self.train), self.test)
+            _, results = train_split(split, training_args, TensorRows(*self.train), self.test)
         observations = seen.observations
 
         views, images = surrogate_views(

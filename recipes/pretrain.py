@@ -19,8 +19,8 @@ from hf_adc.experiment import (
     PRETRAIN_RECIPE,
     DataArguments,
     ModelArguments,
-    release_process_group,
     run_pretraining,
+    run_recipe,
     with_defaults,
 )
 
@@ -36,9 +36,4 @@ def main(argv: list[str]) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    finished = False
-    try:
-        main(sys.argv[1:])
-        finished = True
-    finally:
-        release_process_group(finished)
+    run_recipe(main, sys.argv[1:])

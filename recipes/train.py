@@ -55,8 +55,8 @@ from hf_adc.experiment import (
     DataArguments,
     ModelArguments,
     SplitArguments,
-    release_process_group,
     resolve_checkpoint,
+    run_recipe,
     summary_text,
     train_from_arguments,
     with_defaults,
@@ -89,9 +89,4 @@ def main(argv: list[str]) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    finished = False
-    try:
-        main(sys.argv[1:])
-        finished = True
-    finally:
-        release_process_group(finished)
+    run_recipe(main, sys.argv[1:])

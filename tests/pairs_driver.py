@@ -79,11 +79,6 @@ def main(role: str, plan: str) -> None:
 
 
 if __name__ == "__main__":
-    from hf_adc.experiment import release_process_group
+    from hf_adc.experiment import run_recipe
 
-    finished = False
-    try:
-        main(*sys.argv[1:])
-        finished = True
-    finally:
-        release_process_group(finished)
+    run_recipe(lambda argv: main(*argv), sys.argv[1:])

@@ -29,7 +29,7 @@ from .defaults import (
 from .models import build_split, fresh_classifier, load_data, load_vit, load_vit_for_labels, with_transforms
 from .pretrained import DEFAULT_PRETRAINING, cache_dir, default_checkpoint, resolve_checkpoint, run_pretraining
 from .report import federation_table, save_split, summary_text, write_results
-from .run import release_process_group, run_split_training, train_from_arguments, train_split
+from .run import release_process_group, run_recipe, run_split_training, train_from_arguments, train_split
 
 _DISTRIBUTED = {
     "JOIN_TOKEN_VARIABLE": "arguments",
@@ -71,6 +71,7 @@ __all__ = [
     "load_vit_for_labels",
     "release_process_group",
     "resolve_checkpoint",
+    "run_recipe",
     "run_pretraining",
     "run_split_training",
     "train_from_arguments",

@@ -179,3 +179,15 @@ def release_process_group(finished: bool = True) -> None:
         except (RuntimeError, ValueError) as error:  # another rank is gone: nothing to wait for
             logger.warning("Ranks did not meet at the end (%s); leaving the group.", error)
     dist.destroy_process_group()
+
+
+def run_recipe(main, argv: list[str]):
+    """`main(argv)` as a recipe's last act on every rank: the process group released after it (every rank meeting
+    first when it finished, see `release_process_group`)."""
+    finished = False
+    try:
+        result = main(argv)
+        finished = True
+        return result
+    finally:
+        release_process_group(finished)
