@@ -4,7 +4,11 @@ For each (method, level xi, noise multiplier) the client fine-tunes the checkpoi
 epochs (the fair protocol's byte rule; one learning rate, no grid here) while an `Observer` records what the server
 half received in the last training steps. The server then attacks as `hf_adc.privacy` describes: it passes its
 auxiliary rows (carved from the training split, never trained on by the client) through the public checkpoint's
-client half and the bridge, trains a decoder from that view to the images, and applies it to the recorded steps.
+client half and the bridge, trains a decoder from that view to the images, and applies it to the recorded steps. Three
+attacks are scored on the same steps and the strongest (highest mean SSIM) is reported, with the others beside it
+(`attacks`): `learned` (the decoder), `learned_aligned` (the decoder after matching each hidden unit's mean and spread
+to the surrogate's: `AlignedInversion`) and `white_box` (a search for images whose surrogate output matches, with a
+total-variation prior: `WhiteBoxInversion`).
 
 - `ssim_*` / `psnr_*`: the reconstruction of each training image of the recorded steps (a merged ADC row against
   each member; `*_best_member_mean` the best member per row), next to `baseline_*`, the auxiliary mean image.
@@ -15,6 +19,11 @@ client half and the bridge, trains a decoder from that view to the images, and a
   one example and a frozen client half (`--freeze_client`); else null, with `epsilon_reason`.
 - `clip_norm`: `--clip_norm`, or the median L2 norm of a row the public checkpoint sends for the auxiliary images
   (public information: no private data chooses it).
+- `nopeek_weight`: with `--nopeek_weights`, the client trains with NoPeek's distance-correlation penalty (empirical:
+  no epsilon).
+- `label_dp_epsilon`: with `--label_dp_epsilon` (standard split), the client's training labels are randomized once
+  per example before training (`randomize_labels`; the benchmark's seed is fixed, a real client's is secret); the
+  label attack is then scored against the true labels, and `label_epsilon` is the library's epsilon for it.
 
 Every finished record is appended to `privacy.jsonl` in the output folder, so an interrupted sweep resumes:
 
@@ -48,16 +57,21 @@ from hf_adc.bridges import config_for_ratio
 from hf_adc.data import ImageTransform
 from hf_adc.experiment import DataArguments, ModelArguments, default_checkpoint, load_data, load_vit, train_split
 from hf_adc.privacy import (
+    AlignedInversion,
     LearnedInversion,
+    NoPeek,
     Observer,
     PayloadNoiseConfig,
+    WhiteBoxInversion,
     direction_guess,
     label_accuracy,
     payload_noise_epsilon,
     payload_noise_guarantee,
+    randomize_labels,
+    randomized_response_epsilon,
     releases_per_example,
-    score_inversion,
     soft_label_guess,
+    strongest_inversion,
     surrogate_views,
     to_unit_range,
 )
@@ -79,6 +93,7 @@ class Preset:
     noise_multipliers: tuple[float, ...]
     attack_steps: int
     recorded_steps: int
+    white_box_steps: int
 
 
 PRESETS = {
@@ -100,6 +115,7 @@ PRESETS = {
         noise_multipliers=(0.0, 0.01, 0.1),
         attack_steps=600,
         recorded_steps=4,
+        white_box_steps=200,
     ),  # fmt: skip
     # For tests: give --dataset_name and --model_name_or_path (a tiny ViT and a small image folder).
     "tiny": Preset(
@@ -117,24 +133,29 @@ PRESETS = {
         noise_multipliers=(0.1,),
         attack_steps=20,
         recorded_steps=2,
+        white_box_steps=3,
     ),  # fmt: skip
 }
 
 
 def record_key(record: dict) -> tuple:
-    return record["method"], record["level"], record["noise_multiplier"], record["topology"], record["frozen_client"]
+    return (
+        record["method"], record["level"], record["noise_multiplier"], record["topology"], record["frozen_client"],
+        record.get("nopeek_weight", 0.0), record.get("label_dp_epsilon"),
+    )  # fmt: skip
 
 
 def record_name(record: dict) -> str:
     """A file name for a record's reconstructions."""
-    frozen = "-frozen" if record["frozen_client"] else ""
-    return f"{record['method']}-xi{record['level']}-sigma{record['noise_multiplier']}-{record['topology']}{frozen}"
+    extra = "-frozen" if record["frozen_client"] else ""
+    extra += f"-nopeek{record['nopeek_weight']:g}" if record.get("nopeek_weight") else ""
+    extra += f"-labeldp{record['label_dp_epsilon']:g}" if record.get("label_dp_epsilon") is not None else ""
+    return f"{record['method']}-xi{record['level']}-sigma{record['noise_multiplier']}-{record['topology']}{extra}"
 
 
 def tensors(dataset, transform) -> tuple[torch.Tensor, torch.Tensor]:
     rows = dataset.with_transform(transform)[:]
     return rows["pixel_values"], torch.as_tensor(rows["labels"])
-
 
 
 class PrivacySweep:
@@ -168,7 +189,15 @@ class PrivacySweep:
         inner = None if method == "none" else config_for_ratio(method, level, self.num_tokens, hidden, batch, 0)
         return PayloadNoiseConfig(inner, clip_norm=self.clip_norm, noise_multiplier=noise) if noise else inner
 
-    def run(self, method: str, level: float, noise: float) -> dict:
+    def true_labels(self, observations) -> torch.Tensor:
+        """The true labels of the recorded steps' images (under label DP the split saw randomized ones), found by
+        each image's pixels among the training rows."""
+        index = {row.numpy().tobytes(): i for i, row in enumerate(self.train[0])}
+        pixels = torch.cat([seen.pixel_values for seen in observations])
+        return self.train[1][[index[row.numpy().tobytes()] for row in pixels]]
+
+    def run(self, method: str, level: float, noise: float, nopeek_weight: float = 0.0,
+            label_dp_epsilon: float | None = None) -> dict:  # fmt: skip
         preset, args = self.preset, self.args
         torch.manual_seed(0)
         model, _ = load_vit(ModelArguments(model_name_or_path=self.checkpoint), self.dataset)
@@ -183,20 +212,37 @@ class PrivacySweep:
             report_to="none", save_strategy="no", logging_steps=50, disable_tqdm=True, seed=0, use_cpu=True,
             dataloader_drop_last=method == "c3sl",
         )  # fmt: skip
+        pixel_values, train_labels = self.train
+        if label_dp_epsilon is not None:
+            train_labels = randomize_labels(train_labels, self.num_labels, label_dp_epsilon, seed=0)
         with Observer(split, max_steps=preset.recorded_steps) as seen:
-            _, results = train_split(split, training_args, TensorRows(*self.train), self.test)
+            if nopeek_weight:
+                with NoPeek(split, nopeek_weight):
+                    _, results = train_split(split, training_args, TensorRows(pixel_values, train_labels), self.test)
+            else:
+                _, results = train_split(split, training_args, TensorRows(pixel_values, train_labels), self.test)
         observations = seen.observations
 
         views, images = surrogate_views(
             self.surrogate, compression, *self.auxiliary, self.num_labels, preset.batch_size, seed=1
         )
-        attack = LearnedInversion.for_client(self.surrogate, seed=0)
-        attack.fit(views, images, steps=preset.attack_steps)
+        learned = LearnedInversion.for_client(self.surrogate, seed=0)
+        learned.fit(views, images, steps=preset.attack_steps)
         mean, std = self.processor.image_mean, self.processor.image_std
-        report = score_inversion(attack, observations, mean, std, self.auxiliary[0].mean(0)).summary()
-        shown_originals, shown = self.shown_reconstructions(split, attack)
+        pixel_range = (min((0 - m) / d for m, d in zip(mean, std, strict=True)),
+                       max((1 - m) / d for m, d in zip(mean, std, strict=True)))  # fmt: skip
+        auxiliary_mean = self.auxiliary[0].mean(0)
+        attacks = {
+            "learned": learned,
+            "learned_aligned": AlignedInversion(learned, [seen.view for seen in observations]),
+            "white_box": WhiteBoxInversion(self.surrogate, auxiliary_mean, pixel_range, compression,
+                                           steps=preset.white_box_steps),
+        }  # fmt: skip
+        strongest, reports = strongest_inversion(attacks, observations, mean, std, auxiliary_mean)
+        report = reports[strongest].summary()
+        shown_originals, shown = self.shown_reconstructions(split, attacks[strongest])
 
-        labels = torch.cat([seen.labels for seen in observations])
+        labels = self.true_labels(observations)
         if args.label_privacy:
             # One gradient per row the server sent down; each member of a merged row (ADC) gets its row's.
             gradients = torch.cat([seen.head_gradients[seen.members] for seen in observations])
@@ -220,7 +266,13 @@ class PrivacySweep:
             "method": method, "level": level, "noise_multiplier": noise,
             "clip_norm": self.clip_norm if noise else None,
             "topology": "u-shaped" if args.label_privacy else "standard",
-            "frozen_client": bool(args.freeze_client), **report,
+            "frozen_client": bool(args.freeze_client), "nopeek_weight": nopeek_weight,
+            "label_dp_epsilon": label_dp_epsilon,
+            "label_epsilon": None if label_dp_epsilon is None else randomized_response_epsilon(
+                label_dp_epsilon, self.num_labels),
+            "attack": strongest, **report,
+            "attacks": {name: {key: value for key, value in r.summary().items() if key in ("ssim_mean", "psnr_mean")}
+                        for name, r in reports.items()},
             "label_attack_accuracy": labels_report["accuracy"],
             "label_majority_baseline": labels_report["majority_baseline"],
             "epsilon": epsilon, "delta": args.delta if epsilon is not None else None, "epsilon_reason": reason,
@@ -237,7 +289,7 @@ class PrivacySweep:
         return record
 
     @torch.no_grad()
-    def shown_reconstructions(self, split, attack: LearnedInversion, count: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    def shown_reconstructions(self, split, attack, count: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """The first training batch sent once more through the trained split (training mode: noise, merging), and the
         attack's reconstruction of its first `count` images (each image its row's), as uint8 pixels."""
         pixel_values, labels = (part[: self.preset.batch_size] for part in self.train)
@@ -263,11 +315,24 @@ def label(record: dict) -> str:
     """A record's name on the pictures."""
     level = "" if record["method"] == "none" else f" xi={record['level']:g}"
     extra = (" U" if record["topology"] == "u-shaped" else "") + (" frozen" if record["frozen_client"] else "")
-    return f"{record['method']}{level} s={record['noise_multiplier']:g}{extra}"
+    return f"{record['method']}{level} s={record['noise_multiplier']:g}{extra}{defence(record, ' ')}"
+
+
+def defence(record: dict, separator: str = "") -> str:
+    """A record's defences other than payload noise (NoPeek, label DP), in a few characters."""
+    parts = [f"nopeek {record['nopeek_weight']:g}"] if record.get("nopeek_weight") else []
+    if record.get("label_dp_epsilon") is not None:
+        parts.append(f"label DP {record['label_dp_epsilon']:g}")
+    return separator + ", ".join(parts) if parts else ("" if separator else "-")
 
 
 def epsilon_cell(record: dict) -> str:
-    """A record's epsilon, or why none is claimed, in a few words."""
+    """A record's epsilon, or why none is claimed, in a few words (label DP's, for the labels, after it)."""
+    labels = "" if record.get("label_epsilon") is None else f"; labels {record['label_epsilon']:.3g} (delta 0)"
+    return payload_epsilon_cell(record) + labels
+
+
+def payload_epsilon_cell(record: dict) -> str:
     if record["epsilon"] is not None:
         return f"{record['epsilon']:.3g} (delta {record['delta']:g})"
     reason = record["epsilon_reason"]
@@ -281,9 +346,10 @@ def epsilon_cell(record: dict) -> str:
 def table(records: list[dict]) -> str:
     """The records as a Markdown table, in the order they were run."""
     lines = [
-        "| method | xi | topology | client | sigma | bytes | bytes / sample | test acc | SSIM mean / p90 | best member "
-        "| mean image SSIM | PSNR mean / p90 (dB) | mean image PSNR | label attack / majority | epsilon |",
-        "|" + "---|" * 15,
+        "| method | xi | topology | client | sigma | other defence | bytes | bytes / sample | test acc "
+        "| strongest attack | SSIM mean / p90 | best member | mean image SSIM | PSNR mean / p90 (dB) | mean image PSNR "
+        "| label attack / majority | epsilon |",
+        "|" + "---|" * 17,
     ]
     for r in records:
         labels = "-" if r["label_attack_accuracy"] is None else (
@@ -291,8 +357,8 @@ def table(records: list[dict]) -> str:
         )  # fmt: skip
         lines.append(
             f"| {r['method']} | {r['level']:g} | {r['topology']} | {'frozen' if r['frozen_client'] else 'trains'} "
-            f"| {r['noise_multiplier']:g} | {r['bytes']:,} | {r.get('bytes_per_sample', 0):,.0f} "
-            f"| {r['test_accuracy']:.3f} | {r['ssim_mean']:.3f} / {r['ssim_p90']:.3f} "
+            f"| {r['noise_multiplier']:g} | {defence(r)} | {r['bytes']:,} | {r.get('bytes_per_sample', 0):,.0f} "
+            f"| {r['test_accuracy']:.3f} | {r.get('attack', 'learned')} | {r['ssim_mean']:.3f} / {r['ssim_p90']:.3f} "
             f"| {r['ssim_best_member_mean']:.3f} | {r['baseline_ssim_mean']:.3f} "
             f"| {r['psnr_mean']:.2f} / {r['psnr_p90']:.2f} | {r['baseline_psnr_mean']:.2f} | {labels} "
             f"| {epsilon_cell(r)} |"
@@ -384,11 +450,29 @@ def main(argv: list[str]) -> list[dict]:
     parser.add_argument("--clip_norm", type=float, help="Payload noise C (default: the public median row norm).")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--label_privacy", action="store_true", help="U-shaped split (labels stay on the client).")
+    parser.add_argument(
+        "--nopeek_weights",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="NoPeek's distance-correlation weight on the client (0: none; several: one cell each).",
+    )
+    parser.add_argument(
+        "--label_dp_epsilon",
+        type=float,
+        help="Standard split: randomized response on the training labels at this epsilon, once each.",
+    )
     parser.add_argument("--freeze_client", action="store_true", help="Do not train the client half (for an epsilon).")
     parser.add_argument("--learning_rate", type=float, help="The client's fine-tuning rate (default: the preset's).")
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results/privacy"))
     parser.add_argument("--plot-only", action="store_true", help="Redraw the pictures from the folder; train nothing.")
     args = parser.parse_args(argv)
+    if args.label_dp_epsilon is not None and args.label_privacy:
+        parser.error("--label_dp_epsilon randomizes labels the server reads: with --label_privacy none crosses.")
+    if args.label_dp_epsilon is not None and not (0 < args.label_dp_epsilon < float("inf")):
+        parser.error(f"--label_dp_epsilon={args.label_dp_epsilon} is out of range: it must be a finite number > 0.")
+    if any(not (0 <= weight < float("inf")) for weight in args.nopeek_weights):
+        parser.error(f"--nopeek_weights={args.nopeek_weights} are out of range: each must be finite and >= 0.")
     if args.plot_only:
         print("\n".join(str(path) for path in plot(args.output_dir)))
         return [json.loads(line) for line in (args.output_dir / "privacy.jsonl").read_text().splitlines()]
@@ -406,23 +490,24 @@ def main(argv: list[str]) -> list[dict]:
     for method in args.methods or preset.methods:
         for level in [1.0] if method == "none" else args.levels or preset.levels:
             for noise in args.noise_multipliers or preset.noise_multipliers:
-                key = (method, level, noise, topology, bool(args.freeze_client))
-                if key in done:
-                    continue
-                sweep = sweep or PrivacySweep(preset, args)
-                record = sweep.run(method, level, noise)
-                with records_file.open("a") as file:
-                    file.write(json.dumps(record) + "\n")
-                records.append(record)
-                done.add(key)
-                print(
-                    f"{method} xi={level} sigma={noise}: ssim {record['ssim_mean']:.3f} (mean image "
-                    f"{record['baseline_ssim_mean']:.3f}), psnr {record['psnr_mean']:.2f} dB, labels "
-                    f"{record['label_attack_accuracy']:.3f}, epsilon {record['epsilon']}, accuracy "
-                    f"{record['test_accuracy']:.3f}, {record['bytes']} bytes",
-                    flush=True,
-                )
-                plot(args.output_dir)
+                for weight in args.nopeek_weights:
+                    key = (method, level, noise, topology, bool(args.freeze_client), weight, args.label_dp_epsilon)
+                    if key in done:
+                        continue
+                    sweep = sweep or PrivacySweep(preset, args)
+                    record = sweep.run(method, level, noise, weight, args.label_dp_epsilon)
+                    with records_file.open("a") as file:
+                        file.write(json.dumps(record) + "\n")
+                    records.append(record)
+                    done.add(key)
+                    print(
+                        f"{label(record)}: ssim {record['ssim_mean']:.3f} ({record['attack']}; mean image "
+                        f"{record['baseline_ssim_mean']:.3f}), psnr {record['psnr_mean']:.2f} dB, labels "
+                        f"{record['label_attack_accuracy']:.3f}, epsilon {record['epsilon']}, accuracy "
+                        f"{record['test_accuracy']:.3f}, {record['bytes']} bytes",
+                        flush=True,
+                    )
+                    plot(args.output_dir)
     return records
 
 

@@ -16,6 +16,7 @@ from transformers import ViTForImageClassification
 import hf_adc
 from hf_adc.bridges import ComposedConfig, config_for_ratio, config_from_dict
 from hf_adc.privacy import (
+    AlignedInversion,
     LearnedInversion,
     NoPeek,
     Observer,
@@ -99,6 +100,18 @@ def test_learned_inversion_recovers_an_uncompressed_split_well_above_the_mean_im
     shuffled = [type(seen)(**{**seen.__dict__, "view": seen.view.roll(1, 0)}) for seen in observations]
     control = score_inversion(attack, shuffled, MEAN, STD, pixel_values[auxiliary].mean(0)).summary()
     assert control["ssim_mean"] < report["ssim_mean"] - 0.2, (control, report)
+
+    # A view in another scale (what BottleNet++'s decoder hands the server half): the plain decoder is lost, the
+    # aligned one moves each hidden unit back to the surrogate's mean and spread and recovers the images.
+    gain, shift = torch.linspace(0.2, 8.0, views.shape[-1]), torch.linspace(-20.0, 20.0, views.shape[-1]).flip(0)
+    moved = [type(seen)(**{**seen.__dict__, "view": seen.view * gain + shift}) for seen in observations]
+    lost = score_inversion(attack, moved, MEAN, STD, pixel_values[auxiliary].mean(0)).summary()
+    aligned = AlignedInversion(attack, [seen.view for seen in moved])
+    found = score_inversion(aligned, moved, MEAN, STD, pixel_values[auxiliary].mean(0)).summary()
+    assert lost["ssim_mean"] < report["ssim_mean"] - 0.2, (lost, report)
+    assert found["ssim_mean"] > max(report["baseline_ssim_mean"], lost["ssim_mean"]) + 0.2, (found, lost, report)
+    with pytest.raises(ValueError, match="has not been fitted"):
+        AlignedInversion(LearnedInversion.for_client(surrogate), views)
 
 
 def test_white_box_inversion_recovers_an_uncompressed_split_and_the_stronger_attack_is_reported(digits, public_vit):
@@ -378,8 +391,21 @@ def test_privacy_benchmark_quick_run_writes_records_and_resumes(tiny_vit_path, d
     assert adc["epsilon"] is None and "k-means" in adc["epsilon_reason"]
     assert plain["label_attack_accuracy"] == 1.0  # class ids cross the standard split
     assert adc["bytes"] < plain["bytes"]
+    for record in records:  # three attacks on the same steps, the strongest reported
+        assert set(record["attacks"]) == {"learned", "learned_aligned", "white_box"}
+        assert record["ssim_mean"] == max(attack["ssim_mean"] for attack in record["attacks"].values())
+        assert record["ssim_mean"] == record["attacks"][record["attack"]]["ssim_mean"]
     assert benchmark.main(args) == records  # resumed: nothing left to run
     assert len((tmp_path / "privacy.jsonl").read_text().splitlines()) == 2
+    # NoPeek and label DP are cells of their own; the label attack is scored against the true labels.
+    defended = benchmark.main([*args[:-1], "--methods", "none", "--nopeek_weights", "0.5", "--label_dp_epsilon", "0.5"])
+    assert len(defended) == 3 and defended[:2] == records
+    assert defended[2]["nopeek_weight"] == 0.5 and defended[2]["label_dp_epsilon"] == 0.5
+    assert defended[2]["label_epsilon"] == pytest.approx(0.5, abs=1e-3)
+    assert defended[2]["label_attack_accuracy"] < 1.0  # randomized labels crossed: K = 5, kept with p = 0.29
+    with pytest.raises(SystemExit):
+        benchmark.main([*args, "--label_privacy", "--label_dp_epsilon", "1"])
+    records = defended
     for record in records:  # the first 8 images of one batch, beside what the attack made of them
         shown = np.load(tmp_path / record["reconstructions"])
         assert shown["originals"].dtype == np.uint8 and shown["originals"].shape == shown["reconstructions"].shape
@@ -477,5 +503,31 @@ def test_recipe_trains_with_payload_noise_and_label_dp_charged_like_the_plain_br
     assert private["compression"]["method"] == "payload_noise" and private["args"]["data"]["label_dp_epsilon"] == 2
     charged = ("uplink_bytes", "downlink_bytes", "total_bytes", "uncompressed_bytes")
     assert [private[name] for name in charged] == [plain[name] for name in charged] and plain["total_bytes"] > 0
+    # The noise's seed is the client's secret, kept in its output folder and never in the config both sides agree on.
+    from hf_adc.privacy import secret_file, secret_seed
+
+    assert (tmp_path / "private" / secret_file("payload_noise")).exists()
+    assert private["compression"]["seed"] is None
+    assert secret_seed(tmp_path / "private", "payload_noise") != secret_seed(tmp_path / "private", "label_dp")
     with pytest.raises(ValueError, match="labels never leave the client"):
         run("ushaped", "--label_privacy", "--label_dp_epsilon", "2")
+
+
+def test_payload_noise_from_a_kept_secret_is_reproducible_per_rank_and_never_in_the_config():
+    config = PayloadNoiseConfig(None, clip_norm=1.0, noise_multiplier=1.0, seed=None)
+    rows = torch.zeros(4, 17, 32)
+
+    def draws(secret, rank, batches=3):
+        bridge = hf_adc.bridges.build_bridge(config, 17, 32, NUM_LABELS)
+        bridge.keep_secret(secret, rank)
+        return [bridge.noise(rows) for _ in range(batches)]
+
+    first = draws(11, 0)
+    assert all(torch.equal(a, b) for a, b in zip(first, draws(11, 0), strict=True))  # a resumed run draws the same
+    assert not torch.equal(first[0], first[1])  # every batch its own noise
+    assert not torch.equal(first[0], draws(11, 1)[0]) and not torch.equal(first[0], draws(12, 0)[0])
+    assert first[0].std().item() == pytest.approx(1.0, abs=0.05)  # sigma C on every value
+    assert config.to_dict()["seed"] is None
+    seeded = hf_adc.bridges.build_bridge(PayloadNoiseConfig(None, 1.0, 1.0, seed=3), 17, 32, NUM_LABELS)
+    with pytest.raises(ValueError, match="seed=3 is in the config"):
+        seeded.keep_secret(11)

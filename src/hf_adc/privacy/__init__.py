@@ -7,7 +7,8 @@ disjoint from the client's. Out of scope: an actively malicious server (FSHA), m
 final model itself reveals.
 
 - attacks: `inversion` (a decoder trained on auxiliary data through the surrogate client and bridge, applied to
-  what the server half received: `Observer` records it), scored by `image_metrics` (SSIM, PSNR from torchmetrics,
+  what the server half received: `Observer` records it; `AlignedInversion` first matches each hidden unit's moments
+  to the surrogate's), scored by `image_metrics` (SSIM, PSNR from torchmetrics,
   against the auxiliary mean image); `white_box_inversion` (a search for images whose surrogate output matches, with
   a total-variation prior; `strongest_inversion` keeps the stronger attack per method); `label_inference` (ADC's
   soft labels; head-gradient directions and norms, and the exact solve when heads are shared);
@@ -26,12 +27,14 @@ _LAZY = {
     "accounting": ("Guarantee", "payload_noise_epsilon", "payload_noise_guarantee", "randomized_response_epsilon",
                    "randomized_response_noise_parameter", "releases_per_example"),
     "image_metrics": ("ReconstructionReport", "image_scores", "score_rows", "to_unit_range"),
-    "inversion": ("LearnedInversion", "TokenInverter", "score_inversion", "simulable", "surrogate_views"),
+    "inversion": ("AlignedInversion", "LearnedInversion", "TokenInverter", "hidden_moments", "score_inversion",
+                  "simulable", "surrogate_views"),
     "label_dp": ("keep_probability", "randomize_labels", "with_randomized_labels"),
     "label_inference": ("cluster_guess", "direction_guess", "label_accuracy", "norm_guess", "norm_scores",
                         "shared_head_guess", "soft_label_guess"),
     "nopeek": ("NoPeek", "distance_correlation"),
     "observation": ("Observation", "Observer"),
+    "secret_seeds": ("secret_file", "secret_seed"),
     "white_box_inversion": ("WhiteBoxInversion", "strongest_inversion", "total_variation"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
@@ -44,6 +47,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AlignedInversion",
     "Guarantee",
     "LearnedInversion",
     "NoPeek",
@@ -55,6 +59,7 @@ __all__ = [
     "cluster_guess",
     "direction_guess",
     "distance_correlation",
+    "hidden_moments",
     "image_scores",
     "label_accuracy",
     "norm_guess",
@@ -62,6 +67,8 @@ __all__ = [
     "shared_head_guess",
     "score_inversion",
     "score_rows",
+    "secret_file",
+    "secret_seed",
     "simulable",
     "soft_label_guess",
     "strongest_inversion",

@@ -10,8 +10,10 @@ decoder from that view to the images; then it applies the decoder to what it rec
   `decode`): ADC's merged rows of k kept tokens (positions not sent: the decoder takes a set of tokens), Top-K's
   values scattered back, dequantized codes, C3-SL's recovered rows, payload noise (simulated with its settings).
 - A bridge with client modules the server never sees (BottleNet++'s encoder) cannot be simulated: the server trains
-  on the surrogate's activations before it and applies the decoder to its own decoder's output, which was trained to
-  give them back.
+  on the surrogate's activations before it and applies the decoder to its own decoder's output. That output was
+  trained with the task, not to give the activations back, so its scale can be far from theirs: `AlignedInversion`
+  first moves each hidden unit of what the server saw to the mean and spread the decoder was trained on (the server
+  has both), which also meets a client half that drifted from the checkpoint part of the way.
 
 The decoder: one learned query per patch attends to the received tokens (a small transformer decoder), then a linear
 map gives the patch's pixels; so it takes any number of tokens in any order.
@@ -126,6 +128,7 @@ class LearnedInversion:
         self.seed = seed
         torch.manual_seed(seed)
         self.decoder = TokenInverter(hidden_size, image_size, patch_size, num_channels, width, layers)
+        self.moments: tuple[torch.Tensor, torch.Tensor] | None = None  # per hidden unit, of the views it fitted
 
     @classmethod
     def for_client(cls, client: nn.Module, **kwargs) -> "LearnedInversion":
@@ -142,6 +145,7 @@ class LearnedInversion:
             )
         if steps < 1 or batch_size < 1:
             raise ValueError(f"steps={steps} and batch_size={batch_size} must both be >= 1.")
+        self.moments = hidden_moments(views)
         generator = torch.Generator().manual_seed(self.seed)
         optimizer = torch.optim.AdamW(self.decoder.parameters(), lr=learning_rate, weight_decay=1e-4)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -166,8 +170,32 @@ class LearnedInversion:
         return torch.cat([self.decoder(chunk.float()) for chunk in views.split(256)])
 
 
+def hidden_moments(views: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and standard deviation of each hidden unit over every token of `views` (`(rows, tokens, hidden)`, or
+    a list of such with one hidden width)."""
+    tokens = torch.cat([view.float().flatten(0, -2) for view in ([views] if torch.is_tensor(views) else views)])
+    return tokens.mean(dim=0), tokens.std(dim=0).clamp_min(1e-6)
+
+
+class AlignedInversion:
+    """A fitted `LearnedInversion` applied after an affine map per hidden unit that gives what the server saw
+    (`observed`: every view it recorded, the moments taken over all of them) the mean and spread of the views the
+    decoder fitted. The server knows both, so this is an attack it can run; `strongest_inversion` keeps it where it
+    beats the plain decoder (BottleNet++'s decoded codes, a client half that moved)."""
+
+    def __init__(self, attack: LearnedInversion, observed: torch.Tensor | list[torch.Tensor]):
+        if attack.moments is None:
+            raise ValueError("the inversion has not been fitted: call fit before aligning it.")
+        self.attack = attack
+        self.observed = hidden_moments(observed)
+
+    def reconstruct(self, views: torch.Tensor) -> torch.Tensor:
+        (source_mean, source_std), (seen_mean, seen_std) = self.attack.moments, self.observed
+        return self.attack.reconstruct((views.float() - seen_mean) / seen_std * source_std + source_mean)
+
+
 def score_inversion(
-    attack: LearnedInversion,
+    attack: "LearnedInversion | AlignedInversion",
     observations: list[Observation],
     image_mean: list[float],
     image_std: list[float],

@@ -9,14 +9,17 @@ value. What Top-K keeps and what quantization codes is then chosen from the nois
 noise sends no byte of its own: the ledger charges what the wrapped bridge sends, now noisy. In evaluation and split
 inference the payload crosses noisy only with `noise_in_eval=True`; otherwise evaluation is unprotected.
 
-The noise must be secret from the server: a server that knows the seed regenerates the noise and subtracts it. A
-seed (an int) makes experiments in one process reproducible; `seed=None` (what the recipes' `--payload_noise`
-builds, since the run's seed is a setting both sides share) draws each batch's noise from the operating system's
-entropy, never written down.
+The noise must be secret from the server: a server that knows the seed regenerates the noise and subtracts it, and
+the config (seed included) is a setting both sides agree on. A seed (an int) makes experiments in one process
+reproducible. `seed=None` keeps it out of the config: the bridge then draws from `keep_secret(seed)`'s seed, which
+the client alone holds (the recipes' `--payload_noise` gives it `secret_seed(output_dir, "payload_noise")` and its
+rank, so a resumed run draws the same noise and no two ranks draw alike), or, without one, each batch's noise from
+the operating system's entropy, never written down.
 
 Which methods this gives an epsilon for, and under which condition, is `hf_adc.privacy.accounting`'s to say.
 """
 
+import hashlib
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -91,16 +94,33 @@ class PayloadNoiseBridge(SeededBridge):
     def __init__(self, config: PayloadNoiseConfig, inner: Bridge):
         super().__init__(config)
         self.inner = inner
+        self.secret: tuple[int, int] | None = None  # (seed, rank) from keep_secret: the client's alone
         self.needs_cls_attention = inner.needs_cls_attention
         self.client_modules = tuple(f"inner.{name}" for name in inner.client_modules)
         self.server_modules = tuple(f"inner.{name}" for name in inner.server_modules)
 
+    def keep_secret(self, seed: int, rank: int = 0) -> None:
+        """Draws this client's noise from `seed` (secret: never in the config, never sent) and the number of batches
+        seen, per `rank`; only for a config of `seed=None`."""
+        if self.config.seed is not None:
+            raise ValueError(
+                f"seed={self.config.seed} is in the config, which the server knows: a secret needs seed=None."
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int) or isinstance(rank, bool) or not isinstance(rank, int):
+            raise ValueError(f"seed={seed!r} and rank={rank!r} must be integers.")
+        self.secret = (seed, rank)
+
     def next_generator(self, device: torch.device) -> torch.Generator:
-        """The seeded generator of this batch, or, with `seed=None`, one seeded from the OS's entropy."""
+        """The seeded generator of this batch: from the config's seed, the kept secret, or the OS's entropy."""
         if self.config.seed is not None:
             return super().next_generator(device)
+        if self.secret is None:
+            draw = secrets.randbits(63)
+        else:
+            text = ":".join(str(part) for part in (*self.secret, int(self.calls)))
+            draw = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest()) % 2**63
         self.calls += 1
-        return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+        return torch.Generator(device=device).manual_seed(draw)
 
     def noise(self, rows: torch.Tensor) -> torch.Tensor:
         """Clipped rows plus N(0, (sigma C)^2), drawn from this bridge's seeded generator."""

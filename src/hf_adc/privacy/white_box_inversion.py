@@ -73,6 +73,7 @@ class WhiteBoxInversion:
         output = self.client(images).last_hidden_state.float()
         return output if self.clip_norm is None else clip_rows(output, self.clip_norm)
 
+    @torch.enable_grad()  # a search needs gradients even when its caller turned them off
     def _search(self, views: torch.Tensor) -> torch.Tensor:
         images = self.start.expand(views.shape[0], *self.start.shape).clone().requires_grad_(True)
         optimizer = torch.optim.Adam([images], lr=self.learning_rate)
