@@ -13,8 +13,9 @@ total-variation prior: `WhiteBoxInversion`).
 - `ssim_*` / `psnr_*`: the reconstruction of each training image of the recorded steps (a merged ADC row against
   each member; `*_best_member_mean` the best member per row), next to `baseline_*`, the auxiliary mean image.
 - `label_attack_accuracy`: standard split, the server's guess from what crossed (class ids, or ADC's soft labels:
-  each member guessed as its cluster's most frequent class); U-shaped (`--label_privacy`), head-gradient direction
-  scoring with two known labels per class. `label_majority_baseline` beside it.
+  each member guessed as its cluster's most frequent class); U-shaped (`--label_privacy`), the strongest of three
+  attacks on `head_gradients` with two known labels per class (direction scoring, k-means of the directions, norm
+  scoring: `label_attacks`), scored on the other samples. `label_majority_baseline` beside it.
 - `epsilon`: payload noise's (at `--delta`, `dp-accounting` PLD) where `payload_noise_guarantee` proves one: rows of
   one example and a frozen client half (`--freeze_client`); else null, with `epsilon_reason`.
 - `clip_norm`: `--clip_norm`, or the median L2 norm of a row the public checkpoint sends for the auxiliary images
@@ -28,6 +29,8 @@ total-variation prior: `WhiteBoxInversion`).
 Every finished record is appended to `privacy.jsonl` in the output folder, so an interrupted sweep resumes:
 
     python benchmarks/privacy.py --preset quick --output-dir docs/results/privacy/quick
+    python benchmarks/privacy.py --preset cifar10 --dataset_name ../shared/data/cifar10 \
+        --output-dir docs/results/privacy/cifar10
 
 Pictures, redrawn from the folder alone with `--plot-only` (no training):
 
@@ -44,12 +47,13 @@ import argparse
 import json
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from accuracy_vs_communication import TensorRows  # benchmarks/ is on the path when run as a script
+from accuracy_vs_communication import PRESETS as SWEEP_PRESETS  # benchmarks/ is on the path when run as a script
+from accuracy_vs_communication import TensorRows, pretrained_checkpoint
 from transformers import logging as transformers_logging
 
 import hf_adc
@@ -63,8 +67,10 @@ from hf_adc.privacy import (
     Observer,
     PayloadNoiseConfig,
     WhiteBoxInversion,
+    cluster_guess,
     direction_guess,
     label_accuracy,
+    norm_guess,
     payload_noise_epsilon,
     payload_noise_guarantee,
     randomize_labels,
@@ -94,6 +100,11 @@ class Preset:
     attack_steps: int
     recorded_steps: int
     white_box_steps: int
+    # The public checkpoint: the default one (Fashion-MNIST classes 0-4), or that preset of the accuracy sweep
+    # pretrained on its other classes, with these rows and epochs (cached by its settings).
+    pretraining: str | None = None
+    pretrain_rows: int = 0
+    pretrain_epochs: float = 0
 
 
 PRESETS = {
@@ -116,6 +127,28 @@ PRESETS = {
         attack_steps=600,
         recorded_steps=4,
         white_box_steps=200,
+    ),  # fmt: skip
+    # CIFAR-10 at 32 px on CPU (give --dataset_name ../shared/data/cifar10): the accuracy sweep's 6-layer ViT of width
+    # 96, pretrained more briefly (10,000 rows of classes 0-4, 3 epochs: minutes on 2 cores), fine-tuned on 5-9.
+    "cifar10": Preset(
+        dataset="",
+        classes="5-9",
+        auxiliary_rows=3000,
+        train_rows=1000,
+        test_rows=1000,
+        batch_size=64,
+        split_layer=2,
+        learning_rate=1e-4,
+        budget_epochs=1,
+        methods=("none", "adc", "adc_tokens", "topk", "bottlenet", "quantize", "adc+quantize8"),
+        levels=(0.1,),
+        noise_multipliers=(0.0, 0.1),
+        attack_steps=600,
+        recorded_steps=4,
+        white_box_steps=200,
+        pretraining="cifar10",
+        pretrain_rows=10000,
+        pretrain_epochs=3,
     ),  # fmt: skip
     # For tests: give --dataset_name and --model_name_or_path (a tiny ViT and a small image folder).
     "tiny": Preset(
@@ -158,12 +191,22 @@ def tensors(dataset, transform) -> tuple[torch.Tensor, torch.Tensor]:
     return rows["pixel_values"], torch.as_tensor(rows["labels"])
 
 
+def public_checkpoint(preset: Preset, dataset: str | None) -> str:
+    """The checkpoint the client fine-tunes and the server holds: the preset's pretraining, or the default one."""
+    if preset.pretraining is None:
+        return default_checkpoint(use_cpu=True)
+    pretraining = replace(
+        SWEEP_PRESETS[preset.pretraining], pretrain_rows=preset.pretrain_rows, pretrain_epochs=preset.pretrain_epochs
+    )
+    return pretrained_checkpoint(pretraining, dataset, "cpu")
+
+
 class PrivacySweep:
     """The data, the checkpoint and the server's surrogate for one preset; `run` measures one cell."""
 
     def __init__(self, preset: Preset, args: argparse.Namespace):
         self.preset, self.args = preset, args
-        self.checkpoint = args.model_name_or_path or default_checkpoint(use_cpu=True)
+        self.checkpoint = args.model_name_or_path or public_checkpoint(preset, args.dataset_name)
         data_args = DataArguments(
             dataset_name=args.dataset_name or preset.dataset, classes=preset.classes,
             max_train_samples=preset.auxiliary_rows + preset.train_rows, max_eval_samples=preset.test_rows,
@@ -244,13 +287,20 @@ class PrivacySweep:
 
         labels = self.true_labels(observations)
         if args.label_privacy:
-            # One gradient per row the server sent down; each member of a merged row (ADC) gets its row's.
+            # One gradient per row the server sent down; each member of a merged row (ADC) gets its row's. Two known
+            # labels per class; the attacks are scored on the other samples, and the strongest is reported.
             gradients = torch.cat([seen.head_gradients[seen.members] for seen in observations])
             known = torch.cat([torch.nonzero(labels == c)[:2, 0] for c in range(self.num_labels)])
-            guesses = direction_guess(gradients, known, labels[known], self.num_labels)
+            unknown = torch.ones(len(labels), dtype=torch.bool).index_fill_(0, known, False)
+            label_reports = {
+                name: label_accuracy(guess(gradients, known, labels[known], self.num_labels)[unknown], labels[unknown])
+                for name, guess in (("direction", direction_guess), ("cluster", cluster_guess), ("norm", norm_guess))
+            }  # fmt: skip
         else:
             guesses = torch.cat([soft_label_guess(seen.targets, seen.members) for seen in observations])
-        labels_report = label_accuracy(guesses, labels)
+            label_reports = {"soft_label": label_accuracy(guesses, labels)}
+        label_attack = max(label_reports, key=lambda name: label_reports[name]["accuracy"])
+        labels_report = label_reports[label_attack]
 
         epsilon, reason = None, "no payload noise"
         if isinstance(compression, PayloadNoiseConfig):
@@ -273,6 +323,8 @@ class PrivacySweep:
             "attack": strongest, **report,
             "attacks": {name: {key: value for key, value in r.summary().items() if key in ("ssim_mean", "psnr_mean")}
                         for name, r in reports.items()},
+            "label_attack": label_attack,
+            "label_attacks": {name: report["accuracy"] for name, report in label_reports.items()},
             "label_attack_accuracy": labels_report["accuracy"],
             "label_majority_baseline": labels_report["majority_baseline"],
             "epsilon": epsilon, "delta": args.delta if epsilon is not None else None, "epsilon_reason": reason,
@@ -479,6 +531,8 @@ def main(argv: list[str]) -> list[dict]:
     preset = PRESETS[args.preset]
     if args.preset == "tiny" and not (args.dataset_name and args.model_name_or_path):
         parser.error("--preset tiny needs --dataset_name and --model_name_or_path.")
+    if not (args.dataset_name or preset.dataset):
+        parser.error(f"--preset {args.preset} needs --dataset_name (e.g. ../shared/data/cifar10).")
     transformers_logging.set_verbosity_error()
     args.output_dir.mkdir(parents=True, exist_ok=True)
     records_file = args.output_dir / "privacy.jsonl"

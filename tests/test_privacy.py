@@ -399,13 +399,18 @@ def test_privacy_benchmark_quick_run_writes_records_and_resumes(tiny_vit_path, d
     assert len((tmp_path / "privacy.jsonl").read_text().splitlines()) == 2
     # NoPeek and label DP are cells of their own; the label attack is scored against the true labels.
     defended = benchmark.main([*args[:-1], "--methods", "none", "--nopeek_weights", "0.5", "--label_dp_epsilon", "0.5"])
-    assert len(defended) == 3 and defended[:2] == records
+    assert len(defended) == 3 and defended[:2] == records and records[0]["label_attack"] == "soft_label"
     assert defended[2]["nopeek_weight"] == 0.5 and defended[2]["label_dp_epsilon"] == 0.5
     assert defended[2]["label_epsilon"] == pytest.approx(0.5, abs=1e-3)
     assert defended[2]["label_attack_accuracy"] < 1.0  # randomized labels crossed: K = 5, kept with p = 0.29
     with pytest.raises(SystemExit):
         benchmark.main([*args, "--label_privacy", "--label_dp_epsilon", "1"])
-    records = defended
+    # U-shaped: three attacks on head_gradients, the strongest reported, scored without the known labels.
+    ushaped = benchmark.main([*args[:-1], "--methods", "adc", "--noise_multipliers", "0", "--label_privacy"])[-1]
+    assert ushaped["topology"] == "u-shaped" and set(ushaped["label_attacks"]) == {"direction", "cluster", "norm"}
+    assert ushaped["label_attack_accuracy"] == ushaped["label_attacks"][ushaped["label_attack"]]
+    assert ushaped["label_attack_accuracy"] == max(ushaped["label_attacks"].values())
+    records = defended + [ushaped]
     for record in records:  # the first 8 images of one batch, beside what the attack made of them
         shown = np.load(tmp_path / record["reconstructions"])
         assert shown["originals"].dtype == np.uint8 and shown["originals"].shape == shown["reconstructions"].shape
@@ -458,6 +463,27 @@ def test_a_server_without_payload_noise_refuses_a_client_with_it(tiny_vit_path):
     assert differing_settings(noisy, client_hello(model_args(tiny_vit_path, *noisy_flags), labels)[0]) == []
     louder, _ = client_hello(model_args(tiny_vit_path, *noisy_flags[:-1], "4"), labels)
     assert differing_settings(noisy, louder)  # a different clip norm is refused too
+
+
+def test_nopeek_flag_is_the_clients_alone_and_checked(tiny_vit_path, tmp_path):
+    from helpers import client_hello, model_args
+
+    from hf_adc.distributed.arguments import RemoteArguments
+    from hf_adc.distributed.launch import run_server
+    from hf_adc.distributed.settings import differing_settings
+    from hf_adc.experiment import ModelArguments, SplitArguments
+
+    labels = [str(label) for label in range(NUM_LABELS)]
+    plain, _ = client_hello(model_args(tiny_vit_path, "--compression", "adc"), labels)
+    defended, _ = client_hello(model_args(tiny_vit_path, "--compression", "adc", "--nopeek_weight", "0.5"), labels)
+    assert differing_settings(defended, plain) == []  # nothing of it crosses: any server serves it
+    for weight in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match=f"nopeek_weight={weight} is out of range"):
+            SplitArguments(nopeek_weight=weight)
+    training_args = hf_adc.ADCTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="--nopeek_weight 0.5 on the server"):
+        run_server(ModelArguments(model_name_or_path=tiny_vit_path), SplitArguments(nopeek_weight=0.5),
+                   training_args, RemoteArguments(listen="127.0.0.1:1"))  # fmt: skip
 
 
 def test_label_dp_flag_randomizes_the_training_labels_once_at_its_rate_and_leaves_the_test_labels(digits_dir,

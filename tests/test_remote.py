@@ -92,7 +92,10 @@ PAIRS = {
         (*REMOTE_METHODS[method], "--label_privacy", "--head_layers", str(head), "--gradient_accumulation_steps",
          str(accumulation), "--max_steps", str(STEPS)), ()
     ) for method, head, accumulation in USHAPED_CASES},
+    # NoPeek's penalty is the client's own: given to the client (and the one-process run), never to the server.
+    "nopeek-adc": ((*REMOTE_METHODS["adc"], "--max_steps", str(STEPS)), ("--nopeek_weight", "0.5")),
 }  # fmt: skip
+BOTH_RUNS = {"nopeek-adc"}  # pairs whose client flags the one-process run takes too
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +107,8 @@ def pairs(tiny_vit_path, digits_dir, tmp_path_factory) -> tuple[Path, dict]:
     for name, (run, client_only) in PAIRS.items():
         shared = model_args(tiny_vit_path, *run)
         plan.append(pair_case(name, shared, digits_dir, root, free_address(), client_only=client_only))
-        plan[-1]["local"] = [*shared, *data_args(digits_dir, root / name / "alone")]
+        local_only = client_only if name in BOTH_RUNS else ()
+        plan[-1]["local"] = [*shared, *data_args(digits_dir, root / name / "alone"), *local_only]
     return root, run_drivers(plan, root / "plan.json", "cpu.yaml")
 
 
@@ -170,6 +174,15 @@ def _check_ledger(one: dict, two: dict, method: str, accumulation: int) -> None:
     assert two["inference_bytes"] == EVAL_ROWS * (TOKENS * EVAL_WIDTH.get(method, WIDTH) * 4 + LABELS * 4)
     transport = two["transport"]
     assert transport["payload_sent"] + transport["payload_received"] >= two["total_bytes"]
+
+
+def test_nopeek_trains_a_pair_exactly_like_one_process(pairs):
+    one, two = _pair_and_one_process(pairs, "nopeek-adc")
+    _check_ledger(one, two, "adc", 1)  # the penalty is computed on the client: not a byte more crosses
+    plain = json.loads((pairs[0] / "adc" / "alone" / "results.json").read_text())
+    assert 0 < two["nopeek_distance_correlation"] == pytest.approx(one["nopeek_distance_correlation"], abs=1e-6)
+    losses = [[entry["loss"] for entry in run["log_history"] if "loss" in entry] for run in (plain, one)]
+    assert losses[1][0] > losses[0][0]  # the same first batch: the task loss plus 0.5 x the distance correlation
 
 
 HEAD_TENSORS = 4  # the head's layernorm (weight, bias) and classifier (weight, bias); 16 more per head layer

@@ -179,8 +179,9 @@ def run_client(
     split = remote_split(split, training_args, remote_args, federation_args)
     dataset = with_transforms(dataset, image_processor, data_args.augment)
     trainer, results = train_split(
-        split, training_args, dataset["train"], dataset["test"], training_args.resume_from_checkpoint
-    )
+        split, training_args, dataset["train"], dataset["test"], training_args.resume_from_checkpoint,
+        split_args.nopeek_weight,
+    )  # fmt: skip
     finish_remote(split, trainer, results, remote_args, federation_args, shard_labels, dataset)
     report_run(split, image_processor, trainer, results, model_args, split_args, data_args, training_args)
     if hub_model_id and trainer.is_world_process_zero():
@@ -207,6 +208,11 @@ def run_server(
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id: the server half goes to <id>-server.")
     split_args.validate()
+    if split_args.nopeek_weight is not None:
+        raise ValueError(
+            f"--nopeek_weight {split_args.nopeek_weight} on the server: NoPeek is the client's defence (its penalty "
+            "reaches only the client half); give it to train.py."
+        )
     _check_share_head(split_args.label_privacy, federation_args)
     if training_args.world_size > 1 and federation_args is not None and federation_args.num_clients is not None:
         raise ValueError(

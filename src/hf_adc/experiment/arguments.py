@@ -131,6 +131,9 @@ class _SplitArgumentsBehaviour:
 
     def __post_init__(self):
         resolve_wire_dtype(self.wire_dtype)
+        weight = self.nopeek_weight
+        if weight is not None and not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"nopeek_weight={weight} is out of range: it must be a finite number > 0.")
 
     def compression_config(self, seed: int = 0) -> BridgeConfig | None:
         """The bridge config these arguments ask for; knobs of another method are an error, not ignored."""
@@ -165,8 +168,9 @@ class _SplitArgumentsBehaviour:
         return self._with_payload_noise(ComposedConfig(*configs) if composed else configs[0])
 
     def _with_payload_noise(self, config: BridgeConfig | None) -> BridgeConfig | None:
-        """`config` wrapped in clipped Gaussian noise when `--payload_noise` asks for it. The noise seed is secret
-        (None: drawn from the OS every batch), never the run's seed, which the server knows."""
+        """`config` wrapped in clipped Gaussian noise when `--payload_noise` asks for it. The noise seed is secret,
+        never the run's seed, which the server knows: None in the config, and the recipe gives the bridge the
+        client's own (`secret_seeds.secret_seed(output_dir, "payload_noise")`)."""
         sigma, clip = self.payload_noise, self.payload_clip_norm
         if sigma is None and clip is None:
             if self.payload_noise_in_eval:
@@ -214,6 +218,10 @@ PAYLOAD_NOISE_HELP = (
 )
 PAYLOAD_CLIP_HELP = "With --payload_noise: the L2 norm C (> 0) each sent row is clipped to."
 PAYLOAD_EVAL_HELP = "With --payload_noise: noise evaluation and split-inference payloads too (else unprotected)."
+NOPEEK_HELP = (
+    "NoPeek (hf_adc.privacy.nopeek): add this weight (> 0) times the distance correlation of each training batch's "
+    "images and the client half's output to the loss; an empirical defence, no epsilon. Client side only."
+)
 
 
 def _split_arguments() -> type:
@@ -239,6 +247,7 @@ def _split_arguments() -> type:
         ("payload_noise", float | None, field(default=None, metadata={"help": PAYLOAD_NOISE_HELP})),
         ("payload_clip_norm", float | None, field(default=None, metadata={"help": PAYLOAD_CLIP_HELP})),
         ("payload_noise_in_eval", bool, field(default=False, metadata={"help": PAYLOAD_EVAL_HELP})),
+        ("nopeek_weight", float | None, field(default=None, metadata={"help": NOPEEK_HELP})),
     ]
     knobs = [_knob_field(knob, methods) for knob, methods in _knobs().items()]
     return make_dataclass(
@@ -248,7 +257,7 @@ def _split_arguments() -> type:
         namespace={
             "__module__": __name__,
             "__doc__": "Where the model is cut, the bridge at the cut (one flag per registered knob), the channel "
-            "and the wire dtype, and the payload noise around the bridge.",
+            "and the wire dtype, the payload noise around the bridge, and NoPeek on the client.",
         },
     )
 

@@ -5,6 +5,7 @@ half lives in another process (`hf_adc.distributed.launch.run_client`) runs the 
 module knows nothing of processes, so the dependency goes one way.
 """
 
+import contextlib
 import logging
 import resource
 import time
@@ -29,12 +30,20 @@ def train_split(
     train_dataset,
     eval_dataset,
     resume_from_checkpoint: str | bool | None = None,
+    nopeek_weight: float | None = None,
 ) -> tuple[ADCTrainer, dict]:
-    """Trains `split` with `ADCTrainer` (budget and all), evaluates it, and returns the trainer and the results:
-    accuracy, bytes both ways (summed over ranks), the uncompressed equivalent, ratio, budget, steps, time."""
+    """Trains `split` with `ADCTrainer` (budget and all; NoPeek's penalty on the client with `nopeek_weight`),
+    evaluates it, and returns the trainer and the results: accuracy, bytes both ways (summed over ranks), the
+    uncompressed equivalent, ratio, budget, steps, time."""
     trainer = ADCTrainer(model=split, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset)
+    nopeek = None
+    if nopeek_weight is not None:
+        from ..privacy.nopeek import NoPeek
+
+        nopeek = NoPeek(split, nopeek_weight)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    with nopeek or contextlib.nullcontext():
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     train_seconds = time.perf_counter() - start
     metrics = trainer.evaluate()
     spent = trainer.sync_communication()
@@ -59,6 +68,8 @@ def train_split(
         "head_layers": split.split_settings().get("head_layers"),
         "log_history": trainer.state.log_history,
     }
+    if nopeek is not None:  # the distance correlation of the last training batches, without the weight
+        results["nopeek_distance_correlation"] = sum(nopeek.penalties[-8:]) / max(len(nopeek.penalties[-8:]), 1)
     return trainer, results
 
 
@@ -148,7 +159,9 @@ def run_split_training(
     hub_model_id = pushed_model_id(training_args)
     dataset, split, image_processor = prepare_run(model_args, split_args, data_args, training_args)
     dataset = with_transforms(dataset, image_processor, data_args.augment)
-    trainer, results = train_split(split, training_args, dataset["train"], dataset["test"], resume_from_checkpoint)
+    trainer, results = train_split(
+        split, training_args, dataset["train"], dataset["test"], resume_from_checkpoint, split_args.nopeek_weight
+    )
     report_run(split, image_processor, trainer, results, model_args, split_args, data_args, training_args)
     if hub_model_id and trainer.is_world_process_zero():
         results["hub_urls"] = split.push_to_hub(

@@ -6,9 +6,9 @@ what it sends, added to the training loss, so that the client half learns activa
 
 The penalty is computed on the client from its own inputs and its own half's output (before the bridge: what every
 bridge then compresses), so its gradient reaches only the client half. It is an empirical defence: no epsilon comes
-with it; measure the attack instead. It holds for a split trained in one process (the hooks add the penalty to the
-loss the split returns); a client whose server half lives in another process gets its loss from the server and is
-not covered.
+with it; measure the attack instead. It holds for a split trained in one process and for a client whose server half
+lives in another process alike (the recipes' `--nopeek_weight`): the hooks add the penalty to the loss the split
+returns, whose remote part back-propagates through the server's gradient as before; nothing more crosses.
 """
 
 import torch
