@@ -20,6 +20,8 @@ total-variation prior: `WhiteBoxInversion`).
   one example and a frozen client half (`--freeze_client`); else null, with `epsilon_reason`.
 - `clip_norm`: `--clip_norm`, or the median L2 norm of a row the public checkpoint sends for the auxiliary images
   (public information: no private data chooses it).
+- `surrogate`: the server's copy of the client half its attacks run through: `public` (the checkpoint, the default)
+  or, with `--surrogate trained`, the client half as the run left it (a federation's server holds it).
 - `nopeek_weight`: with `--nopeek_weights`, the client trains with NoPeek's distance-correlation penalty (empirical:
   no epsilon).
 - `label_dp_epsilon`: with `--label_dp_epsilon` (standard split), the client's training labels are randomized once
@@ -44,6 +46,7 @@ Pictures, redrawn from the folder alone with `--plot-only` (no training):
 """
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -174,7 +177,8 @@ PRESETS = {
 def record_key(record: dict) -> tuple:
     return (
         record["method"], record["level"], record["noise_multiplier"], record["topology"], record["frozen_client"],
-        record.get("nopeek_weight", 0.0), record.get("label_dp_epsilon"),
+        record.get("nopeek_weight", 0.0), record.get("label_dp_epsilon"), record.get("surrogate", "public"),
+        record.get("learning_rate"),
     )  # fmt: skip
 
 
@@ -182,6 +186,8 @@ def record_name(record: dict) -> str:
     """A file name for a record's reconstructions."""
     extra = "-frozen" if record["frozen_client"] else ""
     extra += f"-nopeek{record['nopeek_weight']:g}" if record.get("nopeek_weight") else ""
+    extra += "-trained-surrogate" if record.get("surrogate") == "trained" else ""
+    extra += f"-lr{record['learning_rate']:g}"
     extra += f"-labeldp{record['label_dp_epsilon']:g}" if record.get("label_dp_epsilon") is not None else ""
     return f"{record['method']}-xi{record['level']}-sigma{record['noise_multiplier']}-{record['topology']}{extra}"
 
@@ -266,10 +272,13 @@ class PrivacySweep:
                 _, results = train_split(split, training_args, TensorRows(pixel_values, train_labels), self.test)
         observations = seen.observations
 
+        # The public checkpoint's client half, or (--surrogate trained) the client half as it ended the run: what a
+        # federation's server holds after averaging the client halves.
+        surrogate = self.surrogate if args.surrogate == "public" else copy.deepcopy(split.client).eval()
         views, images = surrogate_views(
-            self.surrogate, compression, *self.auxiliary, self.num_labels, preset.batch_size, seed=1
+            surrogate, compression, *self.auxiliary, self.num_labels, preset.batch_size, seed=1
         )
-        learned = LearnedInversion.for_client(self.surrogate, seed=0)
+        learned = LearnedInversion.for_client(surrogate, seed=0)
         learned.fit(views, images, steps=preset.attack_steps)
         mean, std = self.processor.image_mean, self.processor.image_std
         pixel_range = (min((0 - m) / d for m, d in zip(mean, std, strict=True)),
@@ -278,7 +287,7 @@ class PrivacySweep:
         attacks = {
             "learned": learned,
             "learned_aligned": AlignedInversion(learned, [seen.view for seen in observations]),
-            "white_box": WhiteBoxInversion(self.surrogate, auxiliary_mean, pixel_range, compression,
+            "white_box": WhiteBoxInversion(surrogate, auxiliary_mean, pixel_range, compression,
                                            steps=preset.white_box_steps),
         }  # fmt: skip
         strongest, reports = strongest_inversion(attacks, observations, mean, std, auxiliary_mean)
@@ -316,7 +325,7 @@ class PrivacySweep:
             "method": method, "level": level, "noise_multiplier": noise,
             "clip_norm": self.clip_norm if noise else None,
             "topology": "u-shaped" if args.label_privacy else "standard",
-            "frozen_client": bool(args.freeze_client), "nopeek_weight": nopeek_weight,
+            "frozen_client": bool(args.freeze_client), "surrogate": args.surrogate, "nopeek_weight": nopeek_weight,
             "label_dp_epsilon": label_dp_epsilon,
             "label_epsilon": None if label_dp_epsilon is None else randomized_response_epsilon(
                 label_dp_epsilon, self.num_labels),
@@ -373,6 +382,8 @@ def label(record: dict) -> str:
 def defence(record: dict, separator: str = "") -> str:
     """A record's defences other than payload noise (NoPeek, label DP), in a few characters."""
     parts = [f"nopeek {record['nopeek_weight']:g}"] if record.get("nopeek_weight") else []
+    if record.get("surrogate") == "trained":
+        parts.append("attack holds the trained client")
     if record.get("label_dp_epsilon") is not None:
         parts.append(f"label DP {record['label_dp_epsilon']:g}")
     return separator + ", ".join(parts) if parts else ("" if separator else "-")
@@ -514,6 +525,10 @@ def main(argv: list[str]) -> list[dict]:
         type=float,
         help="Standard split: randomized response on the training labels at this epsilon, once each.",
     )
+    parser.add_argument(
+        "--surrogate", choices=("public", "trained"), default="public",
+        help="The server's copy of the client half: the public checkpoint's, or the trained one (a federation's).",
+    )  # fmt: skip
     parser.add_argument("--freeze_client", action="store_true", help="Do not train the client half (for an epsilon).")
     parser.add_argument("--learning_rate", type=float, help="The client's fine-tuning rate (default: the preset's).")
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results/privacy"))
@@ -545,7 +560,8 @@ def main(argv: list[str]) -> list[dict]:
         for level in [1.0] if method == "none" else args.levels or preset.levels:
             for noise in args.noise_multipliers or preset.noise_multipliers:
                 for weight in args.nopeek_weights:
-                    key = (method, level, noise, topology, bool(args.freeze_client), weight, args.label_dp_epsilon)
+                    key = (method, level, noise, topology, bool(args.freeze_client), weight, args.label_dp_epsilon,
+                           args.surrogate, args.learning_rate or preset.learning_rate)  # fmt: skip
                     if key in done:
                         continue
                     sweep = sweep or PrivacySweep(preset, args)

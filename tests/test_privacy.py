@@ -406,7 +406,10 @@ def test_privacy_benchmark_quick_run_writes_records_and_resumes(tiny_vit_path, d
     with pytest.raises(SystemExit):
         benchmark.main([*args, "--label_privacy", "--label_dp_epsilon", "1"])
     # U-shaped: three attacks on head_gradients, the strongest reported, scored without the known labels.
-    ushaped = benchmark.main([*args[:-1], "--methods", "adc", "--noise_multipliers", "0", "--label_privacy"])[-1]
+    # (Its attacks run through the trained client half, as a federation's server could.)
+    ushaped = benchmark.main([*args[:-1], "--methods", "adc", "--noise_multipliers", "0", "--label_privacy",
+                              "--surrogate", "trained"])[-1]  # fmt: skip
+    assert ushaped["surrogate"] == "trained" and records[0]["surrogate"] == "public"
     assert ushaped["topology"] == "u-shaped" and set(ushaped["label_attacks"]) == {"direction", "cluster", "norm"}
     assert ushaped["label_attack_accuracy"] == ushaped["label_attacks"][ushaped["label_attack"]]
     assert ushaped["label_attack_accuracy"] == max(ushaped["label_attacks"].values())
