@@ -16,8 +16,10 @@ total-variation prior: `WhiteBoxInversion`).
   each member guessed as its cluster's most frequent class); U-shaped (`--label_privacy`), the strongest of three
   attacks on `head_gradients` with two known labels per class (direction scoring, k-means of the directions, norm
   scoring: `label_attacks`), scored on the other samples. `label_majority_baseline` beside it.
-- `epsilon`: payload noise's (at `--delta`, `dp-accounting` PLD) where `payload_noise_guarantee` proves one: rows of
-  one example and a frozen client half (`--freeze_client`); else null, with `epsilon_reason`.
+- `epsilon`: payload noise's (at `--delta`, `dp-accounting` PLD) where `split_guarantee` proves one: rows of one
+  example, a frozen client half (`--freeze_client`; BottleNet++'s encoder still trains) and secret noise (drawn from
+  the OS: noise cells are not replayed bit for bit); every epoch counted whole, plus the pictures' batch; else null,
+  with `epsilon_reason`. It covers the images: the labels cross in the clear in the standard split.
 - `clip_norm`: `--clip_norm`, or the median L2 norm of a row the public checkpoint sends for the auxiliary images
   (public information: no private data chooses it).
 - `surrogate`: the server's copy of the client half its attacks run through: `public` (the checkpoint, the default)
@@ -75,11 +77,11 @@ from hf_adc.privacy import (
     label_accuracy,
     norm_guess,
     payload_noise_epsilon,
-    payload_noise_guarantee,
     randomize_labels,
     randomized_response_epsilon,
     releases_per_example,
     soft_label_guess,
+    split_guarantee,
     strongest_inversion,
     surrogate_views,
     to_unit_range,
@@ -313,13 +315,13 @@ class PrivacySweep:
 
         epsilon, reason = None, "no payload noise"
         if isinstance(compression, PayloadNoiseConfig):
-            trained = [parameter.requires_grad for parameter in split.client.parameters()]
-            client_trains = any(trained) or bool(split.bridge.client_modules)
-            guarantee = payload_noise_guarantee(compression, client_trains)
+            guarantee = split_guarantee(split)
             reason = guarantee.reason
             if guarantee.holds:
+                # Every epoch counted whole (full batches only: an upper bound), and one release more for the batch
+                # the pictures sent once more.
                 steps_per_epoch = len(self.train[1]) // preset.batch_size
-                releases = releases_per_example(results["steps"], steps_per_epoch)
+                releases = releases_per_example(results["steps"], steps_per_epoch) + 1
                 epsilon = payload_noise_epsilon(noise, releases, args.delta)
         record = {
             "method": method, "level": level, "noise_multiplier": noise,

@@ -33,9 +33,11 @@ from hf_adc.privacy import (
     payload_noise_guarantee,
     randomize_labels,
     randomized_response_epsilon,
+    releases_per_example,
     score_inversion,
     shared_head_guess,
     soft_label_guess,
+    split_guarantee,
     strongest_inversion,
     surrogate_views,
 )
@@ -296,6 +298,44 @@ def test_payload_noise_guarantee_is_claimed_only_for_rows_of_one_example_and_a_f
     assert "k-means" in payload_noise_guarantee(PayloadNoiseConfig(hf_adc.ADCConfig(xi=0.25)), False).reason
     assert not holds(None, client_trains=True)
     assert not payload_noise_guarantee(PayloadNoiseConfig(None, noise_multiplier=0.0), False).holds
+    seeded = payload_noise_guarantee(PayloadNoiseConfig(None, seed=4), False)  # the server gets the config
+    assert not seeded.holds and "seed=4 is in the config" in seeded.reason
+    with pytest.raises(TypeError, match="client_trains=None must be True or False"):
+        payload_noise_guarantee(PayloadNoiseConfig(None), None)
+    # From a split itself: frozen or not, BottleNet++'s encoder (a client module) trained or not; the U-shaped head
+    # comes after the server and does not count.
+    torch.manual_seed(0)
+    public = ViTForImageClassification(tiny_vit_config())
+    cases = ((None, False), (hf_adc.TopKConfig(rate=0.1), True), (hf_adc.BottleNetConfig(), False))
+    for compression, label_privacy in cases:
+        split = hf_adc.split_vit(copy.deepcopy(public), 2, compression=PayloadNoiseConfig(compression),
+                                 label_privacy=label_privacy)  # fmt: skip
+        assert not split_guarantee(split).holds
+        split.client.requires_grad_(False)
+        assert split_guarantee(split).holds == (compression is None or label_privacy), compression
+        if split.bridge.client_modules:
+            split.bridge.requires_grad_(False)
+            assert split_guarantee(split).holds
+    assert split_guarantee(hf_adc.split_vit(copy.deepcopy(public), 2)).reason == "no payload noise"
+
+
+def test_payload_noise_adds_sigma_c_to_rows_clipped_to_c_in_float32():
+    bridge = hf_adc.bridges.build_bridge(PayloadNoiseConfig(None, clip_norm=3.0, noise_multiplier=0.5), 17, 32,
+                                         NUM_LABELS)  # fmt: skip
+    rows = torch.randn(64, 17, 32) * 10  # norms near 233: every row clipped to 3
+    noisy = bridge.noise(rows)
+    clipped = rows * (3.0 / rows.flatten(1).norm(dim=1)).view(-1, 1, 1)
+    assert (noisy - clipped).std().item() == pytest.approx(1.5, rel=0.02)  # sigma C
+    assert (noisy - clipped).mean().abs().item() < 0.02
+    assert not torch.equal(bridge.noise(rows), noisy)  # secret: fresh every batch
+    half = bridge.noise(rows.bfloat16())
+    assert half.dtype == torch.bfloat16 and (half.float() - clipped).std().item() == pytest.approx(1.5, rel=0.02)
+    quiet = hf_adc.bridges.build_bridge(PayloadNoiseConfig(None, clip_norm=3.0, noise_multiplier=0.0), 17, 32,
+                                        NUM_LABELS).noise(rows.bfloat16())  # fmt: skip
+    assert quiet.float().flatten(1).norm(dim=1).max().item() <= 3.0 * (1 + 2**-7)  # one bf16 rounding at most
+    assert releases_per_example(17, 15) == 2 and releases_per_example(15, 15) == 1
+    with pytest.raises(ValueError, match="must both be integers >= 1"):
+        releases_per_example(2.5, 1)
 
 
 NOISY_BRIDGES = [
@@ -387,7 +427,9 @@ def test_privacy_benchmark_quick_run_writes_records_and_resumes(tiny_vit_path, d
         assert 0 <= record["test_accuracy"] <= 1 and record["bytes"] > 0 and record["images"] == 32
         assert record["ssim_mean"] is not None and record["label_attack_accuracy"] is not None
     plain, adc = records
-    assert plain["epsilon"] > 0 and plain["delta"] == 1e-5  # rows of one example, the client half frozen
+    releases = math.ceil(plain["steps"] / (96 // 16)) + 1  # every epoch counted whole, and the pictures' batch
+    assert plain["epsilon"] == pytest.approx(payload_noise_epsilon(0.1, releases, 1e-5))  # one example's rows, frozen
+    assert plain["delta"] == 1e-5
     assert adc["epsilon"] is None and "k-means" in adc["epsilon_reason"]
     assert plain["label_attack_accuracy"] == 1.0  # class ids cross the standard split
     assert adc["bytes"] < plain["bytes"]
@@ -532,31 +574,7 @@ def test_recipe_trains_with_payload_noise_and_label_dp_charged_like_the_plain_br
     assert private["compression"]["method"] == "payload_noise" and private["args"]["data"]["label_dp_epsilon"] == 2
     charged = ("uplink_bytes", "downlink_bytes", "total_bytes", "uncompressed_bytes")
     assert [private[name] for name in charged] == [plain[name] for name in charged] and plain["total_bytes"] > 0
-    # The noise's seed is the client's secret, kept in its output folder and never in the config both sides agree on.
-    from hf_adc.privacy import secret_file, secret_seed
-
-    assert (tmp_path / "private" / secret_file("payload_noise")).exists()
-    assert private["compression"]["seed"] is None
-    assert secret_seed(tmp_path / "private", "payload_noise") != secret_seed(tmp_path / "private", "label_dp")
+    assert private["compression"]["seed"] is None  # the noise is drawn from the OS, never from a shared seed
     with pytest.raises(ValueError, match="labels never leave the client"):
         run("ushaped", "--label_privacy", "--label_dp_epsilon", "2")
 
-
-def test_payload_noise_from_a_kept_secret_is_reproducible_per_rank_and_never_in_the_config():
-    config = PayloadNoiseConfig(None, clip_norm=1.0, noise_multiplier=1.0, seed=None)
-    rows = torch.zeros(4, 17, 32)
-
-    def draws(secret, rank, batches=3):
-        bridge = hf_adc.bridges.build_bridge(config, 17, 32, NUM_LABELS)
-        bridge.keep_secret(secret, rank)
-        return [bridge.noise(rows) for _ in range(batches)]
-
-    first = draws(11, 0)
-    assert all(torch.equal(a, b) for a, b in zip(first, draws(11, 0), strict=True))  # a resumed run draws the same
-    assert not torch.equal(first[0], first[1])  # every batch its own noise
-    assert not torch.equal(first[0], draws(11, 1)[0]) and not torch.equal(first[0], draws(12, 0)[0])
-    assert first[0].std().item() == pytest.approx(1.0, abs=0.05)  # sigma C on every value
-    assert config.to_dict()["seed"] is None
-    seeded = hf_adc.bridges.build_bridge(PayloadNoiseConfig(None, 1.0, 1.0, seed=3), 17, 32, NUM_LABELS)
-    with pytest.raises(ValueError, match="seed=3 is in the config"):
-        seeded.keep_secret(11)

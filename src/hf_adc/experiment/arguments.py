@@ -168,9 +168,9 @@ class _SplitArgumentsBehaviour:
         return self._with_payload_noise(ComposedConfig(*configs) if composed else configs[0])
 
     def _with_payload_noise(self, config: BridgeConfig | None) -> BridgeConfig | None:
-        """`config` wrapped in clipped Gaussian noise when `--payload_noise` asks for it. The noise seed is secret,
-        never the run's seed, which the server knows: None in the config, and the recipe gives the bridge the
-        client's own (`secret_seeds.secret_seed(output_dir, "payload_noise")`)."""
+        """`config` wrapped in clipped Gaussian noise when `--payload_noise` asks for it. The noise seed is secret
+        (None: drawn from the OS every batch, fresh in every process, so a resumed run never reuses a draw), never
+        the run's seed, which the server knows."""
         sigma, clip = self.payload_noise, self.payload_clip_norm
         if sigma is None and clip is None:
             if self.payload_noise_in_eval:

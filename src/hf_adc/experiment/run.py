@@ -104,20 +104,13 @@ def prepare_run(
     data_args.check_label_dp(split_args.label_privacy)
     label_dp_seed = None
     if data_args.label_dp_epsilon is not None:
-        from ..privacy.secret_seeds import secret_seed
+        from ..privacy.label_dp import secret_seed
 
-        label_dp_seed = secret_seed(training_args.output_dir, "label_dp")  # the client's own, kept with its outputs
+        label_dp_seed = secret_seed(training_args.output_dir)  # the client's own, kept with its outputs
     dataset = load_data(data_args, training_args.seed, label_dp_seed)
     split, image_processor = build_split(
         model_args, split_args, dataset["train"].features["label"].names, training_args.seed
     )
-    from ..privacy.payload_noise import PayloadNoiseBridge
-
-    if isinstance(split.bridge, PayloadNoiseBridge) and split.bridge.config.seed is None:
-        from ..privacy.secret_seeds import secret_seed
-
-        # The client's own seed, kept with its outputs; each rank draws its own noise from it.
-        split.bridge.keep_secret(secret_seed(training_args.output_dir, "payload_noise"), training_args.process_index)
     return dataset, split, image_processor
 
 

@@ -25,7 +25,7 @@ from .payload_noise import PayloadNoiseBridge, PayloadNoiseConfig, clip_rows
 # `import hf_adc` (every client and server process) does not pay for them.
 _LAZY = {
     "accounting": ("Guarantee", "payload_noise_epsilon", "payload_noise_guarantee", "randomized_response_epsilon",
-                   "randomized_response_noise_parameter", "releases_per_example"),
+                   "randomized_response_noise_parameter", "releases_per_example", "split_guarantee"),
     "image_metrics": ("ReconstructionReport", "image_scores", "score_rows", "to_unit_range"),
     "inversion": ("AlignedInversion", "LearnedInversion", "TokenInverter", "hidden_moments", "score_inversion",
                   "simulable", "surrogate_views"),
@@ -34,7 +34,6 @@ _LAZY = {
                         "shared_head_guess", "soft_label_guess"),
     "nopeek": ("NoPeek", "distance_correlation"),
     "observation": ("Observation", "Observer"),
-    "secret_seeds": ("secret_file", "secret_seed"),
     "white_box_inversion": ("WhiteBoxInversion", "strongest_inversion", "total_variation"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
@@ -67,10 +66,9 @@ __all__ = [
     "shared_head_guess",
     "score_inversion",
     "score_rows",
-    "secret_file",
-    "secret_seed",
     "simulable",
     "soft_label_guess",
+    "split_guarantee",
     "strongest_inversion",
     "surrogate_views",
     "to_unit_range",

@@ -30,7 +30,8 @@ def image_scores(reconstructions: torch.Tensor, originals: torch.Tensor) -> tupl
             f"reconstructions {tuple(reconstructions.shape)} and originals {tuple(originals.shape)} must have one "
             "shape (N, C, H, W)."
         )
-    kernel = min(11, *originals.shape[-2:]) // 2 * 2 - 1  # odd, at most the image
+    kernel = min(11, *originals.shape[-2:])  # the usual 11, or the image's size
+    kernel -= 1 - kernel % 2  # odd
     ssim = structural_similarity_index_measure(
         reconstructions.float(), originals.float(), data_range=1.0, reduction="none", kernel_size=kernel
     )
@@ -74,7 +75,11 @@ def score_rows(
 ) -> ReconstructionReport:
     """Scores row reconstructions (T, C, H, W) against the images (B, C, H, W) whose row `members[i]` is; all in
     [0, 1]. `mean_image` (C, H, W) is the auxiliary data's mean image, the baseline."""
-    if members.shape != originals.shape[:1] or int(members.max()) >= reconstructions.shape[0]:
+    if (
+        members.shape != originals.shape[:1]
+        or int(members.max()) >= reconstructions.shape[0]
+        or int(members.min()) < 0
+    ):
         raise ValueError(
             f"members {tuple(members.shape)} must give each of the {originals.shape[0]} images a row in "
             f"0 .. {reconstructions.shape[0] - 1}."

@@ -87,6 +87,8 @@ def surrogate_views(
     any other)."""
     if batch_size < 1 or passes < 1:
         raise ValueError(f"batch_size={batch_size} and passes={passes} must both be >= 1.")
+    if len(labels) < batch_size:
+        raise ValueError(f"batch_size={batch_size} is out of range: only {len(labels)} auxiliary rows were given.")
     hidden = client.config.hidden_size
     num_tokens = client.embeddings.patch_embeddings.num_patches + 1
     bridge = build_bridge(simulable(compression), num_tokens, hidden, num_labels).train()

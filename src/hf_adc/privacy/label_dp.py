@@ -7,13 +7,16 @@ the example's index alone and kept for every epoch, so every later use is post-p
 of epochs (a mechanism that redraws every batch composes its epsilon over the epochs).
 """
 
+import json
 import math
+import os
 import secrets
+import tempfile
+from pathlib import Path
 
 import torch
 
 from .accounting import randomized_response_noise_parameter
-from .secret_seeds import secret_file, secret_seed  # noqa: F401 (secret_seed: label DP's, re-exported)
 
 
 def keep_probability(epsilon: float, num_classes: int) -> float:
@@ -50,4 +53,25 @@ def with_randomized_labels(dataset, num_classes: int, epsilon: float, seed: int 
     return dataset.remove_columns(column).add_column(column, noisy.tolist(), feature=dataset.features[column])
 
 
-SECRET_FILE = secret_file("label_dp")  # where `secret_seed(folder)` keeps this client's seed
+SECRET_FILE = "label_dp_secret.json"
+
+
+def secret_seed(folder: str | Path) -> int:
+    """The seed of this client's randomized response: secret (never the run's `--seed`, which the server knows: with
+    it the server would redraw every flip and undo it), drawn once from the OS and kept in `folder/SECRET_FILE` (the
+    client's output folder, which never crosses), so that a resumed run, and every rank of a client, draws the same
+    labels. Created exclusively: ranks that start together all read the one seed the first of them wrote."""
+    path = Path(folder) / SECRET_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as file:
+            json.dump({"seed": secrets.randbits(63)}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(file.name, path)  # fails if another rank's seed is there already: then that one is read
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(file.name)
+    return int(json.loads(path.read_text())["seed"])

@@ -38,7 +38,7 @@ class NoPeek:
     seen (detached), for logging."""
 
     def __init__(self, split: nn.Module, weight: float):
-        if not (isinstance(weight, int | float) and 0 < weight < float("inf")):
+        if isinstance(weight, bool) or not (isinstance(weight, int | float) and 0 < weight < float("inf")):
             raise ValueError(f"weight={weight!r} is out of range: it must be a finite number > 0.")
         self.split, self.weight = split, float(weight)
         self.penalties: list[float] = []

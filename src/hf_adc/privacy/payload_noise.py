@@ -10,16 +10,18 @@ noise sends no byte of its own: the ledger charges what the wrapped bridge sends
 inference the payload crosses noisy only with `noise_in_eval=True`; otherwise evaluation is unprotected.
 
 The noise must be secret from the server: a server that knows the seed regenerates the noise and subtracts it, and
-the config (seed included) is a setting both sides agree on. A seed (an int) makes experiments in one process
-reproducible. `seed=None` keeps it out of the config: the bridge then draws from `keep_secret(seed)`'s seed, which
-the client alone holds (the recipes' `--payload_noise` gives it `secret_seed(output_dir, "payload_noise")` and its
-rank, so a resumed run draws the same noise and no two ranks draw alike), or, without one, each batch's noise from
-the operating system's entropy, never written down.
+the config, seed included, is a setting both sides agree on (and `save_pretrained` writes). So `seed=None`, the
+default and what the recipes' `--payload_noise` builds, draws each batch's noise from the operating system's entropy,
+never written down and fresh in every process: a resumed run that sends a step again draws new noise (a release
+more), never the same noise over other values, whose difference would give the server the values noise-free. An
+integer seed replays the noise for experiments in one process; no epsilon is claimed for it (`accounting`).
+
+Clipping and noise are computed in float32 and cast back to the payload's dtype after: in bfloat16 a row's norm can
+come out above C, and the sum would keep 8 bits of each value (Mironov 2012, on floating-point noise).
 
 Which methods this gives an epsilon for, and under which condition, is `hf_adc.privacy.accounting`'s to say.
 """
 
-import hashlib
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -47,7 +49,8 @@ class PayloadNoiseConfig(BridgeConfig):
         default=False, metadata={"help": "Also noise evaluation and split-inference payloads (else unprotected)."}
     )
     seed: int | None = field(
-        default=0, metadata={"help": "Seed of the noise (None: secret, from the OS's entropy every batch)."}
+        default=None,
+        metadata={"help": "None: secret, from the OS's entropy every batch. An integer replays it (no epsilon then)."},
     )
 
     def __post_init__(self):
@@ -82,10 +85,12 @@ class PayloadNoiseConfig(BridgeConfig):
 
 
 def clip_rows(rows: torch.Tensor, clip_norm: float) -> torch.Tensor:
-    """`rows` with each row (dimension 0; the rest flattened) scaled down to L2 norm at most `clip_norm`."""
-    norms = rows.detach().float().flatten(1).norm(dim=1)
+    """`rows` with each row (dimension 0; the rest flattened) scaled down to L2 norm at most `clip_norm`, in float32
+    (the result is float32 for float32 or lower-precision rows)."""
+    rows = rows if rows.dtype == torch.float64 else rows.float()
+    norms = rows.detach().flatten(1).norm(dim=1)
     scale = (clip_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
-    return rows * scale.to(rows.dtype).view(-1, *[1] * (rows.dim() - 1))
+    return rows * scale.view(-1, *[1] * (rows.dim() - 1))
 
 
 class PayloadNoiseBridge(SeededBridge):
@@ -94,42 +99,25 @@ class PayloadNoiseBridge(SeededBridge):
     def __init__(self, config: PayloadNoiseConfig, inner: Bridge):
         super().__init__(config)
         self.inner = inner
-        self.secret: tuple[int, int] | None = None  # (seed, rank) from keep_secret: the client's alone
         self.needs_cls_attention = inner.needs_cls_attention
         self.client_modules = tuple(f"inner.{name}" for name in inner.client_modules)
         self.server_modules = tuple(f"inner.{name}" for name in inner.server_modules)
 
-    def keep_secret(self, seed: int, rank: int = 0) -> None:
-        """Draws this client's noise from `seed` (secret: never in the config, never sent) and the number of batches
-        seen, per `rank`; only for a config of `seed=None`."""
-        if self.config.seed is not None:
-            raise ValueError(
-                f"seed={self.config.seed} is in the config, which the server knows: a secret needs seed=None."
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int) or isinstance(rank, bool) or not isinstance(rank, int):
-            raise ValueError(f"seed={seed!r} and rank={rank!r} must be integers.")
-        self.secret = (seed, rank)
-
     def next_generator(self, device: torch.device) -> torch.Generator:
-        """The seeded generator of this batch: from the config's seed, the kept secret, or the OS's entropy."""
+        """The seeded generator of this batch, or, with `seed=None`, one seeded from the OS's entropy."""
         if self.config.seed is not None:
             return super().next_generator(device)
-        if self.secret is None:
-            draw = secrets.randbits(63)
-        else:
-            text = ":".join(str(part) for part in (*self.secret, int(self.calls)))
-            draw = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest()) % 2**63
         self.calls += 1
-        return torch.Generator(device=device).manual_seed(draw)
+        return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
     def noise(self, rows: torch.Tensor) -> torch.Tensor:
         """Clipped rows plus N(0, (sigma C)^2), drawn from this bridge's seeded generator."""
-        clipped = clip_rows(rows, self.config.clip_norm)
+        clipped = clip_rows(rows, self.config.clip_norm)  # float32 (or float64)
         if self.config.noise_multiplier == 0:
-            return clipped
+            return clipped.to(rows.dtype)
         generator = self.next_generator(rows.device)
         noise = torch.randn(rows.shape, generator=generator, device=rows.device, dtype=torch.float32)
-        return clipped + (noise * (self.config.noise_multiplier * self.config.clip_norm)).to(rows.dtype)
+        return (clipped + noise * (self.config.noise_multiplier * self.config.clip_norm)).to(rows.dtype)
 
     def encode(self, hidden_states, labels, cls_attention=None) -> Message:
         message = self.inner.encode(hidden_states, labels, cls_attention)

@@ -13,8 +13,9 @@ same with a model it also searches for; here the surrogate is given):
   mean squared difference over the values that arrived (Top-K's dropped values arrive as zeros and are skipped);
   payload noise clips the surrogate's rows to `clip_norm` first, as the client did;
 - a row of fewer tokens (ADC's kept tokens, whose positions are not sent): each received token against its nearest
-  surrogate token (a one-sided Chamfer distance), since the server does not know which tokens were kept. For ADC's
-  merged rows it recovers something like the cluster's mean image, the learned inversion's target too.
+  surrogate token (a one-sided Chamfer distance), since the server does not know which tokens were kept; under
+  payload noise, which clipped the kept tokens as a row of their own, by direction (unit tokens), scale unknown.
+  For ADC's merged rows it recovers something like the cluster's mean image, the learned inversion's target too.
 
 Whether it beats the learned inversion depends on how close the surrogate is to the client and on the bridge;
 `strongest_inversion` scores both (or any number of attacks) on the same observations and keeps the stronger.
@@ -23,6 +24,7 @@ Whether it beats the learned inversion depends on how close the surrogate is to 
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..bridges import BridgeConfig
@@ -38,8 +40,11 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
     return down + across
 
 
-def _token_distance(output: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-    """Per row: the distance of the surrogate's tokens `output` (N, n, d) to the received `views` (N, k, d)."""
+def _token_distance(output: torch.Tensor, views: torch.Tensor, scale_free: bool = False) -> torch.Tensor:
+    """Per row: the distance of the surrogate's tokens `output` (N, n, d) to the received `views` (N, k, d); with
+    `scale_free`, of their directions (each token made unit length first)."""
+    if scale_free:
+        output, views = F.normalize(output, dim=2), F.normalize(views, dim=2)
     if views.shape[1] == output.shape[1]:
         arrived = (views != 0).float()
         return ((output - views) ** 2 * arrived).flatten(1).sum(dim=1) / arrived.flatten(1).sum(dim=1).clamp_min(1)
@@ -66,20 +71,26 @@ class WhiteBoxInversion:
         if not low < high:
             raise ValueError(f"pixel_range={pixel_range} is out of range: it must be (low, high) with low < high.")
         self.client, self.start, self.pixel_range = client, start, (float(low), float(high))
+        self.tokens = client.embeddings.patch_embeddings.num_patches + 1
         self.clip_norm = compression.clip_norm if isinstance(compression, PayloadNoiseConfig) else None
         self.steps, self.learning_rate, self.tv_weight, self.batch_size = steps, learning_rate, tv_weight, batch_size
 
-    def _surrogate(self, images: torch.Tensor) -> torch.Tensor:
+    def _surrogate(self, images: torch.Tensor, tokens: int) -> torch.Tensor:
         output = self.client(images).last_hidden_state.float()
-        return output if self.clip_norm is None else clip_rows(output, self.clip_norm)
+        if self.clip_norm is None or tokens != output.shape[1]:
+            return output  # fewer tokens: the client clipped its kept tokens, compared by direction instead
+        return clip_rows(output, self.clip_norm)
 
     @torch.enable_grad()  # a search needs gradients even when its caller turned them off
     def _search(self, views: torch.Tensor) -> torch.Tensor:
         images = self.start.expand(views.shape[0], *self.start.shape).clone().requires_grad_(True)
         optimizer = torch.optim.Adam([images], lr=self.learning_rate)
-        scale = views.pow(2).flatten(1).mean(dim=1).clamp_min(1e-12)  # each row's distance relative to its size
+        # A row of fewer tokens, clipped as a whole on the client, has a scale the surrogate's tokens cannot know.
+        scale_free = self.clip_norm is not None and views.shape[1] != self.tokens
+        scale = 2 / views.shape[2] if scale_free else views.pow(2).flatten(1).mean(dim=1).clamp_min(1e-12)
         for _ in range(self.steps):
-            loss = _token_distance(self._surrogate(images), views) / scale + self.tv_weight * total_variation(images)
+            output = self._surrogate(images, views.shape[1])
+            loss = _token_distance(output, views, scale_free) / scale + self.tv_weight * total_variation(images)
             optimizer.zero_grad()
             loss.sum().backward()
             optimizer.step()
