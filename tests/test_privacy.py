@@ -578,3 +578,23 @@ def test_recipe_trains_with_payload_noise_and_label_dp_charged_like_the_plain_br
     with pytest.raises(ValueError, match="labels never leave the client"):
         run("ushaped", "--label_privacy", "--label_dp_epsilon", "2")
 
+
+
+def test_the_readme_privacy_example_runs_and_says_what_it_returns(tmp_path, monkeypatch):
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+    from helpers import ROOT
+
+    section = (ROOT / "README.md").read_text().split("## What the server learns", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)  # secret_seed("out") writes its file there
+    torch.manual_seed(0)
+    features = Features({"label": ClassLabel(num_classes=10), "index": Value("int64")})
+    rows = Dataset.from_dict({"label": [i % 10 for i in range(200)], "index": list(range(200))}, features=features)
+    names = {"vit": ViTForImageClassification(tiny_vit_config()), "dataset": DatasetDict(train=rows)}
+    exec(compile(code, "README.md", "exec"), names)
+    assert names["guarantee"].holds and names["guarantee"].reason.startswith("topk codes each example's row")
+    assert names["epsilon"] == pytest.approx(28.4, abs=0.05)
+    assert names["model"].bridge.config.seed is None and len(names["train"]) == 200
+    assert (tmp_path / "out" / "label_dp_secret.json").exists()
+    kept = sum(a == b for a, b in zip(names["train"]["label"], rows["label"], strict=True)) / 200
+    assert kept == pytest.approx(keep_probability(2.0, 10), abs=0.12)
