@@ -15,6 +15,7 @@ from transformers import ViTForImageClassification
 
 import hf_adc
 from hf_adc.bridges import ComposedConfig, config_for_ratio, config_from_dict
+from hf_adc.data import partition_indices
 from hf_adc.privacy import (
     AlignedInversion,
     LearnedInversion,
@@ -575,6 +576,9 @@ def test_recipe_trains_with_payload_noise_and_label_dp_charged_like_the_plain_br
     charged = ("uplink_bytes", "downlink_bytes", "total_bytes", "uncompressed_bytes")
     assert [private[name] for name in charged] == [plain[name] for name in charged] and plain["total_bytes"] > 0
     assert private["compression"]["seed"] is None  # the noise is drawn from the OS, never from a shared seed
+    assert private["payload_noise_guarantee"]["holds"] is False and "k-means" in private["payload_noise_guarantee"][
+        "reason"]  # fmt: skip
+    assert "payload_noise_guarantee" not in plain
     with pytest.raises(ValueError, match="labels never leave the client"):
         run("ushaped", "--label_privacy", "--label_dp_epsilon", "2")
 
@@ -598,3 +602,22 @@ def test_the_readme_privacy_example_runs_and_says_what_it_returns(tmp_path, monk
     assert (tmp_path / "out" / "label_dp_secret.json").exists()
     kept = sum(a == b for a, b in zip(names["train"]["label"], rows["label"], strict=True)) / 200
     assert kept == pytest.approx(keep_probability(2.0, 10), abs=0.12)
+
+
+def test_federation_clients_under_label_dp_partition_on_the_true_labels(digits_dir, tmp_path):
+    from hf_adc.distributed.arguments import FederationArguments
+    from hf_adc.distributed.launch import client_shard
+    from hf_adc.experiment import DataArguments, load_data
+    from hf_adc.privacy.label_dp import secret_seed
+
+    true = load_data(DataArguments(dataset_name=digits_dir), seed=5)["train"]["label"]
+    private = DataArguments(dataset_name=digits_dir, label_dp_epsilon=0.5)
+    shards = partition_indices(true, 2, "dirichlet", 0.3, 5)
+    for client in (0, 1):  # each client its own secret: its randomized labels differ from the other's
+        dataset = load_data(private, seed=5, label_dp_seed=secret_seed(tmp_path / f"client-{client}"))
+        noisy = dataset["train"]["label"]
+        federation = FederationArguments(num_clients=2, client_id=client, partition="dirichlet", alpha=0.3)
+        shard, shard_labels = client_shard(dataset, private, federation, seed=5)
+        assert shard_labels == [true[index] for index in shards[client]]  # the partition every client agrees on
+        assert shard["train"]["label"] == [noisy[index] for index in shards[client]]
+        assert shard["train"]["label"] != shard_labels  # trained on its randomized labels

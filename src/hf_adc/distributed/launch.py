@@ -20,7 +20,7 @@ import torch
 
 from ..data import partition_indices
 from ..experiment.arguments import DataArguments, ModelArguments, SplitArguments
-from ..experiment.models import build_split, model_config, with_transforms
+from ..experiment.models import build_split, load_data, model_config, with_transforms
 from ..experiment.report import federation_table, summary_text
 from ..experiment.run import prepare_run, pushed_model_id, release_process_group, report_run, train_split
 from ..hub import push_parts
@@ -148,6 +148,21 @@ def _federation_results(trainer: ADCTrainer, link: FederatedLink, federation_arg
     }
 
 
+def client_shard(dataset, data_args: DataArguments, federation_args: FederationArguments, seed: int):
+    """`dataset` with its training rows cut to this federation client's shard, and the shard's true labels. Every
+    client draws the same partition from the true labels; under label DP its own are randomized from a secret of its
+    own, so they are read again as they are (same rows, same order) for the partition alone."""
+    labels = dataset["train"]["label"]
+    if data_args.label_dp_epsilon is not None:
+        labels = load_data(replace(data_args, label_dp_epsilon=None), seed)["train"]["label"]
+    shards = partition_indices(
+        list(labels), federation_args.num_clients, federation_args.partition, federation_args.alpha, seed
+    )
+    shard = shards[federation_args.client_id]
+    dataset["train"] = dataset["train"].select(shard)
+    return dataset, [labels[index] for index in shard]
+
+
 def run_client(
     model_args: ModelArguments,
     split_args: SplitArguments,
@@ -170,12 +185,7 @@ def run_client(
     dataset, split, image_processor = prepare_run(model_args, split_args, data_args, training_args)
     shard_labels = None
     if federated:
-        shards = partition_indices(
-            list(dataset["train"]["label"]), federation_args.num_clients, federation_args.partition,
-            federation_args.alpha, training_args.seed,
-        )  # fmt: skip
-        dataset["train"] = dataset["train"].select(shards[federation_args.client_id])
-        shard_labels = list(dataset["train"]["label"])
+        dataset, shard_labels = client_shard(dataset, data_args, federation_args, training_args.seed)
     split = remote_split(split, training_args, remote_args, federation_args)
     dataset = with_transforms(dataset, image_processor, data_args.augment)
     trainer, results = train_split(

@@ -15,6 +15,7 @@ import torch
 from datasets import DatasetDict
 from transformers import BaseImageProcessor
 
+from ..privacy.payload_noise import PayloadNoiseConfig
 from ..split import SplitViTForImageClassification
 from ..training import ADCTrainer, ADCTrainingArguments
 from .arguments import DataArguments, ModelArguments, SplitArguments
@@ -68,6 +69,11 @@ def train_split(
         "head_layers": split.split_settings().get("head_layers"),
         "log_history": trainer.state.log_history,
     }
+    if isinstance(split.bridge.config, PayloadNoiseConfig):
+        from ..privacy.accounting import split_guarantee  # dp-accounting: loaded only for a run that needs it
+
+        guarantee = split_guarantee(split)  # whether an epsilon may be claimed for this run, and why (not)
+        results["payload_noise_guarantee"] = {"holds": guarantee.holds, "reason": guarantee.reason}
     if nopeek is not None:  # the distance correlation of the last training batches, without the weight
         results["nopeek_distance_correlation"] = sum(nopeek.penalties[-8:]) / max(len(nopeek.penalties[-8:]), 1)
     return trainer, results
