@@ -176,6 +176,10 @@ PRESETS = {
 }
 
 
+# The preset's data settings a run may override (one output folder per data setting: records do not carry them).
+DATA_FLAGS = ("classes", "train_rows", "auxiliary_rows", "test_rows", "batch_size")
+
+
 def record_key(record: dict) -> tuple:
     return (
         record["method"], record["level"], record["noise_multiplier"], record["topology"], record["frozen_client"],
@@ -509,6 +513,11 @@ def main(argv: list[str]) -> list[dict]:
     parser.add_argument("--model_name_or_path", help="The public checkpoint (default: the preset's).")
     parser.add_argument("--dataset_name", help="A Hub id or local folder (default: the preset's).")
     parser.add_argument("--split_layer", type=int, help="Default: the preset's.")
+    parser.add_argument("--classes", help="Classes to fine-tune on: 5-9, 0,3,7 or 'all' (default: the preset's).")
+    parser.add_argument("--train_rows", type=int, help="Rows the client trains on (default: the preset's).")
+    parser.add_argument("--auxiliary_rows", type=int, help="Other rows the server holds (default: the preset's).")
+    parser.add_argument("--test_rows", type=int, help="Test rows (default: the preset's).")
+    parser.add_argument("--batch_size", type=int, help="Training batch (default: the preset's).")
     parser.add_argument("--methods", nargs="+", help="Methods as in config_for_ratio (none, adc, adc+quantize8, ...).")
     parser.add_argument("--levels", type=float, nargs="+", help="Compression levels xi.")
     parser.add_argument("--noise_multipliers", type=float, nargs="+", help="Payload noise sigma (0: no noise).")
@@ -545,7 +554,16 @@ def main(argv: list[str]) -> list[dict]:
     if args.plot_only:
         print("\n".join(str(path) for path in plot(args.output_dir)))
         return [json.loads(line) for line in (args.output_dir / "privacy.jsonl").read_text().splitlines()]
-    preset = PRESETS[args.preset]
+    overrides = {name: getattr(args, name) for name in DATA_FLAGS if getattr(args, name) is not None}
+    for name, value in overrides.items():
+        if name != "classes" and value < (0 if name == "auxiliary_rows" else 1):
+            parser.error(f"--{name}={value} is out of range: it must be an integer >= 1.")
+    if overrides.get("classes") == "all":
+        overrides["classes"] = None
+    preset = replace(PRESETS[args.preset], **overrides)
+    if preset.auxiliary_rows < preset.batch_size:
+        parser.error(f"--auxiliary_rows={preset.auxiliary_rows} is out of range: the attack needs at least one batch "
+                     f"of {preset.batch_size}.")  # fmt: skip
     if args.preset == "tiny" and not (args.dataset_name and args.model_name_or_path):
         parser.error("--preset tiny needs --dataset_name and --model_name_or_path.")
     if not (args.dataset_name or preset.dataset):

@@ -450,9 +450,13 @@ def test_privacy_benchmark_quick_run_writes_records_and_resumes(tiny_vit_path, d
         benchmark.main([*args, "--label_privacy", "--label_dp_epsilon", "1"])
     # U-shaped: three attacks on head_gradients, the strongest reported, scored without the known labels.
     # (Its attacks run through the trained client half, as a federation's server could.)
+    # (And on data settings of its own: a batch of 8, so the 2 recorded steps hold 16 images.)
     ushaped = benchmark.main([*args[:-1], "--methods", "adc", "--noise_multipliers", "0", "--label_privacy",
-                              "--surrogate", "trained"])[-1]  # fmt: skip
-    assert ushaped["surrogate"] == "trained" and records[0]["surrogate"] == "public"
+                              "--surrogate", "trained", "--batch_size", "8", "--classes", "all"])[-1]  # fmt: skip
+    assert ushaped["surrogate"] == "trained" and records[0]["surrogate"] == "public" and ushaped["images"] == 16
+    for bad in (["--train_rows", "0"], ["--auxiliary_rows", "4", "--batch_size", "8"]):
+        with pytest.raises(SystemExit):
+            benchmark.main([*args, *bad])
     assert ushaped["topology"] == "u-shaped" and set(ushaped["label_attacks"]) == {"direction", "cluster", "norm"}
     assert ushaped["label_attack_accuracy"] == ushaped["label_attacks"][ushaped["label_attack"]]
     assert ushaped["label_attack_accuracy"] == max(ushaped["label_attacks"].values())
