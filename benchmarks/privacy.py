@@ -23,7 +23,8 @@ total-variation prior: `WhiteBoxInversion`).
 - `clip_norm`: `--clip_norm`, or the median L2 norm of a row the public checkpoint sends for the auxiliary images
   (public information: no private data chooses it).
 - `surrogate`: the server's copy of the client half its attacks run through: `public` (the checkpoint, the default)
-  or, with `--surrogate trained`, the client half as the run left it (a federation's server holds it).
+  or, with `--surrogate trained`, the client half and the bridge as the run left them (a federation's server holds
+  them; BottleNet++'s encoder included).
 - `nopeek_weight`: with `--nopeek_weights`, the client trains with NoPeek's distance-correlation penalty (empirical:
   no epsilon).
 - `label_dp_epsilon`: with `--label_dp_epsilon` (standard split), the client's training labels are randomized once
@@ -278,12 +279,14 @@ class PrivacySweep:
                 _, results = train_split(split, training_args, TensorRows(pixel_values, train_labels), self.test)
         observations = seen.observations
 
-        # The public checkpoint's client half, or (--surrogate trained) the client half as it ended the run: what a
-        # federation's server holds after averaging the client halves.
-        surrogate = self.surrogate if args.surrogate == "public" else copy.deepcopy(split.client).eval()
+        # The public checkpoint's client half and the bridge's settings, or (--surrogate trained) the client half and
+        # the bridge as the run left them (BottleNet++'s encoder included): what a federation's server holds.
+        public = args.surrogate == "public"
+        surrogate = self.surrogate if public else copy.deepcopy(split.client).eval()
         views, images = surrogate_views(
-            surrogate, compression, *self.auxiliary, self.num_labels, preset.batch_size, seed=1
-        )
+            surrogate, compression, *self.auxiliary, self.num_labels, preset.batch_size, seed=1,
+            bridge=None if public else split.bridge,
+        )  # fmt: skip
         learned = LearnedInversion.for_client(surrogate, seed=0)
         learned.fit(views, images, steps=preset.attack_steps)
         mean, std = self.processor.image_mean, self.processor.image_std

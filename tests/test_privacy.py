@@ -217,6 +217,17 @@ def test_learned_inversion_reads_every_bridges_payload_and_scores_merged_rows_pe
     merges = "adc" in method
     assert report.ssim_images.numel() == 32 and (report.ssim_best.numel() < 32) == merges
     assert bool((report.ssim_best.mean() >= report.ssim_images.mean() - 1e-6) and report.psnr_images.isfinite().all())
+    if method == "bottlenet":  # a federation's server holds the trained bridge, encoder included: its views match
+        split = fine_tune(public_vit, compression, pixel_values[1200:], labels[1200:], steps=2)[0].eval()
+        held, _ = surrogate_views(split.client, compression, pixel_values[1200:1232], labels[1200:1232], NUM_LABELS,
+                                  16, bridge=split.bridge)  # fmt: skip
+        assert not split.bridge.training  # a copy ran in training mode; the split's own bridge is left as it was
+        first = 1200 + torch.randperm(32, generator=torch.Generator().manual_seed(0))[:16]  # its first batch
+        bridge = copy.deepcopy(split.bridge).train()
+        with torch.no_grad():
+            sent = bridge.encode(split.client(pixel_values[first]).last_hidden_state, labels[first])
+            decoded = bridge.decode(bridge.unpack(*bridge.pack(sent.hidden_states)))
+        torch.testing.assert_close(held[:16], decoded.float())  # what the server half received, exactly
 
 
 def test_adc_soft_labels_and_ushaped_head_gradients_reveal_the_class(digits, public_vit):

@@ -19,6 +19,7 @@ The decoder: one learned query per patch attends to the received tokens (a small
 map gives the patch's pixels; so it takes any number of tokens in any order.
 """
 
+import copy
 import math
 
 import torch
@@ -79,19 +80,25 @@ def surrogate_views(
     batch_size: int,
     passes: int = 1,
     seed: int = 0,
+    bridge: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The server's training pairs: the auxiliary images through the surrogate client half and a copy of the bridge
     (`simulable(compression)`, in training mode, batches of `batch_size` in `passes` seeded shuffles), decoded as
     the server half receives them, each row with the mean image of its members. Returns (views, images), one row
     each; views are `(rows, tokens, hidden)` (batches of one size give one token count; `pad_tokens` evens out
-    any other)."""
+    any other). `bridge`: a bridge the server holds whole instead (a federation's, its client modules included),
+    used as it is in training mode (a copy; the one given is left as it was)."""
     if batch_size < 1 or passes < 1:
         raise ValueError(f"batch_size={batch_size} and passes={passes} must both be >= 1.")
     if len(labels) < batch_size:
         raise ValueError(f"batch_size={batch_size} is out of range: only {len(labels)} auxiliary rows were given.")
     hidden = client.config.hidden_size
     num_tokens = client.embeddings.patch_embeddings.num_patches + 1
-    bridge = build_bridge(simulable(compression), num_tokens, hidden, num_labels).train()
+    if bridge is None:
+        bridge = build_bridge(simulable(compression), num_tokens, hidden, num_labels)
+    else:
+        bridge = copy.deepcopy(bridge)
+    bridge.train()
     generator = torch.Generator().manual_seed(seed)
     views, images = [], []
     was_training = client.training
