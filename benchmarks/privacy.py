@@ -406,7 +406,7 @@ def epsilon_cell(record: dict) -> str:
 
 def payload_epsilon_cell(record: dict) -> str:
     if record["epsilon"] is not None:
-        return f"{record['epsilon']:.3g} (delta {record['delta']:g})"
+        return f"images {record['epsilon']:.3g} (delta {record['delta']:g})"
     reason = record["epsilon_reason"]
     if "k-means" in reason:
         return "none proven: k-means merges across samples"
