@@ -8,13 +8,13 @@ final model itself reveals.
 
 - attacks: `inversion` (a decoder trained on auxiliary data through the surrogate client and bridge, applied to
   what the server half received: `Observer` records it; `AlignedInversion` first matches each hidden unit's moments
-  to the surrogate's), scored by `image_metrics` (SSIM, PSNR from torchmetrics,
-  against the auxiliary mean image); `white_box_inversion` (a search for images whose surrogate output matches, with
-  a total-variation prior; `strongest_inversion` keeps the stronger attack per method); `label_inference` (ADC's
-  soft labels; head-gradient directions and norms, and the exact solve when heads are shared);
+  to the surrogate's), scored by `image_metrics` (SSIM, PSNR from torchmetrics, against the auxiliary mean image);
+  `white_box_inversion` (a search for images whose surrogate output matches, with a total-variation prior;
+  `strongest_inversion` keeps the strongest attack per method); `label_inference` (ADC's soft labels; head-gradient
+  directions and norms, and the exact solve when heads are shared);
 - defences: `payload_noise` (clipped Gaussian noise on the payload, a stage around any bridge), `label_dp`
   (randomized response drawn once per example), `nopeek` (a distance-correlation loss on the client, empirical);
-  `accounting` (their epsilon with `dp-accounting`, and where it holds).
+  `accounting` (their epsilon with `dp-accounting`, and where it holds: `split_guarantee`).
 """
 
 import importlib
