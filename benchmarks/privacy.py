@@ -69,7 +69,6 @@ from hf_adc.experiment import DataArguments, ModelArguments, default_checkpoint,
 from hf_adc.privacy import (
     AlignedInversion,
     LearnedInversion,
-    NoPeek,
     Observer,
     PayloadNoiseConfig,
     WhiteBoxInversion,
@@ -272,11 +271,10 @@ class PrivacySweep:
         if label_dp_epsilon is not None:
             train_labels = randomize_labels(train_labels, self.num_labels, label_dp_epsilon, seed=0)
         with Observer(split, max_steps=preset.recorded_steps) as seen:
-            if nopeek_weight:
-                with NoPeek(split, nopeek_weight):
-                    _, results = train_split(split, training_args, TensorRows(pixel_values, train_labels), self.test)
-            else:
-                _, results = train_split(split, training_args, TensorRows(pixel_values, train_labels), self.test)
+            _, results = train_split(
+                split, training_args, TensorRows(pixel_values, train_labels), self.test,
+                nopeek_weight=nopeek_weight or None,
+            )  # fmt: skip
         observations = seen.observations
 
         # The public checkpoint's client half and the bridge's settings, or (--surrogate trained) the client half and
@@ -335,6 +333,7 @@ class PrivacySweep:
             "clip_norm": self.clip_norm if noise else None,
             "topology": "u-shaped" if args.label_privacy else "standard",
             "frozen_client": bool(args.freeze_client), "surrogate": args.surrogate, "nopeek_weight": nopeek_weight,
+            "nopeek_distance_correlation": results.get("nopeek_distance_correlation"),
             "label_dp_epsilon": label_dp_epsilon,
             "label_epsilon": None if label_dp_epsilon is None else randomized_response_epsilon(
                 label_dp_epsilon, self.num_labels),
@@ -389,7 +388,8 @@ def label(record: dict) -> str:
 
 
 def defence(record: dict, separator: str = "") -> str:
-    """A record's defences other than payload noise (NoPeek, label DP), in a few characters."""
+    """A record's settings beyond method and payload noise (NoPeek, the attack's surrogate, label DP), in a few
+    characters."""
     parts = [f"nopeek {record['nopeek_weight']:g}"] if record.get("nopeek_weight") else []
     if record.get("surrogate") == "trained":
         parts.append("attack holds the trained client")
