@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from accuracy_vs_communication import PRESETS as SWEEP_PRESETS  # benchmarks/ is on the path when run as a script
 from accuracy_vs_communication import TensorRows, pretrained_checkpoint
+from tqdm.auto import tqdm
 from transformers import logging as transformers_logging
 
 import hf_adc
@@ -579,28 +580,37 @@ def main(argv: list[str]) -> list[dict]:
     done = {record_key(record) for record in records}
     sweep = None
     topology = "u-shaped" if args.label_privacy else "standard"
-    for method in args.methods or preset.methods:
-        for level in [1.0] if method == "none" else args.levels or preset.levels:
-            for noise in args.noise_multipliers or preset.noise_multipliers:
-                for weight in args.nopeek_weights:
-                    key = (method, level, noise, topology, bool(args.freeze_client), weight, args.label_dp_epsilon,
-                           args.surrogate, args.learning_rate or preset.learning_rate)  # fmt: skip
-                    if key in done:
-                        continue
-                    sweep = sweep or PrivacySweep(preset, args)
-                    record = sweep.run(method, level, noise, weight, args.label_dp_epsilon)
-                    with records_file.open("a") as file:
-                        file.write(json.dumps(record) + "\n")
-                    records.append(record)
-                    done.add(key)
-                    print(
-                        f"{label(record)}: ssim {record['ssim_mean']:.3f} ({record['attack']}; mean image "
-                        f"{record['baseline_ssim_mean']:.3f}), psnr {record['psnr_mean']:.2f} dB, labels "
-                        f"{record['label_attack_accuracy']:.3f}, epsilon {record['epsilon']}, accuracy "
-                        f"{record['test_accuracy']:.3f}, {record['bytes']} bytes",
-                        flush=True,
-                    )
-                    plot(args.output_dir)
+    cells = [
+        (method, level, noise, weight)
+        for method in args.methods or preset.methods
+        for level in ([1.0] if method == "none" else args.levels or preset.levels)
+        for noise in args.noise_multipliers or preset.noise_multipliers
+        for weight in args.nopeek_weights
+    ]
+    added = 0
+    try:
+        for method, level, noise, weight in tqdm(cells, desc="privacy cells", disable=len(cells) < 2):
+            key = (method, level, noise, topology, bool(args.freeze_client), weight, args.label_dp_epsilon,
+                   args.surrogate, args.learning_rate or preset.learning_rate)  # fmt: skip
+            if key in done:
+                continue
+            sweep = sweep or PrivacySweep(preset, args)
+            record = sweep.run(method, level, noise, weight, args.label_dp_epsilon)
+            with records_file.open("a") as file:
+                file.write(json.dumps(record) + "\n")
+            records.append(record)
+            done.add(key)
+            added += 1
+            print(
+                f"{label(record)}: ssim {record['ssim_mean']:.3f} ({record['attack']}; mean image "
+                f"{record['baseline_ssim_mean']:.3f}), psnr {record['psnr_mean']:.2f} dB, labels "
+                f"{record['label_attack_accuracy']:.3f}, epsilon {record['epsilon']}, accuracy "
+                f"{record['test_accuracy']:.3f}, {record['bytes']} bytes",
+                flush=True,
+            )
+    finally:  # the pictures once, also for what an interrupted sweep finished
+        if added:
+            plot(args.output_dir)
     return records
 
 
